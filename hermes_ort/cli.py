@@ -1,0 +1,147 @@
+"""`hermes-ort`: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hermes_ort.errors import HermesError
+from hermes_ort.units import format_bytes
+
+
+def _add_run(sub) -> None:
+    from hermes_ort.planner import STRATEGIES
+
+    p = sub.add_parser("run", help="run one pass of an exported model and print a summary")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB (default: none)")
+    p.add_argument("--strategy", default="pipeload", choices=STRATEGIES)
+    p.add_argument("--loaders", type=int, default=None, help="override the plan's loading agents")
+    p.add_argument("--window", type=int, default=None, help="override the plan's window")
+    p.add_argument("--load-path", default="default", choices=("default", "stream"), help="baselines' load path")
+    p.add_argument("--input", default="random", help="an .npz of inputs, or 'random' (the manifest's sample)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length of random inputs")
+    p.add_argument("--repeat", type=int, default=1, help="passes to run (stats of each are printed)")
+    p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    import hermes_ort
+
+    model = hermes_ort.load(
+        args.model_dir, memory_budget=args.budget, strategy=args.strategy, loaders=args.loaders,
+        window=args.window, load_path=args.load_path,
+    )  # fmt: skip
+    with model:
+        if args.input == "random":
+            feeds = model.sample_inputs(sequence_length=args.seq_len)
+        else:
+            with np.load(args.input) as data:
+                feeds = {k: data[k] for k in data.files}
+        runs = []
+        for _ in range(max(1, args.repeat)):
+            outputs = model.run(feeds)
+            runs.append(model.stats)
+        if args.save_outputs:
+            np.savez(args.save_outputs, **outputs)
+    if args.json:
+        record = {
+            "model_dir": str(args.model_dir), "strategy": args.strategy, "budget_bytes": model.plan.budget_bytes,
+            "plan": {"loaders": model.plan.loaders, "window": model.plan.window, "resident": list(model.plan.resident)},
+            "runs": [s.to_json() for s in runs],
+            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
+        }  # fmt: skip
+        print(json.dumps(record))
+        return 0
+    print(model.plan.describe())
+    for name, value in outputs.items():
+        flat = value.reshape(-1)
+        print(f"output {name}: shape {tuple(value.shape)} {value.dtype}, mean {flat.mean():.6g}, first {flat[:4]}")
+    for k, s in enumerate(runs):
+        print(
+            f"pass {k + 1}: latency {s.latency_s * 1000:.1f} ms (load {s.load_s * 1000:.1f} ms, compute "
+            f"{s.compute_s * 1000:.1f} ms, waited {s.wait_s * 1000:.1f} ms), peak RSS {format_bytes(s.peak_rss_bytes)}, "
+            f"read {format_bytes(s.bytes_read)} from storage, {s.max_live_sessions} session(s) live at most"
+        )
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe an exported model directory")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from hermes_ort.integrity import check_hash, check_size
+    from hermes_ort.manifest import load_manifest
+
+    m = load_manifest(args.model_dir)
+    print(f"{m.name}: {m.family} / {m.task}, {m.num_layers} layers in {len(m.blocks)} blocks, "
+          f"{format_bytes(m.blocks_bytes)} of blocks")  # fmt: skip
+    print("inputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs))
+    print("outputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs))
+    for b in m.blocks:
+        print(f"  {b.name:<14} {b.kind:<9} {format_bytes(b.bytes):>10}  in {len(b.inputs)}, out {len(b.outputs)}")
+    check = check_hash if args.verify else check_size
+    files = list(m.block_files().values()) + (list(m.full_model.files) if m.full_model else [])
+    for f in files:
+        check(args.model_dir, f)
+    print(f"{len(files)} files present{' and their sha256 match' if args.verify else ' with the right sizes'}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="cut a Hugging Face model into per-block ONNX files (needs the export extra)")
+    try:
+        from export.cli import add_arguments
+    except ImportError as e:
+        p.set_defaults(func=lambda args: _missing_extra(e))
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("export.cli").cli.run(args))
+
+
+def _missing_extra(error: ImportError) -> int:
+    print(
+        f"hermes-ort export needs the exporter's dependencies ({error.name or error} is missing): "
+        "pip install 'hermes-ort[export]'   (or: pip install -e '.[export]' in a checkout)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_export, _add_run, _add_info):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except HermesError as e:
+        print(f"hermes-ort: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # bad option values (budget strings, strategies)
+        print(f"hermes-ort: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hermes-ort: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The execution engine: runs a plan.
+
+BlockEngine is the inference agent of PIPELOAD: it runs blocks in order while the loading agents
+open the sessions of the next ones (at most `window` streamed sessions alive at once) and the daemon
+destroys each executed one. Tensors are routed by name and freed after their last consumer.
+FullEngine runs the whole-model file in one session (the `full` and `full-mmap` baselines)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+
+from hermes_ort.daemon import Daemon, destroy
+from hermes_ort.errors import HermesError
+from hermes_ort.integrity import check_size
+from hermes_ort.loader import LiveBlock, LoadingAgents
+from hermes_ort.manifest import Manifest, last_consumers
+from hermes_ort.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, storage_read_bytes, trim_heap
+from hermes_ort.planner import Plan
+from hermes_ort.sessions import SessionSettings, create_session
+from hermes_ort.stats import BlockStats, RunStats
+
+
+class RunFailed(HermesError):
+    """A block failed to run (ORT error), named."""
+
+
+def run_session(session, names: list[str], feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, feeds)
+    except Exception as e:  # ORT's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFailed(f"{what} failed to run: {first}") from e
+
+
+class _Measure:
+    """Latency, peak RSS, and storage reads of one run."""
+
+    def __enter__(self) -> _Measure:
+        reset_peak_rss()
+        self.rss_before = rss_bytes()
+        self.read_before = storage_read_bytes()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.latency_s = time.perf_counter() - self.t0
+        self.peak = max(peak_rss_bytes(), self.rss_before)
+        self.bytes_read = storage_read_bytes() - self.read_before
+
+
+class _Slots:
+    """The window: schedules loads in block order while fewer than `window` streamed sessions live."""
+
+    def __init__(self, engine: BlockEngine):
+        self.engine = engine
+        self.cond = threading.Condition()
+        self.next = 0
+        self.live = 0
+        self.max_live = 0
+        self.futures: dict[int, Future] = {}
+        self.closed = False
+
+    def fill(self) -> None:
+        e = self.engine
+        with self.cond:
+            while not self.closed and self.next < len(e.manifest.blocks):
+                i = self.next
+                if i in e.resident:
+                    self.next += 1
+                    continue
+                if self.live >= e.plan.window:
+                    break
+                self.live += 1
+                self.max_live = max(self.max_live, self.live + len(e.resident))
+                self.futures[i] = e.loaders.submit(i, e.manifest.blocks[i], e.plan.settings, e.plan.readahead)
+                self.next += 1
+            self.cond.notify_all()
+
+    def free_one(self) -> None:
+        with self.cond:
+            self.live -= 1
+        self.fill()
+
+    def take(self, i: int) -> Future:
+        """The future of block i, once scheduled; raises the first loader failure seen, promptly."""
+        with self.cond:
+            while True:
+                for fut in self.futures.values():
+                    if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                        raise fut.exception()
+                if i in self.futures:
+                    return self.futures.pop(i)
+                self.cond.wait(0.05)
+
+
+class BlockEngine:
+    def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.plan = plan
+        self.resident: dict[int, LiveBlock] = {}
+        self.loaders = LoadingAgents(model_dir, max(1, plan.loaders))
+        self.daemon = Daemon(model_dir)
+        self.last_use = last_consumers(manifest)
+        # files each block's successors still need this run: the daemon keeps those cached
+        self.files_after: list[set[str]] = []
+        later: set[str] = set()
+        for block in reversed(manifest.blocks):
+            self.files_after.append(set(later))
+            later |= {f.path for f in block.files}
+        self.files_after.reverse()
+        for i in plan.resident:
+            self.files_after = [s | {f.path for f in manifest.blocks[i].files} for s in self.files_after]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+        slots = _Slots(self)
+        block_stats: list[BlockStats] = []
+        env = dict(feeds)
+        outputs_wanted = set(self.manifest.output_names)
+        with _Measure() as m:
+            try:
+                slots.fill()
+                for i, spec in enumerate(self.manifest.blocks):
+                    t_wait = time.perf_counter()
+                    kept = i in self.resident
+                    block = self.resident[i] if kept else slots.take(i).result()
+                    wait_s = time.perf_counter() - t_wait
+                    t_run = time.perf_counter()
+                    names = list(spec.outputs)
+                    values = run_session(block.session, names, {n: env[n] for n in spec.inputs}, f"block '{spec.name}'")
+                    run_s = time.perf_counter() - t_run
+                    env.update(zip(names, values, strict=True))
+                    for name in [n for n in env if self.last_use.get(n, -1) <= i and n not in outputs_wanted]:
+                        del env[name]
+                    block_stats.append(BlockStats(
+                        spec.name, kept, wait_s,
+                        0.0 if kept else block.readahead_s, 0.0 if kept else block.create_s, run_s,
+                    ))  # fmt: skip
+                    if kept:
+                        continue
+                    if i in self.plan.resident:
+                        self.resident[i] = block
+                        slots.free_one()
+                    else:
+                        self.daemon.release(block, self.plan.drop_cache, self.files_after[i], slots.free_one)
+            finally:
+                self._drain(slots)
+        stats = RunStats(
+            strategy=self.plan.strategy,
+            loaders=self.plan.loaders,
+            window=self.plan.window,
+            latency_s=m.latency_s,
+            peak_rss_bytes=m.peak,
+            rss_before_bytes=m.rss_before,
+            rss_after_bytes=rss_bytes(),
+            bytes_read=m.bytes_read,
+            max_live_sessions=max(slots.max_live, len(self.resident)),
+            blocks=tuple(block_stats),
+        )
+        return {n: env[n] for n in self.manifest.output_names}, stats
+
+    def _drain(self, slots: _Slots) -> None:
+        """After a run (or its failure): no load pending, every streamed session destroyed."""
+        with slots.cond:
+            slots.closed = True
+            pending = list(slots.futures.values())
+            slots.futures.clear()
+        for fut in pending:
+            if fut.cancel():
+                continue
+            try:
+                block = fut.result()
+            except BaseException:  # a failed load left nothing open
+                continue
+            destroy(block, self.model_dir, False, set())
+        self.daemon.release_barrier()
+
+    def close(self) -> None:
+        self.loaders.shutdown()
+        self.daemon.shutdown()
+        for block in self.resident.values():
+            block.session = None
+        self.resident.clear()
+        trim_heap()
+
+
+class FullEngine:
+    """One session of the whole model, opened on the first run and kept."""
+
+    def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
+        if manifest.full_model is None:
+            raise HermesError(f"'{model_dir}' has no whole-model file: strategy '{plan.strategy}' needs one")
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.plan = plan
+        self.settings = SessionSettings(prepack=plan.prepack, optimization="all")
+        self.session = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+        names = list(self.manifest.output_names)
+        create_s = 0.0
+        with _Measure() as m:
+            if self.session is None:
+                t0 = time.perf_counter()
+                for f in self.manifest.full_model.files:
+                    check_size(self.model_dir, f)
+                self.session = create_session(self.model_dir / self.manifest.full_model.path, self.settings, "the whole model")
+                create_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            values = run_session(self.session, names, feeds, "the whole model")
+            run_s = time.perf_counter() - t1
+        stats = RunStats(
+            strategy=self.plan.strategy, loaders=0, window=1, latency_s=m.latency_s, peak_rss_bytes=m.peak,
+            rss_before_bytes=m.rss_before, rss_after_bytes=rss_bytes(), bytes_read=m.bytes_read,
+            max_live_sessions=1, blocks=(BlockStats("full", create_s == 0.0, 0.0, 0.0, create_s, run_s),),
+        )  # fmt: skip
+        return dict(zip(names, values, strict=True)), stats
+
+    def close(self) -> None:
+        self.session = None
+        trim_heap()

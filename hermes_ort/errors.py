@@ -1,0 +1,30 @@
+"""Every error hermes-ort raises on purpose derives from HermesError, and its message names the
+file, tensor, block or budget at fault."""
+
+
+class HermesError(Exception):
+    """Base of all hermes-ort errors."""
+
+
+class ManifestError(HermesError):
+    """manifest.json is missing, malformed, of an unknown schema, or points outside the model dir."""
+
+
+class IntegrityError(HermesError):
+    """A block file is missing, has the wrong size, or its bytes do not match the manifest."""
+
+
+class InputError(HermesError, ValueError):
+    """An input to run/generate has the wrong name, dtype, rank or shape."""
+
+
+class BudgetError(HermesError):
+    """The memory budget cannot hold the largest block plus its activations."""
+
+
+class LoadError(HermesError):
+    """A loading agent failed to create a block's session."""
+
+
+class ExportError(HermesError):
+    """The exporter could not export, cut or verify a model."""

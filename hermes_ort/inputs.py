@@ -1,0 +1,81 @@
+"""Model inputs: checked against the manifest before any block runs, and sample inputs made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from hermes_ort.errors import InputError
+from hermes_ort.manifest import Manifest, TensorSpec
+
+
+def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
+    """Return the feeds as numpy arrays, or raise InputError naming the input and what was expected."""
+    if not isinstance(feeds, dict):
+        raise InputError(f"inputs must be a dict of name -> numpy array, got {type(feeds).__name__}")
+    expected = {t.name: t for t in manifest.inputs}
+    unknown = sorted(set(feeds) - set(expected))
+    if unknown:
+        raise InputError(f"unknown input(s) {unknown}; the model takes {list(expected)}")
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise InputError(f"missing input(s) {missing}; the model takes {list(expected)}")
+    dims: dict[str, tuple[str, int]] = {}  # symbolic dim -> (first input that fixed it, its size)
+    checked = {}
+    for name, spec in expected.items():
+        value = feeds[name]
+        if not isinstance(value, np.ndarray):
+            raise InputError(f"input '{name}' must be a numpy array, got {type(value).__name__}")
+        if value.dtype != np.dtype(spec.dtype):
+            raise InputError(f"input '{name}' has dtype {value.dtype}, expected {spec.dtype}")
+        if value.ndim != len(spec.shape):
+            raise InputError(
+                f"input '{name}' has rank {value.ndim} (shape {value.shape}), expected rank {len(spec.shape)} {_shape(spec)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
+            if got == 0:
+                raise InputError(f"input '{name}' is empty along axis {axis} (shape {value.shape})")
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InputError(f"input '{name}' has shape {value.shape}, expected {_shape(spec)} (axis {axis} must be {want})")
+            if isinstance(want, str):
+                first = dims.setdefault(want, (name, got))
+                if first[1] != got:
+                    raise InputError(
+                        f"input '{name}' has {want}={got} (axis {axis}) but input '{first[0]}' has {want}={first[1]}"
+                    )
+        checked[name] = np.ascontiguousarray(value)
+    limit = manifest.sample.get("max_sequence_length")
+    seq = dims.get("sequence_length")
+    if limit and seq and seq[1] > limit:
+        raise InputError(f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})")
+    return checked
+
+
+def _shape(spec: TensorSpec) -> str:
+    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+
+
+def sample_inputs(
+    manifest: Manifest, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs of the manifest's sample shape (or the given one), as the manifest describes."""
+    rng = np.random.default_rng(seed)
+    sizes = {"batch_size": batch_size, "sequence_length": sequence_length or manifest.sample.get("sequence_length", 128)}
+    feeds = {}
+    for spec in manifest.inputs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else sizes.get(str(d), 1) for d in spec.shape)
+        kind = (spec.sample or {}).get("kind", "normal" if spec.dtype.startswith("float") else "zeros")
+        dtype = np.dtype(spec.dtype)
+        if kind == "randint":
+            value = rng.integers(0, spec.sample.get("high", 2), size=shape)
+        elif kind == "ones":
+            value = np.ones(shape)
+        elif kind == "zeros":
+            value = np.zeros(shape)
+        elif kind == "arange":
+            value = np.broadcast_to(np.arange(shape[-1]), shape)
+        else:
+            value = rng.standard_normal(shape)
+        feeds[spec.name] = np.ascontiguousarray(value.astype(dtype))
+    return feeds

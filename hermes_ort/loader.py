@@ -1,0 +1,84 @@
+"""Loading agents: a thread pool that opens the sessions of upcoming blocks in parallel.
+
+ORT's session construction and file reads both release the GIL, so k agents load k blocks at once."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from hermes_ort.errors import HermesError, LoadError
+from hermes_ort.integrity import check_size
+from hermes_ort.manifest import BlockSpec
+from hermes_ort.readahead import read_ahead
+from hermes_ort.sessions import SessionSettings, create_session
+
+
+@dataclass
+class LiveBlock:
+    """A block whose session is open. Mutable only in `session`, which the daemon drops."""
+
+    index: int
+    spec: BlockSpec
+    session: ort.InferenceSession | None
+    readahead_s: float = 0.0
+    create_s: float = 0.0
+    bytes_read_ahead: int = 0
+    loaded_at_s: float = field(default_factory=time.perf_counter)
+
+
+def load_block(
+    model_dir: Path, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+) -> LiveBlock:
+    """Check, optionally read ahead, and open one block. Raises LoadError/IntegrityError naming it."""
+    paths = [check_size(model_dir, f) for f in spec.files]
+    t0 = time.perf_counter()
+    read = 0
+    if readahead:
+        try:
+            read = sum(read_ahead(str(p)) for p in paths)
+        except OSError as e:
+            raise LoadError(f"block '{spec.name}': cannot read '{e.filename}': {e.strerror}") from e
+    t1 = time.perf_counter()
+    session = create_session(model_dir / spec.path, settings, what=f"block '{spec.name}'")
+    t2 = time.perf_counter()
+    names = {i.name for i in session.get_inputs()}
+    if not names <= set(spec.inputs):
+        raise LoadError(
+            f"block '{spec.name}' ('{spec.path}') takes inputs {sorted(names - set(spec.inputs))} "
+            "that its manifest entry does not list"
+        )
+    return LiveBlock(
+        index, spec, session, readahead_s=t1 - t0, create_s=t2 - t1, bytes_read_ahead=read
+    )
+
+
+class LoadingAgents:
+    """k loading agents. `submit` returns a Future of a LiveBlock."""
+
+    def __init__(self, model_dir: Path, agents: int):
+        self.model_dir = model_dir
+        self.agents = agents
+        self._pool = ThreadPoolExecutor(max_workers=agents, thread_name_prefix="hermes-loader")
+
+    def submit(
+        self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+    ) -> Future:
+        return self._pool.submit(self._load, index, spec, settings, readahead)
+
+    def _load(
+        self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+    ) -> LiveBlock:
+        try:
+            return load_block(self.model_dir, index, spec, settings, readahead)
+        except HermesError:
+            raise
+        except Exception as e:  # anything else: still name the block
+            raise LoadError(f"block '{spec.name}': {type(e).__name__}: {e}") from e
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

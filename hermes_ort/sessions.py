@@ -1,0 +1,75 @@
+"""The session factory: ONNX Runtime sessions with the settings the measurements call for.
+
+- No spinning intra-op pools: with ORT's default spinning pools, parallel loading gives no speedup and
+  every live session slows compute 2-5x (DESIGN.md §2). Every strategy uses these same settings.
+- Prepacking off for streamed blocks: weights stay file-backed (mmapped from the external data file)
+  and a session opens in a few ms; prepacking copies each weight into an anonymous buffer first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from hermes_ort.errors import LoadError
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def default_threads() -> int:
+    """Cores this process may run on (taskset/affinity respected)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    prepack: bool = True  # ORT's default; False keeps weights file-backed
+    optimization: str = "all"  # ORT's default; "disable" for blocks optimised at export
+    threads: int = 0  # 0 = default_threads()
+
+    def options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = _LEVELS[self.optimization]
+        opts.log_severity_level = 3  # errors only: ORT's warnings are not for end users
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not self.prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        return opts
+
+
+# ORT's default way: prepacking on, its full optimisation level (what users of plain ORT get).
+ORT_DEFAULT = SessionSettings(prepack=True, optimization="all")
+# The streaming way: blocks were optimised at export (portable level), weights stay mmapped.
+STREAMING = SessionSettings(prepack=False, optimization="disable")
+
+
+def create_session(
+    path: str | Path, settings: SessionSettings, what: str = ""
+) -> ort.InferenceSession:
+    """Open one ONNX file; any ORT failure becomes a LoadError naming the file."""
+    path = Path(path)
+    label = f"{what} " if what else ""
+    if not path.is_file():
+        raise LoadError(f"cannot load {label}'{path}': file not found")
+    try:
+        return ort.InferenceSession(
+            str(path), settings.options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot load {label}'{path}': {first_line}") from e
