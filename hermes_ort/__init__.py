@@ -1,10 +1,10 @@
 """hermes-ort: run Transformer models larger than memory by streaming per-block ONNX sessions.
 
-    import hermes_ort
-    model = hermes_ort.load("models/bert-base", memory_budget="200MB", strategy="pipeload")
-    outputs = model.run({"input_ids": ids, "attention_mask": mask})
-    model.stats   # per-block load/run times, peak resident bytes, bytes read
-    model.close()
+import hermes_ort
+model = hermes_ort.load("models/bert-base", memory_budget="200MB", strategy="pipeload")
+outputs = model.run({"input_ids": ids, "attention_mask": mask})
+model.stats   # per-block load/run times, peak resident bytes, bytes read
+model.close()
 """
 
 from hermes_ort.errors import (

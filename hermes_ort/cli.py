@@ -18,14 +18,22 @@ def _add_run(sub) -> None:
 
     p = sub.add_parser("run", help="run one pass of an exported model and print a summary")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB (default: none)")
-    p.add_argument("--strategy", default="pipeload", choices=STRATEGIES)
+    p.add_argument(
+        "--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB (default: none)"
+    )
+    p.add_argument("--strategy", default="pipeload", choices=(*STRATEGIES, "auto"))
     p.add_argument("--loaders", type=int, default=None, help="override the plan's loading agents")
     p.add_argument("--window", type=int, default=None, help="override the plan's window")
-    p.add_argument("--load-path", default="default", choices=("default", "stream"), help="baselines' load path")
-    p.add_argument("--input", default="random", help="an .npz of inputs, or 'random' (the manifest's sample)")
+    p.add_argument(
+        "--load-path", default="default", choices=("default", "stream"), help="baselines' load path"
+    )
+    p.add_argument(
+        "--input", default="random", help="an .npz of inputs, or 'random' (the manifest's sample)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of random inputs")
-    p.add_argument("--repeat", type=int, default=1, help="passes to run (stats of each are printed)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="passes to run (stats of each are printed)"
+    )
     p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(func=cmd_run)
@@ -62,7 +70,9 @@ def cmd_run(args) -> int:
     print(model.plan.describe())
     for name, value in outputs.items():
         flat = value.reshape(-1)
-        print(f"output {name}: shape {tuple(value.shape)} {value.dtype}, mean {flat.mean():.6g}, first {flat[:4]}")
+        print(
+            f"output {name}: shape {tuple(value.shape)} {value.dtype}, mean {flat.mean():.6g}, first {flat[:4]}"
+        )
     for k, s in enumerate(runs):
         print(
             f"pass {k + 1}: latency {s.latency_s * 1000:.1f} ms (load {s.load_s * 1000:.1f} ms, compute "
@@ -89,40 +99,166 @@ def cmd_info(args) -> int:
     print("inputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs))
     print("outputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs))
     for b in m.blocks:
-        print(f"  {b.name:<14} {b.kind:<9} {format_bytes(b.bytes):>10}  in {len(b.inputs)}, out {len(b.outputs)}")
+        print(
+            f"  {b.name:<14} {b.kind:<9} {format_bytes(b.bytes):>10}  in {len(b.inputs)}, out {len(b.outputs)}"
+        )
     check = check_hash if args.verify else check_size
     files = list(m.block_files().values()) + (list(m.full_model.files) if m.full_model else [])
     for f in files:
         check(args.model_dir, f)
-    print(f"{len(files)} files present{' and their sha256 match' if args.verify else ' with the right sizes'}")
+    print(
+        f"{len(files)} files present{' and their sha256 match' if args.verify else ' with the right sizes'}"
+    )
     return 0
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="cut a Hugging Face model into per-block ONNX files (needs the export extra)")
+    p = sub.add_parser(
+        "export", help="cut a Hugging Face model into per-block ONNX files (needs the export extra)"
+    )
     try:
-        from export.cli import add_arguments
-    except ImportError as e:
-        p.set_defaults(func=lambda args: _missing_extra(e))
+        from export.cli import add_arguments  # argparse only: torch is imported when it runs
+    except ImportError:
         p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args: _missing_extra("the export package"))
         return
     add_arguments(p)
-    p.set_defaults(func=lambda args: __import__("export.cli").cli.run(args))
+    p.set_defaults(func=_run_export)
 
 
-def _missing_extra(error: ImportError) -> int:
+def _run_export(args) -> int:
+    try:
+        from export.cli import run
+
+        return run(args)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in EXPORT_ONLY:
+            return _missing_extra(e.name)
+        raise
+
+
+EXPORT_ONLY = (
+    "torch",
+    "transformers",
+    "optimum",
+    "onnx",
+    "onnxscript",
+    "accelerate",
+    "safetensors",
+    "tqdm",
+)
+
+
+def _missing_extra(what: str) -> int:
     print(
-        f"hermes-ort export needs the exporter's dependencies ({error.name or error} is missing): "
+        f"hermes-ort export needs the exporter's dependencies ({what} is missing): "
         "pip install 'hermes-ort[export]'   (or: pip install -e '.[export]' in a checkout)",
         file=sys.stderr,
     )
     return 2
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="export bert-base (random weights) and compare pipeload with full"
+    )
+    p.add_argument("--preset", default="bert-base")
+    p.add_argument(
+        "--out", type=Path, default=None, help="model directory (default: models/PRESET)"
+    )
+    p.add_argument(
+        "--budget", default=None, help="pipeload's memory budget (default: the planner's smallest)"
+    )
+    p.set_defaults(
+        func=lambda args: __import__("hermes_ort.demo").demo.main(
+            args.preset, args.out, args.budget
+        )
+    )
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile", help="measure every block on this machine (stored beside the manifest)"
+    )
+    p.add_argument("model_dir", type=Path)
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length to profile at (default: the manifest's)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="measure again even if a matching profile is stored"
+    )
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    from hermes_ort.profiler import load_profile, profile_model
+
+    profile = None if args.force or args.seq_len else load_profile(args.model_dir)
+    if profile is None:
+        profile = profile_model(
+            args.model_dir,
+            args.seq_len,
+            progress=lambda i, n, b: print(f"  {i}/{n} {b.name}", file=sys.stderr),
+        )
+        path = profile.save(args.model_dir)
+        print(f"profile written to {path}")
+    else:
+        print(f"stored profile matches this machine ({profile.created}); --force measures again")
+    print(
+        f"baseline RSS {format_bytes(profile.baseline_bytes)} (+{format_bytes(profile.warmup_bytes)} at the first session), "
+        f"storage read {profile.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {profile.sequence_length}"
+    )
+    print(
+        "| block | file | read cold / warm | create / prepacked | 1st run | run / prepacked | live | open | transient |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda s: f"{s * 1000:.1f}"  # noqa: E731
+    for b in profile.blocks:
+        print(
+            f"| {b.name} | {format_bytes(b.file_bytes)} | {ms(b.readahead_cold_s)} / {ms(b.readahead_warm_s)} ms | "
+            f"{ms(b.create_s)} / {ms(b.create_prepack_s)} ms | {ms(b.first_run_s)} ms | {ms(b.run_s)} / {ms(b.run_prepack_s)} ms | "
+            f"{format_bytes(b.live_bytes)} | {format_bytes(b.open_bytes)} | {format_bytes(b.transient_bytes)} |"
+        )
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="show the pipeline plan for a budget, its prediction and reasons"
+    )
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 300MB")
+    p.add_argument("--loaders", type=int, default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    import hermes_ort
+
+    with hermes_ort.load(
+        args.model_dir,
+        memory_budget=args.budget,
+        loaders=args.loaders,
+        window=args.window,
+        profile=not args.no_profile,
+    ) as model:
+        print(model.plan.describe())
+        print(
+            f"smallest workable budget: {format_bytes(model.cost.min_budget())}; whole model resident: "
+            f"{format_bytes(model.cost.peak(tuple(range(model.cost.blocks)), 1))}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_run, _add_info):
+    for add in (_add_demo, _add_export, _add_run, _add_profile, _add_plan, _add_info):
         add(sub)
     return parser
 

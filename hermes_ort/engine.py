@@ -19,22 +19,16 @@ from hermes_ort.errors import HermesError
 from hermes_ort.integrity import check_size
 from hermes_ort.loader import LiveBlock, LoadingAgents
 from hermes_ort.manifest import Manifest, last_consumers
-from hermes_ort.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, storage_read_bytes, trim_heap
+from hermes_ort.memory import (
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    storage_read_bytes,
+    trim_heap,
+)
 from hermes_ort.planner import Plan
-from hermes_ort.sessions import SessionSettings, create_session
+from hermes_ort.sessions import SessionSettings, create_session, run_session
 from hermes_ort.stats import BlockStats, RunStats
-
-
-class RunFailed(HermesError):
-    """A block failed to run (ORT error), named."""
-
-
-def run_session(session, names: list[str], feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
-    try:
-        return session.run(names, feeds)
-    except Exception as e:  # ORT's own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunFailed(f"{what} failed to run: {first}") from e
 
 
 class _Measure:
@@ -63,6 +57,7 @@ class _Slots:
         self.live = 0
         self.max_live = 0
         self.futures: dict[int, Future] = {}
+        self.pending_destroy = 0
         self.closed = False
 
     def fill(self) -> None:
@@ -77,7 +72,9 @@ class _Slots:
                     break
                 self.live += 1
                 self.max_live = max(self.max_live, self.live + len(e.resident))
-                self.futures[i] = e.loaders.submit(i, e.manifest.blocks[i], e.plan.settings, e.plan.readahead)
+                self.futures[i] = e.loaders.submit(
+                    i, e.manifest.blocks[i], e.plan.settings_for(i), e.plan.readahead
+                )
                 self.next += 1
             self.cond.notify_all()
 
@@ -85,6 +82,22 @@ class _Slots:
         with self.cond:
             self.live -= 1
         self.fill()
+
+    def destroying(self) -> None:
+        with self.cond:
+            self.pending_destroy += 1
+
+    def destroyed(self) -> None:
+        with self.cond:
+            self.pending_destroy -= 1
+        self.free_one()
+
+    def wait_daemon_lag(self, blocks: int) -> None:
+        """Hold the inference agent while the daemon has more than `blocks` sessions to destroy:
+        the memory model counts one executed block not yet destroyed, never more."""
+        with self.cond:
+            while self.pending_destroy > blocks:
+                self.cond.wait(0.05)
 
     def take(self, i: int) -> Future:
         """The future of block i, once scheduled; raises the first loader failure seen, promptly."""
@@ -115,7 +128,9 @@ class BlockEngine:
             later |= {f.path for f in block.files}
         self.files_after.reverse()
         for i in plan.resident:
-            self.files_after = [s | {f.path for f in manifest.blocks[i].files} for s in self.files_after]
+            self.files_after = [
+                s | {f.path for f in manifest.blocks[i].files} for s in self.files_after
+            ]
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
         slots = _Slots(self)
@@ -129,13 +144,21 @@ class BlockEngine:
                     t_wait = time.perf_counter()
                     kept = i in self.resident
                     block = self.resident[i] if kept else slots.take(i).result()
+                    slots.wait_daemon_lag(1)
                     wait_s = time.perf_counter() - t_wait
                     t_run = time.perf_counter()
                     names = list(spec.outputs)
-                    values = run_session(block.session, names, {n: env[n] for n in spec.inputs}, f"block '{spec.name}'")
+                    values = run_session(
+                        block.session,
+                        names,
+                        {n: env[n] for n in spec.inputs},
+                        f"block '{spec.name}'",
+                    )
                     run_s = time.perf_counter() - t_run
                     env.update(zip(names, values, strict=True))
-                    for name in [n for n in env if self.last_use.get(n, -1) <= i and n not in outputs_wanted]:
+                    for name in [
+                        n for n in env if self.last_use.get(n, -1) <= i and n not in outputs_wanted
+                    ]:
                         del env[name]
                     block_stats.append(BlockStats(
                         spec.name, kept, wait_s,
@@ -147,7 +170,10 @@ class BlockEngine:
                         self.resident[i] = block
                         slots.free_one()
                     else:
-                        self.daemon.release(block, self.plan.drop_cache, self.files_after[i], slots.free_one)
+                        slots.destroying()
+                        self.daemon.release(
+                            block, self.plan.drop_cache, self.files_after[i], slots.destroyed
+                        )
             finally:
                 self._drain(slots)
         stats = RunStats(
@@ -194,7 +220,9 @@ class FullEngine:
 
     def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
         if manifest.full_model is None:
-            raise HermesError(f"'{model_dir}' has no whole-model file: strategy '{plan.strategy}' needs one")
+            raise HermesError(
+                f"'{model_dir}' has no whole-model file: strategy '{plan.strategy}' needs one"
+            )
         self.model_dir = model_dir
         self.manifest = manifest
         self.plan = plan
@@ -209,7 +237,9 @@ class FullEngine:
                 t0 = time.perf_counter()
                 for f in self.manifest.full_model.files:
                     check_size(self.model_dir, f)
-                self.session = create_session(self.model_dir / self.manifest.full_model.path, self.settings, "the whole model")
+                self.session = create_session(
+                    self.model_dir / self.manifest.full_model.path, self.settings, "the whole model"
+                )
                 create_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             values = run_session(self.session, names, feeds, "the whole model")

@@ -28,3 +28,7 @@ class LoadError(HermesError):
 
 class ExportError(HermesError):
     """The exporter could not export, cut or verify a model."""
+
+
+class RunFailed(HermesError):
+    """ONNX Runtime failed while running a block (named)."""

@@ -13,7 +13,9 @@ from hermes_ort.manifest import Manifest, TensorSpec
 def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
     """Return the feeds as numpy arrays, or raise InputError naming the input and what was expected."""
     if not isinstance(feeds, dict):
-        raise InputError(f"inputs must be a dict of name -> numpy array, got {type(feeds).__name__}")
+        raise InputError(
+            f"inputs must be a dict of name -> numpy array, got {type(feeds).__name__}"
+        )
     expected = {t.name: t for t in manifest.inputs}
     unknown = sorted(set(feeds) - set(expected))
     if unknown:
@@ -37,7 +39,9 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
             if got == 0:
                 raise InputError(f"input '{name}' is empty along axis {axis} (shape {value.shape})")
             if isinstance(want, int) and want > 0 and got != want:
-                raise InputError(f"input '{name}' has shape {value.shape}, expected {_shape(spec)} (axis {axis} must be {want})")
+                raise InputError(
+                    f"input '{name}' has shape {value.shape}, expected {_shape(spec)} (axis {axis} must be {want})"
+                )
             if isinstance(want, str):
                 first = dims.setdefault(want, (name, got))
                 if first[1] != got:
@@ -48,7 +52,9 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
     limit = manifest.sample.get("max_sequence_length")
     seq = dims.get("sequence_length")
     if limit and seq and seq[1] > limit:
-        raise InputError(f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})")
+        raise InputError(
+            f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})"
+        )
     return checked
 
 
@@ -61,11 +67,18 @@ def sample_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs of the manifest's sample shape (or the given one), as the manifest describes."""
     rng = np.random.default_rng(seed)
-    sizes = {"batch_size": batch_size, "sequence_length": sequence_length or manifest.sample.get("sequence_length", 128)}
+    sizes = {
+        "batch_size": batch_size,
+        "sequence_length": sequence_length or manifest.sample.get("sequence_length", 128),
+    }
     feeds = {}
     for spec in manifest.inputs:
-        shape = tuple(d if isinstance(d, int) and d > 0 else sizes.get(str(d), 1) for d in spec.shape)
-        kind = (spec.sample or {}).get("kind", "normal" if spec.dtype.startswith("float") else "zeros")
+        shape = tuple(
+            d if isinstance(d, int) and d > 0 else sizes.get(str(d), 1) for d in spec.shape
+        )
+        kind = (spec.sample or {}).get(
+            "kind", "normal" if spec.dtype.startswith("float") else "zeros"
+        )
         dtype = np.dtype(spec.dtype)
         if kind == "randint":
             value = rng.integers(0, spec.sample.get("high", 2), size=shape)

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from hermes_ort.costmodel import CostModel
 from hermes_ort.engine import BlockEngine, FullEngine
 from hermes_ort.errors import HermesError
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.memory import rss_bytes
-from hermes_ort.planner import CostModel, Plan, check_budget, plan_strategy
+from hermes_ort.planner import Plan, check_budget, plan_strategy
+from hermes_ort.profiler import ensure_profile, load_profile
 from hermes_ort.stats import RunStats
 from hermes_ort.units import parse_bytes
 
@@ -39,7 +41,11 @@ class HermesModel:
         self.plan = plan
         self.cost = cost
         self.stats: RunStats | None = None
-        self._engine = FullEngine(model_dir, manifest, plan) if plan.whole_model else BlockEngine(model_dir, manifest, plan)
+        self._engine = (
+            FullEngine(model_dir, manifest, plan)
+            if plan.whole_model
+            else BlockEngine(model_dir, manifest, plan)
+        )
         self._lock = threading.Lock()
         self._closed = False
 
@@ -53,7 +59,9 @@ class HermesModel:
             outputs, self.stats = self._engine.run(feeds)
         return outputs
 
-    def sample_inputs(self, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    def sample_inputs(
+        self, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
+    ) -> dict[str, np.ndarray]:
         return sample_inputs(self.manifest, batch_size, sequence_length, seed)
 
     def close(self) -> None:
@@ -72,6 +80,16 @@ class HermesModel:
         return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {len(self.manifest.blocks)} blocks)"
 
 
+def cost_model(model_dir: Path, manifest: Manifest, profile: bool | None, cold: bool) -> CostModel:
+    """Measured costs when a profile exists (or is asked for), else estimates from file sizes."""
+    stored = None
+    if profile is not False:
+        stored = ensure_profile(model_dir) if profile else load_profile(model_dir)
+    if stored is not None:
+        return CostModel.from_profile(manifest, stored, rss_bytes(), cold)
+    return CostModel.estimate(manifest, rss_bytes(), output_bytes(manifest))
+
+
 def load(
     model_dir: str | Path,
     memory_budget: int | str | None = None,
@@ -79,6 +97,7 @@ def load(
     loaders: int | None = None,
     window: int | None = None,
     load_path: str = "default",
+    profile: bool | None = None,
 ) -> HermesModel:
     """Open an exported model directory.
 
@@ -88,12 +107,19 @@ def load(
     loaders, window: override the planner's number of loading agents and window.
     load_path: for the per-block baselines, "default" (ORT's default load: prepacking on) or
         "stream" (pipeload's: weights mmapped, no prepacking, read-ahead) for ablations.
+    profile: None = plan with the stored profile (`hermes-ort profile`) if it matches this machine,
+        else with estimates from file sizes; True = measure one now if missing; False = estimates.
+        strategy="auto" is "pipeload" with profile=True.
     """
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     budget = parse_bytes(memory_budget)
-    cost = CostModel.estimate(manifest, rss_bytes(), output_bytes(manifest))
+    if strategy == "auto":
+        strategy, profile = "pipeload", True if profile is None else profile
+    cost = cost_model(model_dir, manifest, profile, cold=budget is not None)
     if strategy not in ("full", "full-mmap"):
         check_budget(cost, budget, tuple(b.name for b in manifest.blocks))
-    plan = plan_strategy(strategy, cost, budget, load_path=load_path, loaders=loaders, window=window)
+    plan = plan_strategy(
+        strategy, cost, budget, load_path=load_path, loaders=loaders, window=window
+    )
     return HermesModel(model_dir, manifest, plan, cost)

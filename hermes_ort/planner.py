@@ -1,68 +1,24 @@
-"""The pipeline planner: how many loading agents, how large a window, which blocks stay resident.
+"""The pipeline planner: how many loading agents, how large a window, which blocks stay resident
+and which are prepacked, under a memory budget; and the fixed plans of the baselines.
 
-A plan is checked against the memory budget with a cost model: the process's baseline resident set,
-each block's resident bytes while its session is live, and the activations of a pass.
-
-    predicted peak = baseline + sum(resident blocks) + max(sum of `window` consecutive streamed
-                     blocks) + activations
-"""
+`plan_pipeload` searches loaders x window, fills the rest of the budget with resident blocks (most
+time saved per byte first), and keeps the plan with the lowest predicted latency of a repeated pass
+(then of a first pass, then the lowest peak). Costs come from the cost model (costmodel.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
+from hermes_ort.costmodel import CostModel
 from hermes_ort.errors import BudgetError
-from hermes_ort.manifest import Manifest
 from hermes_ort.sessions import ORT_DEFAULT, STREAMING, SessionSettings, default_threads
 from hermes_ort.units import format_bytes
 
 STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
-LOAD_PATHS = (
-    "default",
-    "stream",
-)  # ORT's default load path / pipeload's (mmap, no prepack, read-ahead)
-
-SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
-ACTIVATION_RESERVE_BYTES = 16 << 20  # intermediate tensors and ORT's arena, beyond the outputs
+LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
 MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """What the planner knows about a model on this machine (estimates until profiled)."""
-
-    baseline_bytes: int  # resident set of the process before any block is loaded
-    block_bytes: tuple[int, ...]  # resident bytes of each block while its session is live
-    activation_bytes: int  # peak of intermediate tensors + outputs during a pass
-    source: str = "estimate"  # "estimate" (from file sizes) or "profile"
-
-    @classmethod
-    def estimate(cls, manifest: Manifest, baseline_bytes: int, output_bytes: int = 0) -> CostModel:
-        """Upper-bound estimates from file sizes: every weight page may become resident."""
-        return cls(
-            baseline_bytes=baseline_bytes,
-            block_bytes=tuple(b.bytes + SESSION_OVERHEAD_BYTES for b in manifest.blocks),
-            activation_bytes=2 * output_bytes + ACTIVATION_RESERVE_BYTES,
-        )
-
-    @property
-    def model_bytes(self) -> int:
-        return sum(self.block_bytes)
-
-    def min_budget(self) -> int:
-        """Smallest budget that can run at all: one block live at a time, nothing kept."""
-        return self.baseline_bytes + max(self.block_bytes) + self.activation_bytes
-
-    def peak(self, resident: tuple[int, ...], window: int) -> int:
-        keep = set(resident)
-        streamed = [b if i not in keep else 0 for i, b in enumerate(self.block_bytes)]
-        widest = max(sum(streamed[i : i + window]) for i in range(len(streamed)))
-        return (
-            self.baseline_bytes
-            + sum(self.block_bytes[i] for i in keep)
-            + widest
-            + self.activation_bytes
-        )
+MAX_WINDOW = 8
+PREPACKED_STREAMING = SessionSettings(prepack=True, optimization="disable")
 
 
 @dataclass(frozen=True)
@@ -71,47 +27,81 @@ class Plan:
     loaders: int  # loading agents (threads)
     window: int  # streamed (non-resident) block sessions alive at once, loading ones included
     resident: tuple[int, ...]  # blocks whose sessions stay open between runs
-    prepack: bool  # ORT weight prepacking (copies weights into anonymous memory)
+    prepack: (
+        bool  # ORT weight prepacking for streamed blocks (copies weights into anonymous memory)
+    )
     readahead: bool  # loaders read a block's files before opening it
     drop_cache: bool  # the daemon drops streamed blocks' file pages after use
     budget_bytes: int | None = None
+    prepack_resident: tuple[int, ...] = ()  # resident blocks opened with prepacking (pipeload)
     predicted_peak_bytes: int | None = None
-    reasons: tuple[str, ...] = ()
-
-    @property
-    def settings(self) -> SessionSettings:
-        return STREAMING if not self.prepack else ORT_DEFAULT
+    predicted_latency_s: float | None = None  # a repeated pass
+    predicted_first_latency_s: float | None = None  # the first pass (every block loads)
+    cost_source: str = "estimate"
+    reasons: tuple[str, ...] = field(default=())
 
     @property
     def whole_model(self) -> bool:
         return self.strategy in ("full", "full-mmap")
 
+    def settings_for(self, block: int) -> SessionSettings:
+        if self.strategy != "pipeload":
+            return ORT_DEFAULT if self.prepack else STREAMING
+        return PREPACKED_STREAMING if block in self.prepack_resident else STREAMING
+
     def describe(self) -> str:
         lines = [
             f"strategy {self.strategy}: {self.loaders} loading agent(s), window {self.window}, "
-            f"{len(self.resident)} resident block(s), prepack {'on' if self.prepack else 'off'}, "
-            f"read-ahead {'on' if self.readahead else 'off'}",
+            f"{len(self.resident)} resident block(s), prepack {'on' if self.prepack else 'off'}"
+            f"{f' (on for {len(self.prepack_resident)} resident)' if self.prepack_resident else ''}, "
+            f"read-ahead {'on' if self.readahead else 'off'}"
         ]
         if self.budget_bytes is not None:
-            lines.append(
-                f"budget {format_bytes(self.budget_bytes)}, predicted peak {format_bytes(self.predicted_peak_bytes)}"
-            )
+            lines.append(f"budget {format_bytes(self.budget_bytes)}")
+        if self.predicted_peak_bytes is not None:
+            lines.append(f"predicted ({self.cost_source}): peak {format_bytes(self.predicted_peak_bytes)}, "
+                         f"first pass {_ms(self.predicted_first_latency_s)}, repeated pass {_ms(self.predicted_latency_s)}")  # fmt: skip
         lines += [f"- {r}" for r in self.reasons]
         return "\n".join(lines)
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
 def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ...]) -> None:
+    """Refuse a budget that cannot hold the largest block plus its activations, naming both."""
     if budget is None:
         return
     need = cost.min_budget()
     if need > budget:
-        largest = max(range(len(cost.block_bytes)), key=lambda i: cost.block_bytes[i])
+        largest = max(range(cost.blocks), key=lambda i: cost.live_bytes[i])
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot hold block '{block_names[largest]}' "
-            f"({format_bytes(cost.block_bytes[largest])}) plus the process baseline "
+            f"({format_bytes(cost.live_bytes[largest])}) plus the process baseline "
             f"({format_bytes(cost.baseline_bytes)}) and activations ({format_bytes(cost.activation_bytes)}); "
             f"the smallest workable budget is {format_bytes(need)} ({need} bytes)"
         )
+
+
+def _fill_resident(
+    cost: CostModel, budget: int | None, loaders: int, window: int
+) -> tuple[int, ...]:
+    """Blocks to keep, most time saved per byte first, while the peak stays within the budget."""
+    everything = tuple(range(cost.blocks))
+    if budget is None or cost.peak(everything, window) <= budget:
+        return everything
+
+    def saved_per_byte(i: int) -> float:
+        s, r = cost.stream_times[i], cost.resident_times[i]
+        return (s.load_s + s.first_run_s - r.steady_run_s) / max(1, cost.resident_bytes[i])
+
+    resident: tuple[int, ...] = ()
+    for i in sorted(everything, key=saved_per_byte, reverse=True):
+        candidate = tuple(sorted((*resident, i)))
+        if cost.peak(candidate, window) <= budget:
+            resident = candidate
+    return resident
 
 
 def plan_pipeload(
@@ -121,128 +111,102 @@ def plan_pipeload(
     loaders: int | None = None,
     window: int | None = None,
 ) -> Plan:
-    """Choose loaders, window and resident blocks for `pipeload` under `budget`."""
-    n = len(cost.block_bytes)
+    """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`."""
+    n = cost.blocks
     cores = cores or default_threads()
-    k = loaders or max(1, min(cores, MAX_LOADERS, n))
-    base = Plan(
-        "pipeload",
-        k,
-        0,
-        (),
-        prepack=False,
-        readahead=True,
-        drop_cache=budget is not None,
-        budget_bytes=budget,
-    )
-    everything = tuple(range(n))
-    if window is None and (budget is None or cost.peak(everything, 1) <= budget):
-        why = (
+    k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
+    w_options = [window] if window else list(range(1, min(n, MAX_WINDOW) + 1))
+    best = None
+    for k in k_options:
+        for w in w_options:
+            if budget is not None and cost.peak((), w) > budget:
+                continue
+            resident = (
+                _fill_resident(cost, budget, k, w) if window is None or budget is not None else ()
+            )
+            steady = cost.latency(k, w, resident, first_pass=False)
+            first = cost.latency(k, w, resident, first_pass=True)
+            key = (round(steady, 4), round(first, 4), cost.peak(resident, w), k, w)
+            if best is None or key < best[0]:
+                best = (key, k, w, resident, steady, first)
+    if best is None:
+        w = window or 1
+        raise BudgetError(
+            f"window {w} needs {format_bytes(cost.peak((), w))}, over the budget {format_bytes(budget)}"
+        )
+    _, k, w, resident, steady, first = best
+    prepacked = tuple(i for i in resident if cost.resident_prepack[i])
+    return Plan(
+        "pipeload", k, w, resident, prepack=False, readahead=True, drop_cache=budget is not None,
+        budget_bytes=budget, prepack_resident=prepacked, predicted_peak_bytes=cost.peak(resident, w),
+        predicted_latency_s=steady, predicted_first_latency_s=first, cost_source=cost.source,
+        reasons=_reasons(cost, budget, cores, k, w, resident, prepacked, loaders, window),
+    )  # fmt: skip
+
+
+def _reasons(cost, budget, cores, k, w, resident, prepacked, loaders, window) -> tuple[str, ...]:
+    n = cost.blocks
+    why = []
+    if len(resident) == n:
+        why.append(
             "no budget"
             if budget is None
             else f"the whole model ({format_bytes(cost.model_bytes)}) fits the budget"
         )
-        return replace(
-            base,
-            window=window or n,
-            resident=everything,
-            predicted_peak_bytes=cost.peak(everything, 1),
-            reasons=(
-                f"{why}: every block stays resident after its first load",
-                f"{k} loading agent(s) for {cores} core(s)",
-            ),
-        )
-    # Streaming: a window of k+1 lets k agents load while one block runs; shrink it to fit.
-    w = min(window or k + 1, n)
-    if budget is None:
-        return replace(
-            base,
-            window=w,
-            predicted_peak_bytes=cost.peak((), w),
-            reasons=(f"window {w} as asked, nothing resident",),
-        )
-    while window is None and w > 1 and cost.peak((), w) > budget:
-        w -= 1
-    if cost.peak((), w) > budget:
-        raise BudgetError(
-            f"window {window} needs {format_bytes(cost.peak((), window))}, over the budget {format_bytes(budget)}"
-        )
-    reasons = [
-        f"{k} loading agent(s) for {cores} core(s); window {w}: the largest up to {k + 1} that fits"
-    ]
-    # Keep blocks resident, first ones first, while the budget still holds: they are never re-read.
-    resident: tuple[int, ...] = ()
-    for i in range(n):
-        if cost.peak((*resident, i), w) <= budget:
-            resident = (*resident, i)
-    if resident:
-        reasons.append(
-            f"{len(resident)} of {n} blocks stay resident between runs; {n - len(resident)} are streamed each run"
-        )
-    k = min(k, max(1, n - len(resident)))
-    return replace(
-        base,
-        loaders=k,
-        window=w,
-        resident=resident,
-        predicted_peak_bytes=cost.peak(resident, w),
-        reasons=tuple(reasons),
+        why[-1] += ": every block stays resident after its first load"
+    elif resident:
+        why.append(f"{len(resident)} of {n} blocks stay resident between runs (most load time saved per byte); "
+                   f"{n - len(resident)} are streamed every run")  # fmt: skip
+    else:
+        why.append(f"nothing fits beside the window: all {n} blocks are streamed every run")
+    tuned = (
+        "as asked"
+        if loaders
+        else f"fastest predicted of 1..{min(cores, MAX_LOADERS, n)} on {cores} core(s)"
     )
+    why.append(f"{k} loading agent(s): {tuned}")
+    why.append(
+        f"window {w}: " + ("as asked" if window else "fastest predicted that fits the budget")
+    )
+    if prepacked:
+        why.append(
+            f"{len(prepacked)} resident block(s) prepacked: their runs are faster and they load once"
+        )
+    if cost.source == "estimate":
+        why.append("costs estimated from file sizes: run `hermes-ort profile` for measured ones")
+    return tuple(why)
 
 
 def plan_strategy(
-    strategy: str,
-    cost: CostModel,
-    budget: int | None,
-    load_path: str = "default",
-    loaders: int | None = None,
-    window: int | None = None,
-) -> Plan:
+    strategy: str, cost: CostModel, budget: int | None, load_path: str = "default",
+    loaders: int | None = None, window: int | None = None,
+) -> Plan:  # fmt: skip
     """The plan of any strategy; the baselines are fixed mechanisms (DESIGN.md §1)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if load_path not in LOAD_PATHS:
         raise ValueError(f"unknown load_path '{load_path}' (choose from {', '.join(LOAD_PATHS)})")
-    n = len(cost.block_bytes)
+    n = cost.blocks
     stream = load_path == "stream"
     if strategy == "pipeload":
         return plan_pipeload(cost, budget, loaders=loaders, window=window)
-    if strategy in ("full", "full-mmap"):
-        return Plan(
-            strategy,
-            0,
-            1,
-            (),
-            prepack=strategy == "full",
-            readahead=False,
-            drop_cache=False,
-            budget_bytes=budget,
-            reasons=("one ONNX Runtime session of the whole model",),
-        )
-    if strategy == "pipeswitch":  # one loader, in order, overlapped with execution, everything kept
-        return Plan(
-            strategy,
-            loaders or 1,
-            window or n,
-            tuple(range(n)),
-            prepack=not stream,
-            readahead=stream,
-            drop_cache=False,
-            budget_bytes=budget,
-            predicted_peak_bytes=cost.peak(tuple(range(n)), 1),
-            reasons=("blocks loaded in order by one loader and all kept resident (PipeSwitch)",),
-        )
-    # ondemand: load a block, run it, free it; window 2 = one block of prefetch (AirLLM)
-    w = window or 1
-    return Plan(
-        strategy,
-        loaders or 1,
-        w,
-        (),
+    common = dict(
         prepack=not stream,
         readahead=stream,
         drop_cache=False,
         budget_bytes=budget,
-        predicted_peak_bytes=cost.peak((), w),
-        reasons=(f"load, run, free each block; {w - 1} block(s) of prefetch (AirLLM)",),
+        cost_source=cost.source,
     )
+    if strategy in ("full", "full-mmap"):
+        return Plan(strategy, 0, 1, (), **{**common, "prepack": strategy == "full", "readahead": False},
+                    reasons=("one ONNX Runtime session of the whole model",))  # fmt: skip
+    if strategy == "pipeswitch":  # one loader, in order, overlapped with execution, everything kept
+        everything = tuple(range(n))
+        return Plan(strategy, loaders or 1, window or n, everything, **common,
+                    predicted_peak_bytes=cost.peak(everything, 1),
+                    reasons=("blocks loaded in order by one loader and all kept resident (PipeSwitch)",))  # fmt: skip
+    w = (
+        window or 1
+    )  # ondemand: load a block, run it, free it; window 2 = one block of prefetch (AirLLM)
+    return Plan(strategy, loaders or 1, w, (), **common, predicted_peak_bytes=cost.peak((), w),
+                reasons=(f"load, run, free each block; {w - 1} block(s) of prefetch (AirLLM)",))  # fmt: skip

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
-from hermes_ort.errors import LoadError
+from hermes_ort.errors import LoadError, RunFailed
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -58,6 +59,14 @@ ORT_DEFAULT = SessionSettings(prepack=True, optimization="all")
 STREAMING = SessionSettings(prepack=False, optimization="disable")
 
 
+_created_any = False
+
+
+def session_created_in_process() -> bool:
+    """Whether this process has opened a session yet (the first one costs ORT's warm-up memory)."""
+    return _created_any
+
+
 def create_session(
     path: str | Path, settings: SessionSettings, what: str = ""
 ) -> ort.InferenceSession:
@@ -66,6 +75,8 @@ def create_session(
     label = f"{what} " if what else ""
     if not path.is_file():
         raise LoadError(f"cannot load {label}'{path}': file not found")
+    global _created_any
+    _created_any = True
     try:
         return ort.InferenceSession(
             str(path), settings.options(), providers=["CPUExecutionProvider"]
@@ -73,3 +84,13 @@ def create_session(
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoadError(f"cannot load {label}'{path}': {first_line}") from e
+
+
+def run_session(
+    session, names: list[str], feeds: dict[str, np.ndarray], what: str
+) -> list[np.ndarray]:
+    try:
+        return session.run(names, feeds)
+    except Exception as e:  # ORT's own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFailed(f"{what} failed to run: {first}") from e

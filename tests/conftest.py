@@ -7,7 +7,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from toy_model import write_toy_model
 
 

@@ -6,11 +6,12 @@ import re
 
 import numpy as np
 import pytest
+from toy_model import write_toy_model
 
 import hermes_ort
+from hermes_ort.costmodel import CostModel
 from hermes_ort.memory import rss_bytes
-from hermes_ort.planner import CostModel, check_budget, plan_pipeload
-from toy_model import write_toy_model
+from hermes_ort.planner import check_budget, plan_pipeload
 
 MB = 1 << 20
 
@@ -18,7 +19,9 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def wide_toy(tmp_path_factory):
     # 8 layers of 1024x1024 fp32 = 4 MiB each: large enough to see in RSS
-    return write_toy_model(tmp_path_factory.mktemp("wide") / "model", layers=8, hidden=1024, vocab=64)
+    return write_toy_model(
+        tmp_path_factory.mktemp("wide") / "model", layers=8, hidden=1024, vocab=64
+    )
 
 
 def test_too_small_budget_names_block_and_minimum(toy_dir):
@@ -43,7 +46,10 @@ def test_plan_grows_with_budget_and_keeps_all_when_it_fits(wide_toy):
     manifest = hermes_ort.load_manifest(wide_toy)
     cost = CostModel.estimate(manifest, baseline_bytes=100 * MB)
     minimum = cost.min_budget()
-    plans = [plan_pipeload(cost, minimum + extra, cores=2) for extra in (0, 5 * MB, 10 * MB, 20 * MB, 1000 * MB)]
+    plans = [
+        plan_pipeload(cost, minimum + extra, cores=2)
+        for extra in (0, 5 * MB, 10 * MB, 20 * MB, 1000 * MB)
+    ]
     for plan in plans:
         assert plan.predicted_peak_bytes <= plan.budget_bytes
     live = [p.window + len(p.resident) for p in plans]
@@ -60,7 +66,9 @@ def test_streaming_gives_memory_back(wide_toy):
         expected = model.run(feeds)["logits"]
     with hermes_ort.load(wide_toy, window=2, loaders=1) as model:
         before = rss_bytes()
-        np.testing.assert_allclose(model.run(feeds)["logits"], expected, atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            model.run(feeds)["logits"], expected, atol=1e-5 * np.abs(expected).max()
+        )
         s = model.stats
         after = rss_bytes()
     # at most ~2 live layers (plus the embedding block) at once, never the whole model

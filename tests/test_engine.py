@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from toy_model import reference_logits
 
 import hermes_ort
-from toy_model import reference_logits
 
 STRATEGIES = hermes_ort.STRATEGIES
 TOL = 1e-5
@@ -40,7 +40,11 @@ def test_every_strategy_equals_full(toy_dir, full_logits, strategy, load_path, n
 def test_window_bounds_live_sessions(toy_dir, full_logits, loaders, window):
     feeds, expected = full_logits
     with hermes_ort.load(toy_dir, loaders=loaders, window=window) as model:
-        assert (model.plan.loaders, model.plan.window, model.plan.resident) == (min(loaders, 6), window, ())
+        assert (model.plan.loaders, model.plan.window, model.plan.resident) == (
+            min(loaders, 6),
+            window,
+            (),
+        )
         np.testing.assert_allclose(model.run(feeds)["logits"], expected, atol=TOL)
         assert 1 <= model.stats.max_live_sessions <= window
         assert [b.name for b in model.stats.blocks] == [b.name for b in model.manifest.blocks]
@@ -63,7 +67,9 @@ def test_masked_positions_change_output(toy_dir, full_logits):
     unmasked = dict(feeds, attention_mask=np.ones_like(feeds["attention_mask"]))
     with hermes_ort.load(toy_dir, window=2) as model:
         logits = model.run(unmasked)["logits"]
-    assert np.abs(logits[1, 7:] - expected[1, 7:]).max() > 1e-3  # the mask really reached the layers
+    assert (
+        np.abs(logits[1, 7:] - expected[1, 7:]).max() > 1e-3
+    )  # the mask really reached the layers
     np.testing.assert_allclose(logits[0], expected[0], atol=TOL)
 
 
@@ -90,7 +96,9 @@ def test_stats_are_consistent(toy_dir, full_logits):
     assert s.peak_rss_bytes >= s.rss_before_bytes > 0
     assert all(b.create_s > 0 and b.run_s > 0 for b in s.blocks)
     record = s.to_json()
-    assert record["blocks"][0]["name"] == "prologue" and record["compute_s"] == pytest.approx(s.compute_s)
+    assert record["blocks"][0]["name"] == "prologue" and record["compute_s"] == pytest.approx(
+        s.compute_s
+    )
 
 
 def test_closed_model_refuses_to_run(toy_dir, full_logits):

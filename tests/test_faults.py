@@ -18,7 +18,9 @@ from hermes_ort import loader as loader_module
 def test_block_file_removed_mid_run(toy_copy, strategy, no_thread_leak):
     victim = toy_copy / "blocks" / "layer_02.data"
     hidden = victim.with_suffix(".moved")
-    with hermes_ort.load(toy_copy, strategy=strategy, window=2 if strategy == "pipeload" else None) as model:
+    with hermes_ort.load(
+        toy_copy, strategy=strategy, window=2 if strategy == "pipeload" else None
+    ) as model:
         feeds = model.sample_inputs()
         expected = model.run(feeds)["logits"]
         if strategy == "pipeswitch":  # everything resident: a second run reads no file
@@ -57,14 +59,20 @@ def test_damaged_block_is_named(toy_copy):
     data = bytearray(path.read_bytes())
     data[10:60] = b"\xff" * 50  # same size, garbage inside: only ORT can tell
     path.write_bytes(bytes(data))
-    with hermes_ort.load(toy_copy, window=2) as model, pytest.raises(hermes_ort.LoadError, match="layer_01.onnx"):
+    with (
+        hermes_ort.load(toy_copy, window=2) as model,
+        pytest.raises(hermes_ort.LoadError, match="layer_01.onnx"),
+    ):
         model.run(model.sample_inputs())
 
 
 def test_truncated_block_is_named(toy_copy):
     path = toy_copy / "blocks" / "epilogue.data"
     path.write_bytes(path.read_bytes()[:-100])
-    with hermes_ort.load(toy_copy) as model, pytest.raises(hermes_ort.IntegrityError, match="epilogue.data.*bytes"):
+    with (
+        hermes_ort.load(toy_copy) as model,
+        pytest.raises(hermes_ort.IntegrityError, match="epilogue.data.*bytes"),
+    ):
         model.run(model.sample_inputs())
 
 

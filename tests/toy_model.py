@@ -48,11 +48,15 @@ def _vi(name, dtype, shape):
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
-def write_toy_model(out: Path, layers: int = 4, hidden: int = 32, vocab: int = 50, seed: int = 0) -> Path:
+def write_toy_model(
+    out: Path, layers: int = 4, hidden: int = 32, vocab: int = 50, seed: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     f32 = TensorProto.FLOAT
     emb = numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "emb")
-    w_out = numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32) * 0.2, "w_out")
+    w_out = numpy_helper.from_array(
+        rng.standard_normal((hidden, vocab)).astype(np.float32) * 0.2, "w_out"
+    )
     weights = [
         (numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), f"w{i}"),
          numpy_helper.from_array((rng.standard_normal(hidden) * 0.1).astype(np.float32), f"b{i}"))
@@ -80,7 +84,9 @@ def write_toy_model(out: Path, layers: int = 4, hidden: int = 32, vocab: int = 5
             helper.make_node("Mul", [f"act{i}", "mask"], [f"masked{i}"]),
             helper.make_node("Add", [h_in, f"masked{i}"], [h_out]),
         ]
-        model = _model(nodes, [_vi(h_in, f32, bsh), _vi("mask", f32, bs1)], [_vi(h_out, f32, bsh)], [w, b])
+        model = _model(
+            nodes, [_vi(h_in, f32, bsh), _vi("mask", f32, bs1)], [_vi(h_out, f32, bsh)], [w, b]
+        )
         blocks.append((f"layer_{i:02d}", "layers", [i], model, [h_in, "mask"], [h_out]))
         all_nodes += nodes
         all_inits += [w, b]
@@ -117,7 +123,10 @@ def write_toy_model(out: Path, layers: int = 4, hidden: int = 32, vocab: int = 5
 def reference_logits(model_dir: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """The toy model computed in numpy from its own weight files (independent of the runtime)."""
     full = onnx.load(str(model_dir / "full/model.onnx"))
-    w = {t.name: numpy_helper.to_array(t, base_dir=str(model_dir / "full")) for t in full.graph.initializer}
+    w = {
+        t.name: numpy_helper.to_array(t, base_dir=str(model_dir / "full"))
+        for t in full.graph.initializer
+    }
     h = w["emb"][feeds["input_ids"]]
     mask = feeds["attention_mask"].astype(np.float32)[..., None]
     i = 0

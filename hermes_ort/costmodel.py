@@ -1,0 +1,138 @@
+"""The cost model: what a plan will cost in memory and time, from a profile or from file sizes.
+
+Memory of a pass (the engine guarantees the shape of it: the daemon lags one block at most):
+
+    peak = baseline + sum(resident blocks) + activations
+           + max over streamed block i of [live(i) + live(previous streamed) + open(next w-2 streamed)]
+
+`live` is a session's resident bytes once it has run (its touched weight pages plus its own
+structures); `open` is a session opened ahead but not yet run (weights mmapped, not yet touched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hermes_ort.manifest import Manifest, last_consumers
+from hermes_ort.profiler import Profile
+from hermes_ort.sessions import session_created_in_process
+from hermes_ort.timeline import BlockTimes, simulate
+
+SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
+ACTIVATION_RESERVE_BYTES = 16 << 20  # intermediates and ORT's arena when nothing is measured
+ESTIMATE_WARMUP_BYTES = 12 << 20  # ONNX Runtime's code and buffers, faulted in by the first session
+ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
+ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
+
+
+@dataclass(frozen=True)
+class CostModel:
+    baseline_bytes: int  # resident set of the process before any block is opened
+    live_bytes: tuple[int, ...]  # per block, streamed (prepacking off), after it has run
+    open_bytes: tuple[int, ...]  # per block, opened ahead, not yet run
+    resident_bytes: tuple[int, ...]  # per block, when kept between runs (with `resident_prepack`)
+    resident_prepack: tuple[bool, ...]  # prepack a block when it stays resident (faster runs)
+    activation_bytes: int  # intermediates + tensors in flight, worst block
+    stream_times: tuple[BlockTimes, ...]  # prepacking off, read-ahead from storage
+    resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
+    source: str = "estimate"
+
+    @property
+    def blocks(self) -> int:
+        return len(self.live_bytes)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(self.resident_bytes)
+
+    def min_budget(self) -> int:
+        """Smallest budget that can run at all: one streamed block at a time, nothing kept."""
+        return self.peak((), 1)
+
+    def peak(self, resident: tuple[int, ...], window: int) -> int:
+        keep = set(resident)
+        streamed = [i for i in range(self.blocks) if i not in keep]
+        worst = 0
+        for pos, i in enumerate(streamed):
+            cost = self.live_bytes[i]
+            if window >= 2 and pos > 0:
+                cost += self.live_bytes[streamed[pos - 1]]
+            cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + max(0, window - 1)])
+            worst = max(worst, cost)
+        kept = sum(self.resident_bytes[i] for i in keep)
+        return self.baseline_bytes + kept + worst + self.activation_bytes
+
+    def latency(
+        self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool
+    ) -> float:
+        keep = frozenset(resident)
+        times = [
+            self.resident_times[i] if i in keep else self.stream_times[i]
+            for i in range(self.blocks)
+        ]
+        return simulate(times, loaders, window, keep, first_pass)
+
+    @classmethod
+    def estimate(cls, manifest: Manifest, baseline_bytes: int, output_bytes: int = 0) -> CostModel:
+        """Upper bounds from file sizes (every weight page may become resident); rough times."""
+        sizes = [b.bytes for b in manifest.blocks]
+        if not session_created_in_process():
+            baseline_bytes += ESTIMATE_WARMUP_BYTES
+        live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
+        times = tuple(
+            BlockTimes(s / ESTIMATE_BANDWIDTH + 0.003, s / ESTIMATE_COMPUTE, s / ESTIMATE_COMPUTE)
+            for s in sizes
+        )
+        return cls(
+            baseline_bytes=baseline_bytes, live_bytes=live, open_bytes=(SESSION_OVERHEAD_BYTES,) * len(sizes),
+            resident_bytes=live, resident_prepack=(False,) * len(sizes),
+            activation_bytes=2 * output_bytes + ACTIVATION_RESERVE_BYTES,
+            stream_times=times, resident_times=times, source="estimate",
+        )  # fmt: skip
+
+    @classmethod
+    def from_profile(
+        cls, manifest: Manifest, profile: Profile, baseline_bytes: int, cold: bool
+    ) -> CostModel:
+        """Measured costs. `cold`: streamed blocks are re-read from storage every pass."""
+        blocks = profile.blocks
+        prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
+        stream = tuple(
+            BlockTimes(
+                (b.readahead_cold_s if cold else b.readahead_warm_s) + b.create_s,
+                b.first_run_s,
+                b.run_s,
+            )
+            for b in blocks
+        )
+        resident = tuple(
+            BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s)
+            if p else BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s)
+            for b, p in zip(blocks, prepack, strict=True)
+        )  # fmt: skip
+        if not session_created_in_process():
+            baseline_bytes += profile.warmup_bytes
+        return cls(
+            baseline_bytes=baseline_bytes,
+            live_bytes=tuple(b.live_bytes for b in blocks),
+            open_bytes=tuple(b.open_bytes for b in blocks),
+            resident_bytes=tuple(
+                b.live_prepack_bytes if p else b.live_bytes for b, p in zip(blocks, prepack, strict=True)
+            ),
+            resident_prepack=prepack,
+            activation_bytes=activation_peak(manifest, profile),
+            stream_times=stream, resident_times=resident, source="profile",
+        )  # fmt: skip
+
+
+def activation_peak(manifest: Manifest, profile: Profile) -> int:
+    """Worst block: its transient bytes plus every tensor still in flight while it runs."""
+    last = last_consumers(manifest)
+    worst = 0
+    for i, block in enumerate(profile.blocks):
+        in_flight = sum(
+            p.output_bytes
+            for j, p in enumerate(profile.blocks[: i + 1])
+            if any(last.get(t, -1) >= i for t in manifest.blocks[j].outputs)
+        )
+        worst = max(worst, block.transient_bytes + in_flight)
+    return worst

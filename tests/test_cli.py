@@ -1,0 +1,61 @@
+"""The `hermes-ort` command line, run in a subprocess like a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+
+def hermes(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hermes_ort", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_run_prints_summary(toy_dir):
+    r = hermes("run", str(toy_dir), "--budget", "1GB", "--repeat", "2")
+    assert r.returncode == 0, r.stderr
+    assert "output logits: shape (1, 16, 50)" in r.stdout
+    assert "pass 2: latency" in r.stdout and "peak RSS" in r.stdout
+
+
+def test_run_json_and_saved_outputs_match_full(toy_dir, tmp_path):
+    outs = {}
+    for strategy in ("full", "pipeload"):
+        path = tmp_path / f"{strategy}.npz"
+        r = hermes(
+            "run", str(toy_dir), "--strategy", strategy, "--json", "--save-outputs", str(path)
+        )
+        assert r.returncode == 0, r.stderr
+        record = json.loads(r.stdout)
+        assert record["strategy"] == strategy and record["runs"][0]["latency_s"] > 0
+        outs[strategy] = np.load(path)["logits"]
+    np.testing.assert_allclose(outs["pipeload"], outs["full"], atol=1e-5)
+
+
+def test_run_with_input_file(toy_dir, tmp_path):
+    path = tmp_path / "in.npz"
+    np.savez(path, input_ids=np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1, 1]]))
+    r = hermes("run", str(toy_dir), "--input", str(path))
+    assert r.returncode == 0, r.stderr
+    assert "shape (1, 3, 50)" in r.stdout
+
+
+def test_errors_are_one_line(toy_dir, tmp_path):
+    r = hermes("run", str(toy_dir), "--budget", "1MB")
+    assert (
+        r.returncode == 1 and "smallest workable budget" in r.stderr and "Traceback" not in r.stderr
+    )
+    r = hermes("run", str(tmp_path / "missing"))
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = hermes("run", str(toy_dir), "--budget", "lots")
+    assert r.returncode == 2 and "not a byte size" in r.stderr
+
+
+def test_info_verifies_hashes(toy_dir):
+    r = hermes("info", str(toy_dir), "--verify")
+    assert r.returncode == 0, r.stderr
+    assert "6 blocks" in r.stdout and "sha256 match" in r.stdout
