@@ -46,30 +46,34 @@ class CostModel:
 
     def min_budget(self) -> int:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept."""
-        return self.peak((), 1)
+        return self.peak((), 1, 0)
 
-    def peak(self, resident: tuple[int, ...], window: int) -> int:
+    def peak(self, resident: tuple[int, ...], window: int, lag: int = 1) -> int:
+        """Predicted peak RSS. While streamed block i runs, the window's other slots hold the
+        previous block (if the daemon may lag) and blocks opened ahead."""
         keep = set(resident)
         streamed = [i for i in range(self.blocks) if i not in keep]
         worst = 0
         for pos, i in enumerate(streamed):
             cost = self.live_bytes[i]
-            if window >= 2 and pos > 0:
+            ahead = window - 1
+            if lag and window >= 2 and pos > 0:
                 cost += self.live_bytes[streamed[pos - 1]]
-            cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + max(0, window - 1)])
+                ahead -= 1
+            cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
         kept = sum(self.resident_bytes[i] for i in keep)
         return self.baseline_bytes + kept + worst + self.activation_bytes
 
     def latency(
-        self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool
+        self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool, lag: int = 1
     ) -> float:
         keep = frozenset(resident)
         times = [
             self.resident_times[i] if i in keep else self.stream_times[i]
             for i in range(self.blocks)
         ]
-        return simulate(times, loaders, window, keep, first_pass)
+        return simulate(times, loaders, window, keep, first_pass, lag)
 
     @classmethod
     def estimate(cls, manifest: Manifest, baseline_bytes: int, output_bytes: int = 0) -> CostModel:

@@ -144,7 +144,7 @@ class BlockEngine:
                     t_wait = time.perf_counter()
                     kept = i in self.resident
                     block = self.resident[i] if kept else slots.take(i).result()
-                    slots.wait_daemon_lag(1)
+                    slots.wait_daemon_lag(self.plan.lag)
                     wait_s = time.perf_counter() - t_wait
                     t_run = time.perf_counter()
                     names = list(spec.outputs)

@@ -3,7 +3,6 @@ size it says, and (checked once, then cached by size and mtime) has the sha256 i
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def check_size(model_dir: Path, spec: FileSpec) -> Path:
 
 
 def sha256_file(path: str | Path) -> str:
+    import hashlib  # lazily: it loads OpenSSL, ~3.5 MB of resident memory
+
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_HASH_CHUNK):

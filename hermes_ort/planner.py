@@ -18,7 +18,7 @@ STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
 LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
 MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
 MAX_WINDOW = 8
-PREPACKED_STREAMING = SessionSettings(prepack=True, optimization="disable")
+PREPACKED_STREAMING = SessionSettings(prepack=True, optimization="disable", shared_arena=False)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Plan:
     readahead: bool  # loaders read a block's files before opening it
     drop_cache: bool  # the daemon drops streamed blocks' file pages after use
     budget_bytes: int | None = None
+    lag: int = 1  # executed streamed blocks the daemon may still be destroying while the next runs
     prepack_resident: tuple[int, ...] = ()  # resident blocks opened with prepacking (pipeload)
     predicted_peak_bytes: int | None = None
     predicted_latency_s: float | None = None  # a repeated pass
@@ -84,12 +85,10 @@ def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ..
         )
 
 
-def _fill_resident(
-    cost: CostModel, budget: int | None, loaders: int, window: int
-) -> tuple[int, ...]:
+def _fill_resident(cost: CostModel, budget: int | None, window: int, lag: int) -> tuple[int, ...]:
     """Blocks to keep, most time saved per byte first, while the peak stays within the budget."""
     everything = tuple(range(cost.blocks))
-    if budget is None or cost.peak(everything, window) <= budget:
+    if budget is None or cost.peak(everything, window, lag) <= budget:
         return everything
 
     def saved_per_byte(i: int) -> float:
@@ -99,7 +98,7 @@ def _fill_resident(
     resident: tuple[int, ...] = ()
     for i in sorted(everything, key=saved_per_byte, reverse=True):
         candidate = tuple(sorted((*resident, i)))
-        if cost.peak(candidate, window) <= budget:
+        if cost.peak(candidate, window, lag) <= budget:
             resident = candidate
     return resident
 
@@ -119,32 +118,37 @@ def plan_pipeload(
     best = None
     for k in k_options:
         for w in w_options:
-            if budget is not None and cost.peak((), w) > budget:
-                continue
-            resident = (
-                _fill_resident(cost, budget, k, w) if window is None or budget is not None else ()
-            )
-            steady = cost.latency(k, w, resident, first_pass=False)
-            first = cost.latency(k, w, resident, first_pass=True)
-            key = (round(steady, 4), round(first, 4), cost.peak(resident, w), k, w)
-            if best is None or key < best[0]:
-                best = (key, k, w, resident, steady, first)
+            for lag in (1, 0):
+                if budget is not None and cost.peak((), w, lag) > budget:
+                    continue
+                resident = (
+                    _fill_resident(cost, budget, w, lag)
+                    if window is None or budget is not None
+                    else ()
+                )
+                steady = cost.latency(k, w, resident, first_pass=False, lag=lag)
+                first = cost.latency(k, w, resident, first_pass=True, lag=lag)
+                key = (round(steady, 3), round(first, 3), cost.peak(resident, w, lag), k, w, -lag)
+                if best is None or key < best[0]:
+                    best = (key, k, w, lag, resident, steady, first)
     if best is None:
         w = window or 1
         raise BudgetError(
-            f"window {w} needs {format_bytes(cost.peak((), w))}, over the budget {format_bytes(budget)}"
+            f"window {w} needs {format_bytes(cost.peak((), w, 0))}, over the budget {format_bytes(budget)}"
         )
-    _, k, w, resident, steady, first = best
+    _, k, w, lag, resident, steady, first = best
     prepacked = tuple(i for i in resident if cost.resident_prepack[i])
     return Plan(
         "pipeload", k, w, resident, prepack=False, readahead=True, drop_cache=budget is not None,
-        budget_bytes=budget, prepack_resident=prepacked, predicted_peak_bytes=cost.peak(resident, w),
+        budget_bytes=budget, lag=lag, prepack_resident=prepacked, predicted_peak_bytes=cost.peak(resident, w, lag),
         predicted_latency_s=steady, predicted_first_latency_s=first, cost_source=cost.source,
-        reasons=_reasons(cost, budget, cores, k, w, resident, prepacked, loaders, window),
+        reasons=_reasons(cost, budget, cores, k, w, lag, resident, prepacked, loaders, window),
     )  # fmt: skip
 
 
-def _reasons(cost, budget, cores, k, w, resident, prepacked, loaders, window) -> tuple[str, ...]:
+def _reasons(
+    cost, budget, cores, k, w, lag, resident, prepacked, loaders, window
+) -> tuple[str, ...]:
     n = cost.blocks
     why = []
     if len(resident) == n:
@@ -168,6 +172,10 @@ def _reasons(cost, budget, cores, k, w, resident, prepacked, loaders, window) ->
     why.append(
         f"window {w}: " + ("as asked" if window else "fastest predicted that fits the budget")
     )
+    if lag == 0 and len(resident) < n:
+        why.append(
+            "each streamed block is destroyed before the next runs: one executed block in memory, never two"
+        )
     if prepacked:
         why.append(
             f"{len(prepacked)} resident block(s) prepacked: their runs are faster and they load once"

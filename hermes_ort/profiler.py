@@ -9,7 +9,6 @@ reused until one of them changes."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -46,7 +45,7 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 1
+PROFILE_SCHEMA = 2  # 2: streamed blocks share one arena
 STEADY_RUNS = 3
 
 
@@ -108,6 +107,8 @@ def _cpu_name() -> str:
 
 def fingerprint(model_dir: Path) -> dict[str, Any]:
     """What a profile depends on: this machine, this ONNX Runtime, this exported model."""
+    import hashlib  # lazily: it loads OpenSSL, ~3.5 MB of resident memory
+
     manifest_hash = hashlib.sha256((Path(model_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
     return {
         "machine": platform.machine(),

@@ -26,14 +26,17 @@ def simulate(
     window: int,
     resident: frozenset[int],
     first_pass: bool,
+    lag: int = 1,
 ) -> float:
-    """Latency of one pass. On the first pass every block loads (resident ones too)."""
+    """Latency of one pass. On the first pass every block loads (resident ones too). With lag 0
+    a block runs only once the previous streamed block has been destroyed."""
     n = len(blocks)
     loads = [i for i in range(n) if first_pass or i not in resident]
     agents = [0.0] * max(1, loaders)
     load_done: dict[int, float] = {}
     release: list[float] = []  # per load, in order: when its slot came back
     exec_end = 0.0
+    destroyed = 0.0  # when the last streamed block's destruction ends
     next_load = 0
 
     def schedule_loads() -> None:
@@ -52,9 +55,11 @@ def simulate(
     for i in range(n):
         schedule_loads()
         if i in load_done:
-            start = max(exec_end, load_done[i])
+            start = max(exec_end, load_done[i], destroyed if lag == 0 else 0.0)
             exec_end = start + blocks[i].first_run_s
             release.append(exec_end + (0.0 if i in resident else DESTROY_S))
+            if i not in resident:
+                destroyed = exec_end + DESTROY_S
         else:
             exec_end += blocks[i].steady_run_s
     return exec_end

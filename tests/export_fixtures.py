@@ -1,0 +1,115 @@
+"""Helpers for the exporter tests: tiny models rebuilt independently of the exporter, sample inputs,
+and a plain onnxruntime chain over a manifest's blocks (no hermes_ort runtime involved)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "models" / "presets"
+SEQ_LEN = 16  # the exports' verification length; the tests run other shapes on purpose
+
+
+def export_cli(out: Path, *args: str) -> int:
+    from export import cli
+
+    return cli.main([*args, "--out", str(out), "--seq-len", str(SEQ_LEN), "--quiet"])
+
+
+def preset_model(name: str, seed: int = 0):
+    """The documented preset recipe: default init under torch.manual_seed(seed), then N(0, 0.02)
+    added to every parameter."""
+    import torch
+    import transformers
+
+    data = json.loads((PRESETS_DIR / f"{name}.json").read_text())
+    config = getattr(transformers, data["config_class"])(**data["config"])
+    torch.manual_seed(seed)
+    model = getattr(transformers, data["model_class"])(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def save_tiny_gpt2(path: Path, n_layer: int = 4):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def sample_inputs(
+    names, config, batch: int = 2, seq: int = 11, seed: int = 1
+) -> dict[str, np.ndarray]:
+    """Inputs of another shape than the export's, with padding in the attention mask."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for name in names:
+        if name == "input_ids":
+            feed[name] = rng.integers(0, config.vocab_size, (batch, seq), dtype=np.int64)
+        elif name == "attention_mask":
+            mask = np.ones((batch, seq), np.int64)
+            mask[-1, -3:] = 0  # right padding in the last row
+            feed[name] = mask
+        elif name == "token_type_ids":
+            feed[name] = rng.integers(0, 2, (batch, seq), dtype=np.int64)
+        elif name == "position_ids":
+            feed[name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif name == "pixel_values":
+            size = config.image_size
+            feed[name] = rng.standard_normal((batch, config.num_channels, size, size)).astype(
+                np.float32
+            )
+        else:
+            raise AssertionError(f"unexpected input {name}")
+    return feed
+
+
+def torch_run(model, feed: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    return {n: out[n].numpy() for n in names}
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def chain_blocks(model_dir: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run manifest.json's blocks in order with plain onnxruntime, routing tensors by name."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    env = dict(feed)
+    for block in manifest["blocks"]:
+        session = ort_session(model_dir / block["path"])
+        assert [i.name for i in session.get_inputs()] == block["inputs"]
+        assert [o.name for o in session.get_outputs()] == block["outputs"]
+        values = session.run(block["outputs"], {n: env[n] for n in block["inputs"]})
+        env.update(zip(block["outputs"], values, strict=True))
+    return {o["name"]: env[o["name"]] for o in manifest["outputs"]}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Names in `parent` an export may leave behind by mistake (temp or swapped-out directories)."""
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
