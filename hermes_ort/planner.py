@@ -118,7 +118,7 @@ def plan_pipeload(
     best = None
     for k in k_options:
         for w in w_options:
-            for lag in (1, 0):
+            for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
                 if budget is not None and cost.peak((), w, lag) > budget:
                     continue
                 resident = (

@@ -1,0 +1,100 @@
+"""The planner: respects the budget in its own prediction, uses more memory for speed as the budget
+grows, keeps everything when the model fits, and refuses what cannot run."""
+
+from __future__ import annotations
+
+import pytest
+
+import hermes_ort
+from hermes_ort.costmodel import CostModel
+from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
+from hermes_ort.timeline import BlockTimes, simulate
+
+MB = 1 << 20
+
+
+def synthetic(
+    blocks: int = 14, load_s: float = 0.02, run_s: float = 0.011, live: int = 28 * MB
+) -> CostModel:
+    """A BERT-base-like model: loading takes longer than running, every layer the same size."""
+    times = (BlockTimes(load_s, run_s * 1.1, run_s),) * blocks
+    return CostModel(
+        baseline_bytes=80 * MB, live_bytes=(live,) * blocks, open_bytes=(100_000,) * blocks,
+        resident_bytes=(live,) * blocks, resident_prepack=(False,) * blocks, activation_bytes=8 * MB,
+        stream_times=times, resident_times=(BlockTimes(load_s, run_s, run_s),) * blocks, source="test",
+    )  # fmt: skip
+
+
+def test_plan_respects_budget_and_grows_with_it():
+    cost = synthetic()
+    budgets = [cost.min_budget() + extra * MB for extra in (0, 1, 30, 60, 120, 250, 600)]
+    plans = [plan_pipeload(cost, b, cores=2) for b in budgets]
+    for budget, plan in zip(budgets, plans, strict=True):
+        assert plan.predicted_peak_bytes <= budget
+        assert plan.predicted_peak_bytes == cost.peak(plan.resident, plan.window, plan.lag)
+    memory = [p.predicted_peak_bytes for p in plans]
+    latency = [p.predicted_latency_s for p in plans]
+    assert memory == sorted(memory) and memory[-1] > memory[0]
+    assert latency == sorted(latency, reverse=True) and latency[-1] < latency[0]
+    assert plans[-1].resident == tuple(range(14))  # the whole model fits: keep it all
+    assert (
+        plans[0].resident == () and plans[0].lag == 0
+    )  # the tightest budget evicts before running
+
+
+def test_window_grows_when_loading_is_the_bottleneck():
+    cost = synthetic(load_s=0.05)
+    small = plan_pipeload(cost, cost.peak((), 1, 0), cores=2)
+    roomy = plan_pipeload(cost, cost.peak((), 6, 1), cores=2)
+    assert small.window <= roomy.window and roomy.loaders == 2
+
+
+def test_no_budget_keeps_everything():
+    plan = plan_pipeload(synthetic(), None, cores=2)
+    assert plan.resident == tuple(range(14)) and not plan.drop_cache
+
+
+def test_infeasible_budget_names_the_smallest():
+    cost = synthetic()
+    names = tuple(f"b{i}" for i in range(14))
+    with pytest.raises(
+        hermes_ort.BudgetError,
+        match=rf"smallest workable budget is .* \({cost.min_budget()} bytes\)",
+    ):
+        check_budget(cost, cost.min_budget() - 1, names)
+    check_budget(cost, cost.min_budget(), names)
+
+
+def test_overrides_are_obeyed():
+    cost = synthetic()
+    plan = plan_pipeload(cost, cost.peak((), 3, 1) + 5 * MB, cores=2, loaders=1, window=3)
+    assert (plan.loaders, plan.window) == (1, 3)
+    with pytest.raises(hermes_ort.BudgetError, match="window 8 needs"):
+        plan_pipeload(cost, cost.min_budget(), cores=2, window=8)
+
+
+def test_baselines_are_fixed_mechanisms():
+    cost = synthetic()
+    assert plan_strategy("pipeswitch", cost, None).resident == tuple(range(14))
+    ondemand = plan_strategy("ondemand", cost, None)
+    assert (ondemand.loaders, ondemand.window, ondemand.resident, ondemand.prepack) == (
+        1,
+        1,
+        (),
+        True,
+    )
+    assert plan_strategy("ondemand", cost, None, load_path="stream").prepack is False
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        plan_strategy("fast", cost, None)
+
+
+def test_timeline_basics():
+    blocks = [BlockTimes(0.05, 0.011, 0.01)] * 10
+    serial = simulate(blocks, 1, 1, frozenset(), True)
+    assert serial == pytest.approx(
+        10 * (0.05 + 0.011) + 9 * 0.0005, rel=1e-6
+    )  # load, run, free, ...
+    overlapped = simulate(blocks, 2, 3, frozenset(), True)
+    assert 10 * 0.05 / 2 <= overlapped < serial
+    everything = frozenset(range(10))
+    assert simulate(blocks, 2, 3, everything, False) == pytest.approx(10 * 0.01)
