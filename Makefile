@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: setup demo test test-slow lint format bench bench-smoke clean
 
 setup: $(STAMP)
 
@@ -33,5 +33,19 @@ format: setup
 	$(PY) -m ruff format hermes_ort export tests
 	$(PY) -m ruff check --fix hermes_ort export tests
 
+# The full benchmark matrix (hours); results in bench/results/. `make bench-smoke` is what CI runs.
+bench: setup
+	$(PY) -m hermes_ort.bench --matrix full
+
+bench-smoke: setup
+	$(PY) -m hermes_ort.bench --matrix smoke --out bench/results/ci --fail-on-error
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Prove it on ARM: build an emulated Raspberry Pi 4 (arm64 Debian 12, Python 3.11, qemu-user as a
+# Cortex-A72; needs root, cached in ~/.cache/hermes-ort-arm) and run the torch-free tests there on
+# models exported here. ARM_TESTS=smoke runs only tests/arm. See arm/run_tests.sh.
+.PHONY: test-arm
+test-arm: setup
+	HOST_PY=$(PY) arm/run_tests.sh $(ARM_TESTS)

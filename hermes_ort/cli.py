@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_export, _add_run, _add_profile, _add_plan, _add_info):
         add(sub)
+    from hermes_ort.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

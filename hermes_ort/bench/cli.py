@@ -1,0 +1,144 @@
+"""`hermes-ort bench`: run a matrix of models x strategies x budgets x device profiles, each
+configuration in fresh processes, and write JSON, a Markdown table and PNG plots.
+
+    hermes-ort bench --matrix smoke                   # CI: tiny presets, a couple of minutes
+    hermes-ort bench --matrix full                    # everything, into bench/results/
+    hermes-ort bench --models bert-base --strategies full,pipeswitch,pipeload \\
+        --budgets min,300MB --profiles warm,sd:1c:512MB --repeats 5
+    hermes-ort bench --render bench/results/RUN/bench.json   # tables and plots again
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hermes_ort.bench.matrix import MATRICES, STORAGE, build_matrix, expand
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [v.strip() for chunk in values for v in chunk.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matrix", default="smoke", choices=tuple(MATRICES), help="named matrix (default smoke)")  # fmt: skip
+    p.add_argument("--models", action="append", metavar="LIST", help="presets or exported model directories, comma-separated")  # fmt: skip
+    p.add_argument("--strategies", action="append", metavar="LIST", help="e.g. full,pipeswitch,pipeswitch+stream,pipeload")  # fmt: skip
+    p.add_argument("--budgets", action="append", metavar="LIST", help="pipeload's: none, 150MB, 25%%, min, x1.5min, cap")  # fmt: skip
+    p.add_argument("--profiles", action="append", metavar="LIST",
+                   help=f"STORAGE[:Nc][:CAP] with STORAGE in {'/'.join(STORAGE)}, e.g. warm,sd:1c:512MB")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=None, help="fresh processes per configuration")
+    p.add_argument("--passes", type=int, default=None, help="passes per process (first + steady)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory (a subdirectory per run)")  # fmt: skip
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="where presets are exported (default models/)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=900, help="seconds per process before it is killed")  # fmt: skip
+    p.add_argument(
+        "--no-profile", action="store_true", help="do not run `hermes-ort profile` first"
+    )
+    p.add_argument("--no-cgroups", action="store_true", help="no memory caps or throttling even where possible")  # fmt: skip
+    p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    p.add_argument("--fail-on-error", action="store_true",
+                   help="exit 1 if a process failed for another reason than the memory cap or a refused budget")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="list the configurations and stop")
+    p.add_argument("--render", type=Path, metavar="JSON", help="render an existing bench JSON again and stop")  # fmt: skip
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench` to a `hermes-ort` subparsers object."""
+    p = subparsers.add_parser("bench", help="benchmark strategies x budgets x device profiles (JSON, Markdown, plots)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def write_outputs(doc: dict[str, Any], run_dir: Path, plots: bool = True) -> list[Path]:
+    """bench.json, bench.md and the plots into `run_dir`."""
+    from hermes_ort.bench.records import write_document
+    from hermes_ort.bench.render import render_markdown
+
+    paths = [write_document(doc, run_dir / "bench.json")]
+    md = run_dir / "bench.md"
+    md.write_text(render_markdown(doc))
+    paths.append(md)
+    if plots:
+        from hermes_ort.bench.plots import write_plots
+
+        try:
+            paths += write_plots(doc, run_dir)
+        except ImportError as e:  # matplotlib is the `bench` extra, not a runtime dependency
+            print(f"hermes-ort bench: plots skipped: {e.name or e} is not installed "
+                  "(pip install 'hermes-ort[bench]')", file=sys.stderr)  # fmt: skip
+    return paths
+
+
+def _unexpected_failures(doc: dict[str, Any]) -> list[str]:
+    out = []
+    for r in doc["records"]:
+        for s in r["samples"]:
+            if (
+                not s["ok"]
+                and not s["oom_killed"]
+                and not (s["error"] or "").startswith("BudgetError")
+            ):
+                out.append(f"{r['model']} {r['label']} {r['budget'] or '-'} {r['profile']}: {s['error']}")  # fmt: skip
+    return out
+
+
+def cmd_bench(args) -> int:
+    from hermes_ort.bench.records import load_document, to_json
+
+    if args.render:
+        doc = load_document(args.render)
+        paths = write_outputs(doc, args.render.parent, not args.no_plots)
+        print(paths[1].read_text())
+        print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+        return 0
+    matrix = build_matrix(args.matrix, _split(args.models), _split(args.strategies), _split(args.budgets),
+                          _split(args.profiles), args.repeats, args.passes)  # fmt: skip
+    configs = expand(matrix)
+    if args.dry_run:
+        for c in configs:
+            print(" ".join(c.key))
+        print(f"{len(configs)} configurations x {matrix.repeats} repeats", file=sys.stderr)
+        return 0
+    from hermes_ort.bench.runner import RunOptions, run_matrix
+
+    options = RunOptions(models_dir=args.models_dir, timeout_s=args.timeout, profile=not args.no_profile,
+                         cgroups=not args.no_cgroups, progress=not args.no_progress)  # fmt: skip
+    try:
+        doc = run_matrix(matrix, options)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"hermes-ort bench: error: {e}", file=sys.stderr)
+        return 1
+    run_dir = args.out / f"{matrix.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    paths = write_outputs(to_json(doc), run_dir, not args.no_plots)
+    print(paths[1].read_text())
+    print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+    if doc["interrupted"]:
+        return 130
+    failures = _unexpected_failures(to_json(doc))
+    for f in failures:
+        print(f"hermes-ort bench: failed: {f}", file=sys.stderr)
+    return 1 if failures and args.fail_on_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hermes-ort bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_bench(args)
+    except ValueError as e:  # bad axis values
+        print(f"hermes-ort bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hermes-ort bench: interrupted", file=sys.stderr)
+        return 130
