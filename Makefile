@@ -45,7 +45,8 @@ clean:
 
 # Prove it on ARM: build an emulated Raspberry Pi 4 (arm64 Debian 12, Python 3.11, qemu-user as a
 # Cortex-A72; needs root, cached in ~/.cache/hermes-ort-arm) and run the torch-free tests there on
-# models exported here. ARM_TESTS=smoke runs only tests/arm. See arm/run_tests.sh.
+# models exported here (~4 min cached). ARM_TESTS=smoke leaves out the tests that start Python
+# children (~1.5 min). See arm/run_tests.sh.
 .PHONY: test-arm
 test-arm: setup
 	HOST_PY=$(PY) arm/run_tests.sh $(ARM_TESTS)

@@ -44,7 +44,9 @@ def resolve_source(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ExportError(f"'{ref}' has no config.json: not a Hugging Face checkpoint directory")
+            raise ExportError(
+                f"'{ref}' has no config.json: not a Hugging Face checkpoint directory"
+            )
         return str(path.resolve())
     if path.exists():
         raise ExportError(f"checkpoint '{ref}' is a file; expected a directory with config.json")

@@ -64,5 +64,5 @@ def build_random_model(preset: Preset, seed: int):
     model = model_cls(config)
     with torch.no_grad():
         for p in model.parameters():  # tied parameters appear once
-            p.add_(torch.randn_like(p) * NOISE_STD)
+            p.add_(torch.randn_like(p), alpha=NOISE_STD)
     return model.eval()

@@ -219,7 +219,10 @@ class FullEngine:
     """One session of the whole model, opened on the first run and kept."""
 
     def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
-        if manifest.full_model is None:
+        # `full` opens the file as users get it; `full-mmap` needs its weights in a data file
+        mmap = manifest.full_model_mmap if plan.strategy == "full-mmap" else None
+        self.spec = mmap or manifest.full_model
+        if self.spec is None:
             raise HermesError(
                 f"'{model_dir}' has no whole-model file: strategy '{plan.strategy}' needs one"
             )
@@ -235,10 +238,10 @@ class FullEngine:
         with _Measure() as m:
             if self.session is None:
                 t0 = time.perf_counter()
-                for f in self.manifest.full_model.files:
+                for f in self.spec.files:
                     check_size(self.model_dir, f)
                 self.session = create_session(
-                    self.model_dir / self.manifest.full_model.path, self.settings, "the whole model"
+                    self.model_dir / self.spec.path, self.settings, "the whole model"
                 )
                 create_s = time.perf_counter() - t0
             t1 = time.perf_counter()

@@ -15,7 +15,8 @@ of frozen dataclasses. Every path is relative to the model directory and must st
                   "inputs": ["..."], "outputs": ["..."],
                   "files": [{"path": "blocks/layer_00.onnx", "bytes": 123, "sha256": "..."},
                             {"path": "blocks/layer_00.data", "bytes": 456, "sha256": "..."}]}],
-      "full_model": {"path": "full/model.onnx", "files": [...]},
+      "full_model": {"path": "full/model_inline.onnx", "files": [...]},
+      "full_model_mmap": {"path": "full/model.onnx", "files": [... "full/model.onnx_data"]},
       "sample": {"batch_size": 1, "sequence_length": 128},
       "verification": {"reference": "pytorch", "max_abs_diff": 1e-6, "tolerance": 1e-4},
       "versions": {"onnxruntime": "...", ...}
@@ -87,10 +88,11 @@ class Manifest:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     blocks: tuple[BlockSpec, ...]
-    full_model: FullModelSpec | None
+    full_model: FullModelSpec | None  # one file as users get it (weights inside when < 2 GB)
     sample: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    full_model_mmap: FullModelSpec | None = None  # same weights in an external data file (mmap)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -189,6 +191,18 @@ def _block(data: Any, where: str) -> BlockSpec:
     )
 
 
+def _full_model(data: Any, where: str) -> FullModelSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object")
+    files = _require(data, "files", list, where)
+    return FullModelSpec(
+        path=_check_relative(_require(data, "path", str, where), where),
+        files=tuple(_file(f, f"{where}.files[{i}]") for i, f in enumerate(files)),
+    )
+
+
 def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     """Validate a decoded manifest.json; every problem raises ManifestError naming the field."""
     if not isinstance(data, dict):
@@ -204,17 +218,8 @@ def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     )
     if not blocks:
         raise ManifestError(f"{source}: no blocks")
-    full = data.get("full_model")
-    full_model = None
-    if full is not None:
-        where = f"{source}: full_model"
-        full_model = FullModelSpec(
-            path=_check_relative(_require(full, "path", str, where), where),
-            files=tuple(
-                _file(f, f"{where}.files[{i}]")
-                for i, f in enumerate(_require(full, "files", list, where))
-            ),
-        )
+    full_model = _full_model(data.get("full_model"), f"{source}: full_model")
+    full_model_mmap = _full_model(data.get("full_model_mmap"), f"{source}: full_model_mmap")
     manifest = Manifest(
         name=_require(data, "name", str, source),
         family=_require(data, "family", str, source),
@@ -230,6 +235,7 @@ def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         ),
         blocks=blocks,
         full_model=full_model,
+        full_model_mmap=full_model_mmap,
         sample=data.get("sample", {}),
         verification=data.get("verification", {}),
         versions=data.get("versions", {}),

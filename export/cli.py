@@ -1,0 +1,145 @@
+"""`hermes-ort export (--preset NAME | --model PATH_OR_HUB_ID) --out DIR [...]`"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from hermes_ort.errors import ExportError
+from hermes_ort.units import format_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--preset", metavar="NAME", help="a config in models/presets/NAME.json, random weights"
+    )
+    source.add_argument(
+        "--model", metavar="PATH_OR_HUB_ID", help="a Hugging Face checkpoint directory or hub id"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="model directory to write"
+    )
+    parser.add_argument(
+        "--layers-per-block",
+        type=int,
+        default=1,
+        metavar="N",
+        help="transformer layers per block (default 1)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=128,
+        metavar="N",
+        help="sequence length of the verification sample (default 128)",
+    )
+    parser.add_argument(
+        "--task", help="export task for --model (default: from the architecture), e.g. fill-mask"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of a preset's random weights (default 0)"
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max abs diff allowed vs PyTorch (default 1e-4)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+    parser.add_argument(
+        "--force", action="store_true", help="replace DIR if it is an existing model directory"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.pipeline import ExportOptions, export_model
+
+    opts = ExportOptions(
+        out=args.out,
+        preset=args.preset,
+        model=args.model,
+        task=args.task,
+        layers_per_block=args.layers_per_block,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        opset=args.opset,
+        force=args.force,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        progress=not args.quiet,
+    )
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        result = export_model(opts)
+    except ExportError as e:
+        print(f"hermes-ort export: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hermes-ort export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    """Elapsed time, then a table of blocks and their sizes (shared files counted apart)."""
+    m = result.manifest
+    uses: dict[str, int] = {}
+    for b in m.blocks:
+        for f in b.files:
+            uses[f.path] = uses.get(f.path, 0) + 1
+    shared = sorted(p for p, n in uses.items() if n > 1)
+    rows = [("block", "kind", "layers", "bytes", "")]
+    for b in m.blocks:
+        layers = (
+            "-" if not b.layers else "-".join(str(x) for x in sorted({b.layers[0], b.layers[-1]}))
+        )
+        own = sum(f.bytes for f in b.files if f.path not in shared)
+        also = ", ".join(f.path for f in b.files if f.path in shared)
+        rows.append((b.name, b.kind, layers, format_bytes(own), f"+ {also}" if also else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"exported '{m.name}' ({m.family}, {m.task}) to {result.out} in {result.elapsed_s:.1f} s")
+    stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in result.stages_s.items())
+    print(f"  ({stages})")
+    for name, kind, layers, size, note in rows:
+        print(
+            f"  {name:<{widths[0]}}  {kind:<{widths[1]}}  {layers:<{widths[2]}}  {size:>{widths[3]}}  {note}".rstrip()
+        )
+    for path in shared:
+        print(
+            f"  {path}: {format_bytes(m.block_files()[path].bytes)}, stored once, read by {uses[path]} blocks"
+        )
+    full = format_bytes(m.full_model.bytes) if m.full_model else "-"
+    print(f"  blocks total {format_bytes(m.blocks_bytes)}; full model {full}")
+    v = m.verification
+    if "max_abs_diff" in v:
+        print(
+            f"  verified vs PyTorch: max abs diff {v['max_abs_diff']:.3g} "
+            f"(full model {v['full_model_max_abs_diff']:.3g}), tolerance {v['tolerance']:g}"
+        )
+    else:
+        print("  not verified (--no-verify)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hermes-ort export", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
