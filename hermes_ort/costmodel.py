@@ -20,6 +20,7 @@ from hermes_ort.timeline import BlockTimes, simulate
 SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
 ACTIVATION_RESERVE_BYTES = 16 << 20  # intermediates and ORT's arena when nothing is measured
 ESTIMATE_WARMUP_BYTES = 12 << 20  # ONNX Runtime's code and buffers, faulted in by the first session
+SPARSE_FRACTION = 0.5  # a block whose run touches less than this share of its files is sparse
 ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
 ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
 
@@ -32,6 +33,8 @@ class CostModel:
     resident_bytes: tuple[int, ...]  # per block, when kept between runs (with `resident_prepack`)
     resident_prepack: tuple[bool, ...]  # prepack a block when it stays resident (faster runs)
     activation_bytes: int  # intermediates + tensors in flight, worst block
+    sparse: tuple[bool, ...]  # blocks that touch a small part of their weights (embedding lookups):
+    # not read ahead, their pages fault in on demand
     stream_times: tuple[BlockTimes, ...]  # prepacking off, read-ahead from storage
     resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
     source: str = "estimate"
@@ -79,6 +82,7 @@ class CostModel:
     def estimate(cls, manifest: Manifest, baseline_bytes: int, output_bytes: int = 0) -> CostModel:
         """Upper bounds from file sizes (every weight page may become resident); rough times."""
         sizes = [b.bytes for b in manifest.blocks]
+        sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
         if not session_created_in_process():
             baseline_bytes += ESTIMATE_WARMUP_BYTES
         live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
@@ -88,7 +92,7 @@ class CostModel:
         )
         return cls(
             baseline_bytes=baseline_bytes, live_bytes=live, open_bytes=(SESSION_OVERHEAD_BYTES,) * len(sizes),
-            resident_bytes=live, resident_prepack=(False,) * len(sizes),
+            resident_bytes=live, resident_prepack=(False,) * len(sizes), sparse=sparse,
             activation_bytes=2 * output_bytes + ACTIVATION_RESERVE_BYTES,
             stream_times=times, resident_times=times, source="estimate",
         )  # fmt: skip
@@ -100,13 +104,14 @@ class CostModel:
         """Measured costs. `cold`: streamed blocks are re-read from storage every pass."""
         blocks = profile.blocks
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
+        sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
         stream = tuple(
             BlockTimes(
-                (b.readahead_cold_s if cold else b.readahead_warm_s) + b.create_s,
+                (0.0 if sp else b.readahead_cold_s if cold else b.readahead_warm_s) + b.create_s,
                 b.first_run_s,
                 b.run_s,
             )
-            for b in blocks
+            for b, sp in zip(blocks, sparse, strict=True)
         )
         resident = tuple(
             BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s)
@@ -123,6 +128,7 @@ class CostModel:
                 b.live_prepack_bytes if p else b.live_bytes for b, p in zip(blocks, prepack, strict=True)
             ),
             resident_prepack=prepack,
+            sparse=sparse,
             activation_bytes=activation_peak(manifest, profile),
             stream_times=stream, resident_times=resident, source="profile",
         )  # fmt: skip

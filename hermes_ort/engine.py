@@ -73,7 +73,7 @@ class _Slots:
                 self.live += 1
                 self.max_live = max(self.max_live, self.live + len(e.resident))
                 self.futures[i] = e.loaders.submit(
-                    i, e.manifest.blocks[i], e.plan.settings_for(i), e.plan.readahead
+                    i, e.manifest.blocks[i], e.plan.settings_for(i), e.plan.reads_ahead(i)
                 )
                 self.next += 1
             self.cond.notify_all()

@@ -33,6 +33,9 @@ class Plan:
     readahead: bool  # loaders read a block's files before opening it
     drop_cache: bool  # the daemon drops streamed blocks' file pages after use
     budget_bytes: int | None = None
+    no_readahead: tuple[
+        int, ...
+    ] = ()  # sparse blocks (embedding lookups): pages fault in on demand
     lag: int = 1  # executed streamed blocks the daemon may still be destroying while the next runs
     prepack_resident: tuple[int, ...] = ()  # resident blocks opened with prepacking (pipeload)
     predicted_peak_bytes: int | None = None
@@ -44,6 +47,9 @@ class Plan:
     @property
     def whole_model(self) -> bool:
         return self.strategy in ("full", "full-mmap")
+
+    def reads_ahead(self, block: int) -> bool:
+        return self.readahead and block not in self.no_readahead
 
     def settings_for(self, block: int) -> SessionSettings:
         if self.strategy != "pipeload":
@@ -140,7 +146,8 @@ def plan_pipeload(
     prepacked = tuple(i for i in resident if cost.resident_prepack[i])
     return Plan(
         "pipeload", k, w, resident, prepack=False, readahead=True, drop_cache=budget is not None,
-        budget_bytes=budget, lag=lag, prepack_resident=prepacked, predicted_peak_bytes=cost.peak(resident, w, lag),
+        budget_bytes=budget, lag=lag, prepack_resident=prepacked,
+        no_readahead=tuple(i for i in range(n) if cost.sparse[i]), predicted_peak_bytes=cost.peak(resident, w, lag),
         predicted_latency_s=steady, predicted_first_latency_s=first, cost_source=cost.source,
         reasons=_reasons(cost, budget, cores, k, w, lag, resident, prepacked, loaders, window),
     )  # fmt: skip

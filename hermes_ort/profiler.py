@@ -45,7 +45,7 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 2  # 2: streamed blocks share one arena
+PROFILE_SCHEMA = 3  # 2: streamed blocks share one arena; 3: cold_read_bytes
 STEADY_RUNS = 3
 
 
@@ -53,6 +53,9 @@ STEADY_RUNS = 3
 class BlockProfile:
     name: str
     file_bytes: int
+    cold_read_bytes: (
+        int  # bytes the cold read-ahead really read (pages the kernel kept are skipped)
+    )
     readahead_cold_s: float  # read with the page cache dropped first (storage speed)
     readahead_warm_s: float
     create_s: float  # prepacking off (weights stay mmapped)
@@ -162,7 +165,8 @@ def profile_block(
     for p in paths:
         drop_file_cache(p)
     t0 = time.perf_counter()
-    nbytes = sum(read_ahead(p) for p in paths)
+    nbytes = sum(os.path.getsize(p) for p in paths)
+    cold_read = sum(read_ahead(p) for p in paths)
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
     for p in paths:
@@ -194,7 +198,7 @@ def profile_block(
     live_prepack = max(0, rss_bytes() - rss0)
     destroy(block, model_dir, False, set())
     return BlockProfile(
-        name=spec.name, file_bytes=nbytes, readahead_cold_s=cold, readahead_warm_s=warm,
+        name=spec.name, file_bytes=nbytes, cold_read_bytes=cold_read, readahead_cold_s=cold, readahead_warm_s=warm,
         create_s=create_s, create_prepack_s=create_prepack_s, first_run_s=first, run_s=steady,
         run_prepack_s=run_prepack, live_bytes=live, live_anon_bytes=max(0, parts["anon"] - out_bytes), live_file_bytes=max(0, parts["file"]),
         live_prepack_bytes=live_prepack, open_bytes=max(0, open_bytes), transient_bytes=transient, output_bytes=out_bytes,
@@ -231,12 +235,15 @@ def profile_model(
             del env[name]
         if progress:
             progress(i + 1, len(manifest.blocks), blocks[-1])
-    read = sum(b.file_bytes for b in blocks)
-    cold = sum(b.readahead_cold_s for b in blocks)
+    measured = [
+        b for b in blocks if b.cold_read_bytes >= 1 << 20
+    ]  # tiny reads time syscalls, not storage
+    read = sum(b.cold_read_bytes for b in measured)
+    cold = sum(b.readahead_cold_s for b in measured)
     return Profile(
         fingerprint=fingerprint(model_dir), batch_size=1, sequence_length=seq, baseline_bytes=baseline,
         warmup_bytes=max(0, baseline - cold_rss),
-        read_bandwidth_bytes_per_s=read / cold if cold > 0 else float("inf"), blocks=tuple(blocks),
+        read_bandwidth_bytes_per_s=read / cold if cold > 0 else 0.0, blocks=tuple(blocks),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )  # fmt: skip
 

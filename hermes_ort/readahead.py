@@ -1,36 +1,93 @@
 """Read ahead: bring a block's files into the page cache before its session runs.
 
 A session whose weights are mmapped opens in a few ms, but then faults its pages in during the
-first run, on the inference agent's critical path. A loading agent reads the files first, so those
-faults are page-cache hits. `read` releases the GIL, so several agents read in parallel.
+first run, on the inference agent's critical path: from storage, if they are not cached. A loading
+agent makes sure they are cached first. It asks the kernel which pages are resident (mincore) and
+reads only the missing ones, so a warm block costs ~0.1 ms of CPU instead of a 29 MB copy that
+would compete with inference for the cores. `pread` releases the GIL: agents read in parallel.
 
-The file is read with POSIX_FADV_RANDOM: the kernel then caches it in small (4 KiB) folios instead
-of large ones. A session maps whole folios when it faults, so after a sequential read an embedding
+Reads use POSIX_FADV_RANDOM: the kernel then caches the file in small (4 KiB) folios instead of
+large ones. A session maps whole folios when it faults, so after a sequential read an embedding
 lookup of 128 random rows maps ~65 MB of a 94 MB table; after this read, ~15 MB."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 
+import numpy as np
+
 _CHUNK_BYTES = 1 << 20  # per loading agent; counts in the peak RSS
+_PAGE = mmap.PAGESIZE
 _buffers = threading.local()
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _mincore = _libc.mincore
+    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _mincore.restype = ctypes.c_int
+except (OSError, AttributeError):  # not Linux/glibc: always read
+    _mincore = None
+
+
+def missing_pages(fd: int, size: int) -> np.ndarray | None:
+    """Boolean per page: True where the page is not in the page cache (None if unknown)."""
+    if _mincore is None or size == 0:
+        return None
+    try:
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        view = np.frombuffer(mm, dtype=np.uint8)
+        pages = (size + _PAGE - 1) // _PAGE
+        vec = np.zeros(pages, dtype=np.uint8)
+        ok = _mincore(view.ctypes.data, size, vec.ctypes.data) == 0
+        del view
+        return (vec & 1) == 0 if ok else None
+    finally:
+        mm.close()
+
+
+def _runs(missing: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, end page) of each run of missing pages."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], missing.astype(np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def read_ahead(path: str) -> int:
-    """Read the whole file once (into a reused per-thread buffer); returns the bytes read."""
+    """Make the whole file page-cache resident; returns the bytes actually read."""
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = bytearray(_CHUNK_BYTES)
-    total = 0
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                return total
-            total += n
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        missing = missing_pages(fd, size)
+        runs = (
+            [(0, size)]
+            if missing is None
+            else [(a * _PAGE, min(size, b * _PAGE)) for a, b in _runs(missing)]
+        )
+        if hasattr(os, "posix_fadvise"):
+            for start, end in runs:  # queue the I/O of every missing run at once
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        total = 0
+        for start, end in runs:
+            offset = start
+            while offset < end:
+                n = os.preadv(fd, [memoryview(buf)[: min(_CHUNK_BYTES, end - offset)]], offset)
+                if n <= 0:
+                    break
+                offset += n
+                total += n
+        return total
+    finally:
+        os.close(fd)
 
 
 def warm_files(paths) -> int:

@@ -31,17 +31,18 @@ def preset_model(name: str, seed: int = 0):
     model = getattr(transformers, data["model_class"])(config)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p), alpha=0.02)
     return model.eval()
 
 
 def save_tiny_gpt2(path: Path, n_layer: int = 4):
+    """A 4-layer GPT-2 whose tied embedding (600 x 32 floats) is big enough to be shared."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1)
     model = GPT2LMHeadModel(
-        GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=300, n_positions=64)
+        GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=600, n_positions=64)
     )
     with torch.no_grad():
         for p in model.parameters():

@@ -65,13 +65,20 @@ def test_manifest_lists_blocks_in_order_with_relative_paths(exports, name):
         inits = {t.name for t in graph.initializer}
         assert tuple(v.name for v in graph.input if v.name not in inits) == block.inputs
         assert tuple(v.name for v in graph.output) == block.outputs
+    fulls = [manifest.full_model, manifest.full_model_mmap]
     paths = [f.path for b in manifest.blocks for f in b.files] + [
-        f.path for f in manifest.full_model.files
+        f.path for m in fulls for f in m.files
     ]
     for path in paths:
         assert not Path(path).is_absolute() and ".." not in Path(path).parts
         assert (model_dir / path).resolve().is_relative_to(model_dir.resolve())
-    assert manifest.full_model.path == "full/model.onnx"
+    # below 2 GB: one file with the weights inside (as optimum users get it), and the same model
+    # with its weights in an aligned external data file (for mmap)
+    assert [f.path for f in manifest.full_model.files] == ["full/model_inline.onnx"]
+    assert [f.path for f in manifest.full_model_mmap.files] == [
+        "full/model.onnx",
+        "full/model.onnx_data",
+    ]
     assert manifest.sample["batch_size"] == 1 and manifest.sample["sequence_length"] == fx.SEQ_LEN
     positions = getattr(model.config, "max_position_embeddings", None)
     assert manifest.sample.get("max_sequence_length") == (None if name == "tiny-vit" else positions)
@@ -86,7 +93,8 @@ def test_manifest_lists_blocks_in_order_with_relative_paths(exports, name):
 def test_every_file_is_listed_with_its_sha256(exports, name):
     model_dir, _ = exports[name]
     manifest = load_manifest(model_dir)
-    listed = {**manifest.block_files(), **{f.path: f for f in manifest.full_model.files}}
+    fulls = [manifest.full_model, manifest.full_model_mmap]
+    listed = {**manifest.block_files(), **{f.path: f for m in fulls for f in m.files}}
     for path, spec in listed.items():
         assert (model_dir / path).stat().st_size == spec.bytes, path
         assert fx.sha256(model_dir / path) == spec.sha256, path
@@ -105,11 +113,15 @@ def test_chained_blocks_match_pytorch(exports, name):
     names = [o["name"] for o in manifest["outputs"]]
     want = fx.torch_run(model, feed, names)
     got = fx.chain_blocks(model_dir, feed)
-    full = fx.ort_session(model_dir / "full/model.onnx").run(names, feed)
+    fulls = [
+        fx.ort_session(model_dir / f"full/{f}").run(names, feed)
+        for f in ("model.onnx", "model_inline.onnx")
+    ]
     for i, n in enumerate(names):
         assert got[n].shape == want[n].shape
         assert np.abs(got[n] - want[n]).max() <= TOLERANCE, n
-        assert np.abs(full[i] - want[n]).max() <= TOLERANCE, n
+        for full in fulls:
+            assert np.abs(full[i] - want[n]).max() <= TOLERANCE, n
     assert np.abs(want[names[0]]).max() > 10 * TOLERANCE  # the comparison is not trivially small
 
 
@@ -158,6 +170,9 @@ def test_tied_embedding_is_stored_once_in_shared_data(exports, name):
     assert places == {("shared.data", 0)}  # one copy, used by both blocks
     shared = np.fromfile(model_dir / "blocks/shared.data", np.float32, count=vocab * hidden)
     np.testing.assert_array_equal(shared.reshape(vocab, hidden), wte)
+    full = onnx.load(str(model_dir / "full/model.onnx"), load_external_data=False).graph
+    dims = [list(t.dims) for t in full.initializer]
+    assert dims.count([vocab, hidden]) == 1 and [hidden, vocab] not in dims  # one copy there too
 
 
 def test_layers_per_block_groups_consecutive_layers(exports):

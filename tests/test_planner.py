@@ -20,7 +20,7 @@ def synthetic(
     times = (BlockTimes(load_s, run_s * 1.1, run_s),) * blocks
     return CostModel(
         baseline_bytes=80 * MB, live_bytes=(live,) * blocks, open_bytes=(100_000,) * blocks,
-        resident_bytes=(live,) * blocks, resident_prepack=(False,) * blocks, activation_bytes=8 * MB,
+        resident_bytes=(live,) * blocks, resident_prepack=(False,) * blocks, sparse=(False,) * blocks, activation_bytes=8 * MB,
         stream_times=times, resident_times=(BlockTimes(load_s, run_s, run_s),) * blocks, source="test",
     )  # fmt: skip
 

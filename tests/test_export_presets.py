@@ -1,0 +1,40 @@
+"""The presets: every file is well formed and the full-size ones have the real models' shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from export.presets import available_presets, load_preset
+
+# Parameter counts of the published models (millions).
+REAL_SIZES_M = {
+    "bert-base": 109.5,
+    "bert-large": 335.1,
+    "vit-base": 86.6,
+    "vit-large": 304.3,
+    "gpt2": 124.4,
+    "gpt2-medium": 354.8,
+    "gpt2-large": 774.0,
+    "gpt2-xl": 1557.6,
+}
+
+
+def test_the_promised_presets_exist():
+    assert set(REAL_SIZES_M) | {"tiny-bert", "tiny-vit", "tiny-gpt2"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("name", available_presets())
+def test_preset_builds_with_its_shape(name):
+    import torch
+    import transformers
+
+    preset = load_preset(name)
+    assert preset.family in ("bert", "vit", "gpt2")
+    config = getattr(transformers, preset.config_class)(**preset.config)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = getattr(transformers, preset.model_class)(config)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    if name in REAL_SIZES_M:
+        assert params_m == pytest.approx(REAL_SIZES_M[name], rel=0.01)
+    else:
+        assert params_m < 1.0  # a tiny test model
