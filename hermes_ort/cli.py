@@ -167,7 +167,9 @@ def _add_demo(sub) -> None:
         "--out", type=Path, default=None, help="model directory (default: models/PRESET)"
     )
     p.add_argument(
-        "--budget", default=None, help="pipeload's memory budget (default: the planner's smallest)"
+        "--budget",
+        default=None,
+        help="pipeload's memory budget (default: min, the smallest workable)",
     )
     p.set_defaults(
         func=lambda args: __import__("hermes_ort.demo").demo.main(
@@ -194,6 +196,7 @@ def _add_profile(sub) -> None:
 
 
 def cmd_profile(args) -> int:
+    from hermes_ort.calibrate import calibrate
     from hermes_ort.profiler import load_profile, profile_model
 
     profile = None if args.force or args.seq_len else load_profile(args.model_dir)
@@ -203,13 +206,14 @@ def cmd_profile(args) -> int:
             args.seq_len,
             progress=lambda i, n, b: print(f"  {i}/{n} {b.name}", file=sys.stderr),
         )
+        profile = calibrate(args.model_dir, profile)
         path = profile.save(args.model_dir)
         print(f"profile written to {path}")
     else:
         print(f"stored profile matches this machine ({profile.created}); --force measures again")
     print(
         f"baseline RSS {format_bytes(profile.baseline_bytes)} (+{format_bytes(profile.warmup_bytes)} at the first session), "
-        f"storage read {profile.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {profile.sequence_length}"
+        f"pipelining +{format_bytes(profile.engine_overhead_bytes)}, storage read {profile.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {profile.sequence_length}"
     )
     print(
         "| block | file | read cold / warm | create / prepacked | 1st run | run / prepacked | live | open | transient |"

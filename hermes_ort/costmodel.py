@@ -129,7 +129,7 @@ class CostModel:
             ),
             resident_prepack=prepack,
             sparse=sparse,
-            activation_bytes=activation_peak(manifest, profile),
+            activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             stream_times=stream, resident_times=resident, source="profile",
         )  # fmt: skip
 

@@ -101,8 +101,9 @@ def load(
 ) -> HermesModel:
     """Open an exported model directory.
 
-    memory_budget: bytes or a string ("512MB", "1.5GiB"); None = no limit. Bounds the process's
-        peak resident memory (RSS) during `run`; a budget too small for the largest block is refused.
+    memory_budget: bytes or a string ("512MB", "1.5GiB"); "min" = the smallest workable budget;
+        None = no limit. Bounds the process's peak resident memory (RSS) during `run`; a budget
+        too small for the largest block is refused, naming it and the smallest workable budget.
     strategy: "pipeload" (default) or a baseline: "full", "full-mmap", "pipeswitch", "ondemand".
     loaders, window: override the planner's number of loading agents and window.
     load_path: for the per-block baselines, "default" (ORT's default load: prepacking on) or
@@ -113,10 +114,13 @@ def load(
     """
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
-    budget = parse_bytes(memory_budget)
+    smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
+    budget = None if smallest else parse_bytes(memory_budget)
     if strategy == "auto":
         strategy, profile = "pipeload", True if profile is None else profile
-    cost = cost_model(model_dir, manifest, profile, cold=budget is not None)
+    cost = cost_model(model_dir, manifest, profile, cold=budget is not None or smallest)
+    if smallest:  # the least memory that works, as the cost model predicts it
+        budget = cost.min_budget()
     if strategy not in ("full", "full-mmap"):
         check_budget(cost, budget, tuple(b.name for b in manifest.blocks))
     plan = plan_strategy(

@@ -8,7 +8,6 @@ reused until one of them changes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 3  # 2: streamed blocks share one arena; 3: cold_read_bytes
+PROFILE_SCHEMA = 4  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes
 STEADY_RUNS = 3
 
 
@@ -79,6 +78,8 @@ class Profile:
     sequence_length: int
     baseline_bytes: int  # RSS of the profiling process before any block was opened
     warmup_bytes: int  # RSS the first session of a process adds for good (ORT's code, buffers)
+    engine_overhead_bytes: int  # a real pipelined pass's peak above the per-block sum (threads,
+    # buffers, sessions opened ahead): measured by calibrate() after the blocks
     read_bandwidth_bytes_per_s: float
     blocks: tuple[BlockProfile, ...]
     created: str = ""
@@ -235,14 +236,12 @@ def profile_model(
             del env[name]
         if progress:
             progress(i + 1, len(manifest.blocks), blocks[-1])
-    measured = [
-        b for b in blocks if b.cold_read_bytes >= 1 << 20
-    ]  # tiny reads time syscalls, not storage
+    measured = [b for b in blocks if b.cold_read_bytes >= 1 << 20] or blocks  # tiny reads: syscalls
     read = sum(b.cold_read_bytes for b in measured)
     cold = sum(b.readahead_cold_s for b in measured)
     return Profile(
         fingerprint=fingerprint(model_dir), batch_size=1, sequence_length=seq, baseline_bytes=baseline,
-        warmup_bytes=max(0, baseline - cold_rss),
+        warmup_bytes=max(0, baseline - cold_rss), engine_overhead_bytes=0,
         read_bandwidth_bytes_per_s=read / cold if cold > 0 else 0.0, blocks=tuple(blocks),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )  # fmt: skip
@@ -253,7 +252,12 @@ def ensure_profile(model_dir: str | Path, progress=None) -> Profile:
     model_dir = Path(model_dir)
     profile = load_profile(model_dir)
     if profile is None:
+        from hermes_ort.calibrate import calibrate  # the engine, planner: imported late (cycles)
+
         profile = profile_model(model_dir, progress=progress)
-        with contextlib.suppress(OSError):  # a read-only model directory: use it unsaved
+        try:
+            profile = calibrate(model_dir, profile)  # stores it, measures in a fresh process
             profile.save(model_dir)
+        except OSError:  # a read-only model directory: use it uncalibrated and unsaved
+            pass
     return profile
