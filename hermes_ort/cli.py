@@ -61,7 +61,13 @@ def cmd_run(args) -> int:
     if args.json:
         record = {
             "model_dir": str(args.model_dir), "strategy": args.strategy, "budget_bytes": model.plan.budget_bytes,
-            "plan": {"loaders": model.plan.loaders, "window": model.plan.window, "resident": list(model.plan.resident)},
+            "plan": {
+                "loaders": model.plan.loaders, "window": model.plan.window, "lag": model.plan.lag,
+                "resident": list(model.plan.resident), "cost_source": model.plan.cost_source,
+                "predicted_peak_bytes": model.plan.predicted_peak_bytes,
+                "predicted_first_latency_s": model.plan.predicted_first_latency_s,
+                "predicted_latency_s": model.plan.predicted_latency_s,
+            },
             "runs": [s.to_json() for s in runs],
             "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
         }  # fmt: skip

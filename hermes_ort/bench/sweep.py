@@ -1,0 +1,130 @@
+"""The planner's sweep: across budgets from the smallest workable one to the whole model, does the
+plan keep its promises, and is it as fast as the best fixed (loaders, window)?
+
+    python -m hermes_ort.bench.sweep models/bert-base --points 6 --repeats 3 --out bench/results/latest
+
+For each budget, in fresh processes (warm page cache): the planner's choice and every (loaders,
+window) of a small grid, each `--repeats` times; medians of the first-pass latency and peak RSS,
+beside the planner's own predictions. Writes sweep-MODEL.json and .md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from hermes_ort.fresh import run_fresh
+from hermes_ort.manifest import load_manifest
+from hermes_ort.readahead import warm_files
+from hermes_ort.units import format_bytes
+
+GRID = [(k, w) for k in (1, 2) for w in (1, 2, 3, 4)]
+
+
+def _measure(
+    model_dir: Path, budget: int, loaders: int | None, window: int | None, repeats: int, files
+) -> dict:
+    extra = ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
+    samples = []
+    for _ in range(repeats):
+        warm_files(files)
+        record = run_fresh(model_dir, "pipeload", budget, extra=extra)
+        if record["returncode"] != 0:
+            return {"error": record["error"]}
+        samples.append(record)
+    runs = [r["runs"][0] for r in samples]
+    return {
+        "plan": samples[0]["plan"],
+        "latency_s": statistics.median(r["latency_s"] for r in runs),
+        "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+        "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "samples": [
+            {"latency_s": r["latency_s"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in runs
+        ],
+    }
+
+
+def sweep(model_dir: Path, points: int, repeats: int) -> dict:
+    manifest = load_manifest(model_dir)
+    files = [model_dir / f.path for f in manifest.block_files().values()]
+    low = run_fresh(model_dir, "pipeload", "min")["budget_bytes"]  # the smallest workable budget
+    high = int(
+        run_fresh(model_dir, "pipeload", None)["plan"]["predicted_peak_bytes"] * 1.02
+    )  # all resident
+    budgets = [int(low + (high - low) * i / (points - 1)) for i in range(points)]
+    rows = []
+    for budget in budgets:
+        row = {
+            "budget_bytes": budget,
+            "planner": _measure(model_dir, budget, None, None, repeats, files),
+            "grid": {},
+        }
+        for k, w in GRID:
+            row["grid"][f"{k}x{w}"] = _measure(model_dir, budget, k, w, repeats, files)
+        rows.append(row)
+        print(render_row(row), file=sys.stderr, flush=True)
+    return {
+        "model": str(model_dir),
+        "repeats": repeats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": rows,
+    }
+
+
+def render_row(row: dict) -> str:
+    p = row["planner"]
+    if "error" in p:
+        return f"| {format_bytes(row['budget_bytes'])} | error: {p['error']} |"
+    plan = p["plan"]
+    ok = {
+        g: r
+        for g, r in row["grid"].items()
+        if "error" not in r and r["max_peak_rss_bytes"] <= row["budget_bytes"]
+    }
+    best = min(ok.items(), key=lambda kv: kv[1]["latency_s"]) if ok else None
+    pred_lat, pred_peak = plan["predicted_first_latency_s"], plan["predicted_peak_bytes"]
+    return (
+        f"| {format_bytes(row['budget_bytes'])} | {plan['loaders']}x{plan['window']} lag {plan['lag']}, "
+        f"{len(plan['resident'])} resident | {p['latency_s'] * 1000:.0f} ms | {format_bytes(p['peak_rss_bytes'])} "
+        f"(max {format_bytes(p['max_peak_rss_bytes'])}) | {'yes' if p['max_peak_rss_bytes'] <= row['budget_bytes'] else 'NO'} | "
+        f"{pred_lat * 1000:.0f} ms ({pred_lat / p['latency_s'] - 1:+.0%}) | {format_bytes(pred_peak)} "
+        f"({pred_peak / p['peak_rss_bytes'] - 1:+.0%}) | "
+        + (
+            f"{best[0]}: {best[1]['latency_s'] * 1000:.0f} ms | {p['latency_s'] / best[1]['latency_s'] - 1:+.0%} |"
+            if best
+            else "none fits | - |"
+        )
+    )
+
+
+HEADER = (
+    "| budget | planner's plan | first pass | peak RSS | within budget | predicted latency (error) | "
+    "predicted peak (error) | best fixed loaders x window within budget | planner vs best |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hermes_ort.bench.sweep", description=__doc__)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--points", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
+    args = parser.parse_args(argv)
+    print(HEADER, file=sys.stderr)
+    result = sweep(args.model_dir, args.points, args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.model_dir.name
+    (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
+    table = "\n".join([f"### Planner sweep: {name} (first pass, warm cache, medians of {args.repeats})", "", HEADER,
+                       *[render_row(r) for r in result["rows"]]])  # fmt: skip
+    (args.out / f"sweep-{name}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
