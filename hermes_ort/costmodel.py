@@ -110,12 +110,14 @@ class CostModel:
                 (0.0 if sp else b.readahead_cold_s if cold else b.readahead_warm_s) + b.create_s,
                 b.first_run_s,
                 b.run_s,
+                (0.0 if sp else b.readahead_warm_s) + b.create_s,
             )
             for b, sp in zip(blocks, sparse, strict=True)
         )
         resident = tuple(
-            BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s)
-            if p else BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s)
+            BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s,
+                       b.readahead_warm_s + b.create_prepack_s)
+            if p else BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
             for b, p in zip(blocks, prepack, strict=True)
         )  # fmt: skip
         if not session_created_in_process():

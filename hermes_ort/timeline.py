@@ -2,7 +2,8 @@
 
 Loads are scheduled in block order on `loaders` agents, each needing one of `window` slots; a slot
 comes back when its block has run and been destroyed. The inference agent runs block i when block
-i-1 is done and block i is loaded. Resident blocks cost no load on a steady (repeated) pass."""
+i-1 is done and block i is loaded. Resident blocks cost no load on a steady (repeated) pass.
+Inference uses every core, so a load's CPU time that overlaps a run lengthens that run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class BlockTimes:
     load_s: float  # read-ahead + session creation
     first_run_s: float  # run right after loading
     steady_run_s: float  # run of a session that stayed open
+    load_cpu_s: float = 0.0  # CPU the load burns (session creation, page-cache copies): it stalls
+    # a run it overlaps, as inference already uses every core
 
 
 def simulate(
@@ -38,6 +41,16 @@ def simulate(
     exec_end = 0.0
     destroyed = 0.0  # when the last streamed block's destruction ends
     next_load = 0
+    load_spans: list[tuple[float, float, float]] = []  # (start, end, cpu) of every load
+
+    def stalled(start: float, run_s: float) -> float:
+        """The run's end once overlapping loads have taken their CPU time from it."""
+        end = start + run_s
+        for a, b, cpu in load_spans:
+            overlap = min(b, end) - max(a, start)
+            if overlap > 0 and b > a:
+                end += cpu * overlap / (b - a)
+        return end
 
     def schedule_loads() -> None:
         nonlocal next_load
@@ -48,6 +61,7 @@ def simulate(
             slot_t = release[m - window] if m >= window else 0.0
             start = max(slot_t, heapq.heappop(agents))
             done = start + blocks[loads[m]].load_s
+            load_spans.append((start, done, min(blocks[loads[m]].load_cpu_s, done - start)))
             heapq.heappush(agents, done)
             load_done[loads[m]] = done
             next_load += 1
@@ -56,10 +70,10 @@ def simulate(
         schedule_loads()
         if i in load_done:
             start = max(exec_end, load_done[i], destroyed if lag == 0 else 0.0)
-            exec_end = start + blocks[i].first_run_s
+            exec_end = stalled(start, blocks[i].first_run_s)
             release.append(exec_end + (0.0 if i in resident else DESTROY_S))
             if i not in resident:
                 destroyed = exec_end + DESTROY_S
         else:
-            exec_end += blocks[i].steady_run_s
+            exec_end = stalled(exec_end, blocks[i].steady_run_s)
     return exec_end
