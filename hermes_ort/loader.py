@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
@@ -28,7 +28,6 @@ class LiveBlock:
     readahead_s: float = 0.0
     create_s: float = 0.0
     bytes_read_ahead: int = 0
-    loaded_at_s: float = field(default_factory=time.perf_counter)
 
 
 def load_block(

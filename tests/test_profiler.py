@@ -21,7 +21,9 @@ def test_profile_measures_every_block(toy_copy):
         assert measured.create_s > 0 and measured.run_s > 0 and measured.first_run_s > 0
         assert measured.output_bytes > 0
     assert profile.sequence_length == manifest.sample["sequence_length"]
-    assert profile.read_bandwidth_bytes_per_s >= 0 and profile.baseline_bytes > 0  # 0: nothing to time
+    assert (
+        profile.read_bandwidth_bytes_per_s >= 0 and profile.baseline_bytes > 0
+    )  # 0: nothing to time
 
 
 def test_weights_show_up_as_live_bytes(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from toy_forward import toy_forward
 
 OPSET = 17
 
@@ -127,10 +128,4 @@ def reference_logits(model_dir: Path, feeds: dict[str, np.ndarray]) -> np.ndarra
         t.name: numpy_helper.to_array(t, base_dir=str(model_dir / "full"))
         for t in full.graph.initializer
     }
-    h = w["emb"][feeds["input_ids"]]
-    mask = feeds["attention_mask"].astype(np.float32)[..., None]
-    i = 0
-    while f"w{i}" in w:
-        h = h + np.maximum(h @ w[f"w{i}"] + w[f"b{i}"], 0) * mask
-        i += 1
-    return h @ w["w_out"]
+    return toy_forward(w, feeds)

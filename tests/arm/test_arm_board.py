@@ -100,8 +100,9 @@ def test_smallest_workable_budget_runs(name):
     minimum = int(re.search(r"\((\d+) bytes\)", str(err.value)).group(1))
     report({"model": name, "smallest_budget_bytes": minimum})
     expected = load_npz(model_dir(f"{name}.full-x86.npz"))
-    # plus slack: the baseline is the RSS at load time, which moves a little
-    with hermes_ort.load(model_dir(name), memory_budget=minimum + MB) as model:
+    # plus slack: the baseline is the RSS at load time, which moves a little, and under qemu it
+    # also holds the emulator's translated-code cache, which grows by a few MB from load to load
+    with hermes_ort.load(model_dir(name), memory_budget=minimum + 8 * MB) as model:
         assert model.plan.window >= 1
         outputs = model.run(load_npz(model_dir(f"{name}.inputs.npz")))
     for k, v in expected.items():
