@@ -50,7 +50,9 @@ def _measure(
 def sweep(model_dir: Path, points: int, repeats: int) -> dict:
     manifest = load_manifest(model_dir)
     files = [model_dir / f.path for f in manifest.block_files().values()]
-    low = run_fresh(model_dir, "pipeload", "min")["budget_bytes"] + (1 << 20)  # smallest, + baseline jitter
+    low = run_fresh(model_dir, "pipeload", "min")["budget_bytes"] + (
+        1 << 20
+    )  # smallest, + baseline jitter
     high = int(
         run_fresh(model_dir, "pipeload", None)["plan"]["predicted_peak_bytes"] * 1.02
     )  # all resident
