@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="export a decoder without its per-layer KV cache inputs/outputs (no generate())",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         verify=not args.no_verify,
         tolerance=args.tolerance,
+        kv_cache=not args.no_kv_cache,
         progress=not args.quiet,
     )
     main_thread = threading.current_thread() is threading.main_thread()

@@ -16,7 +16,10 @@ from hermes_ort.errors import ExportError
 from hermes_ort.manifest import TensorSpec
 
 DEFAULT_OPSET = 17  # optimum's legacy (TorchScript) exporter keeps module scopes in node names
-DYNAMIC_DIMS = ("batch_size", "sequence_length")  # optimum's names; every other dim gets fixed
+# optimum's dynamic dims; every other dim gets fixed. A decoder with a KV cache also takes
+# past_sequence_length (0 on the prompt pass) and an attention mask over past + new tokens.
+DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length")
+DIM_ALIASES = {"past_sequence_length + sequence_length": "total_sequence_length"}
 
 
 def quiet_libraries() -> None:
@@ -167,6 +170,8 @@ def input_specs(
                 dims.append(int(dim.dim_value))
             elif dim.dim_param in DYNAMIC_DIMS:
                 dims.append(dim.dim_param)
+            elif dim.dim_param in DIM_ALIASES:
+                dims.append(DIM_ALIASES[dim.dim_param])
             elif value.name in shapes:
                 dims.append(int(shapes[value.name][axis]))
             else:
@@ -183,7 +188,9 @@ def output_specs(graph: onnx.GraphProto) -> tuple[TensorSpec, ...]:
     for value in graph.output:
         ttype = value.type.tensor_type
         dims = tuple(
-            int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or f"{value.name}_dim{i}")
+            int(d.dim_value)
+            if d.HasField("dim_value")
+            else DIM_ALIASES.get(d.dim_param, d.dim_param or f"{value.name}_dim{i}")
             for i, d in enumerate(ttype.shape.dim)
         )
         specs.append(TensorSpec(value.name, _dtype(ttype.elem_type), dims))

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.decoder import dim_sizes
 from hermes_ort.errors import ExportError
 from hermes_ort.manifest import MANIFEST_NAME, BlockSpec, FullModelSpec, Manifest, check_dataflow
 
@@ -39,6 +40,7 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     tolerance: float | None = None  # None: verify.TOLERANCE_FP32
+    kv_cache: bool = True  # decoders take and return each layer's past keys/values (generation)
     progress: bool = True
 
 
@@ -187,6 +189,8 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     clock = _Clock()
     onnx_export.quiet_libraries()
     model, task, family, name, source = _load_model(opts)
+    if task == "text-generation" and opts.kv_cache:
+        task = "text-generation-with-past"
     arch = onnx_export.architecture_name(model)
     stack = find_layer_stack(model)  # an uncuttable model fails before the long export
     max_positions = getattr(model.config, "max_position_embeddings", None)  # GPT-2: n_positions
@@ -200,6 +204,8 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     for extra in ("config.json", "generation_config.json"):  # for tokenizers/generation later
         if (raw.parent / extra).is_file():
             os.replace(raw.parent / extra, tmp / extra)
+    if source["kind"] != "preset":
+        _write_tokenizer(source.get("path") or source["name"], tmp)
     clock.lap("onnx_export_s")
     whole, full_files = _write_full_model(raw, tmp)
     clock.lap("full_model_s")
@@ -209,11 +215,13 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     inputs = onnx_export.input_specs(whole.graph, shapes, vocab)
     outputs = onnx_export.output_specs(whole.graph)
     sample = {"batch_size": 1, "sequence_length": opts.seq_len}
+    if any("past_sequence_length" in t.shape for t in inputs):
+        sample["past_sequence_length"] = 0  # one pass = the prompt pass of generation
     if max_positions and any("sequence_length" in t.shape for t in inputs):
         sample["max_sequence_length"] = int(max_positions)
     reference = None
     if opts.verify:
-        feed = verify.make_sample(inputs, sample)
+        feed = verify.make_sample(inputs, dim_sizes(sample, 1, opts.seq_len))
         reference = verify.torch_outputs(model, feed, [o.name for o in outputs])
     del model  # the only reference: free it before the blocks are built
     gc.collect()
@@ -241,6 +249,31 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     clock.lap("inline_full_s")
     manifest.save(tmp)
     return manifest, clock.stages
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _write_tokenizer(ref: str, tmp: Path) -> None:
+    """The checkpoint's tokenizer as `tokenizer.json` (what the runtime loads with `tokenizers`):
+    copied, or saved from transformers' fast tokenizer when the checkpoint has only slow files."""
+    import shutil
+
+    local = Path(ref)
+    if local.is_dir() and (local / "tokenizer.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (local / name).is_file():
+                shutil.copyfile(local / name, tmp / name)
+        return
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except Exception:  # no tokenizer files at all: generate() takes token ids
+        log("no tokenizer in the checkpoint: the model takes token ids only")
+        return
+    if getattr(tokenizer, "is_fast", False):
+        tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
 
 
 def _write_full_model(raw: Path, tmp: Path):
@@ -345,7 +378,7 @@ def _verify(tmp: Path, manifest: Manifest, reference: dict, opts: ExportOptions)
     from export import verify
 
     tolerance = verify.TOLERANCE_FP32 if opts.tolerance is None else opts.tolerance
-    feed = verify.make_sample(manifest.inputs, manifest.sample)
+    feed = verify.make_sample(manifest.inputs, dim_sizes(manifest.sample, 1, opts.seq_len))
     with _progress(len(manifest.blocks), "verify blocks", opts.progress) as bar:
         got = verify.run_blocks(tmp, manifest, feed, step=lambda _: bar.update(1))
     diffs = verify.max_abs_diff(got, reference)

@@ -48,12 +48,30 @@ def torch_outputs(
 ) -> dict[str, np.ndarray]:
     import torch
 
+    # An empty KV cache is the same as none (transformers wants a Cache object, not arrays).
+    kwargs = {
+        k: torch.from_numpy(v)
+        for k, v in feed.items()
+        if not (k.startswith("past_key_values.") and v.size == 0)
+    }
     try:
         with torch.no_grad():
-            out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-        return {name: out[name].detach().numpy().copy() for name in names}
+            out = model(**kwargs)
+        return {name: _output(out, name).detach().numpy().copy() for name in names}
     except (KeyError, TypeError, RuntimeError) as e:
         raise ExportError(f"cannot run the PyTorch model on the sample input: {e!r}") from None
+
+
+def _output(out: Any, name: str):
+    """A named output; `present.i.key/value` are layer i of the returned KV cache."""
+    if not name.startswith("present."):
+        return out[name]
+    _, layer, kind = name.split(".")
+    cache = out["past_key_values"]
+    if hasattr(cache, "layers"):  # transformers >= 4.56: one entry per layer
+        entry = cache.layers[int(layer)]
+        return entry.keys if kind == "key" else entry.values
+    return cache[int(layer)][0 if kind == "key" else 1]
 
 
 def session_options() -> ort.SessionOptions:

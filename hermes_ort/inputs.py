@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from hermes_ort.decoder import dim_sizes
 from hermes_ort.errors import InputError
 from hermes_ort.manifest import Manifest, TensorSpec
 
@@ -36,7 +37,7 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
                 f"input '{name}' has rank {value.ndim} (shape {value.shape}), expected rank {len(spec.shape)} {_shape(spec)}"
             )
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
-            if got == 0:
+            if got == 0 and want not in _MAY_BE_EMPTY:
                 raise InputError(f"input '{name}' is empty along axis {axis} (shape {value.shape})")
             if isinstance(want, int) and want > 0 and got != want:
                 raise InputError(
@@ -49,13 +50,31 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
                         f"input '{name}' has {want}={got} (axis {axis}) but input '{first[0]}' has {want}={first[1]}"
                     )
         checked[name] = np.ascontiguousarray(value)
+    _check_total_length(dims)
     limit = manifest.sample.get("max_sequence_length")
-    seq = dims.get("sequence_length")
+    seq = dims.get("total_sequence_length") or dims.get("sequence_length")
     if limit and seq and seq[1] > limit:
         raise InputError(
             f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})"
         )
     return checked
+
+
+_MAY_BE_EMPTY = ("past_sequence_length",)  # a decoder's KV cache is empty on the prompt pass
+
+
+def _check_total_length(dims: dict[str, tuple[str, int]]) -> None:
+    """A decoder's attention mask covers the cached and the new tokens."""
+    if "total_sequence_length" not in dims:
+        return
+    name, total = dims["total_sequence_length"]
+    past = dims.get("past_sequence_length", ("", 0))[1]
+    seq = dims.get("sequence_length", ("", 0))[1]
+    if total != past + seq:
+        raise InputError(
+            f"input '{name}' covers {total} positions, expected past_sequence_length + "
+            f"sequence_length = {past} + {seq}"
+        )
 
 
 def _shape(spec: TensorSpec) -> str:
@@ -67,10 +86,9 @@ def sample_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs of the manifest's sample shape (or the given one), as the manifest describes."""
     rng = np.random.default_rng(seed)
-    sizes = {
-        "batch_size": batch_size,
-        "sequence_length": sequence_length or manifest.sample.get("sequence_length", 128),
-    }
+    sizes = dim_sizes(
+        manifest.sample, batch_size, sequence_length or manifest.sample.get("sequence_length", 128)
+    )
     feeds = {}
     for spec in manifest.inputs:
         shape = tuple(
@@ -87,7 +105,8 @@ def sample_inputs(
         elif kind == "zeros":
             value = np.zeros(shape)
         elif kind == "arange":
-            value = np.broadcast_to(np.arange(shape[-1]), shape)
+            start = sizes["past_sequence_length"] if spec.name.endswith("position_ids") else 0
+            value = np.broadcast_to(np.arange(start, start + shape[-1]), shape)
         else:
             value = rng.standard_normal(shape)
         feeds[spec.name] = np.ascontiguousarray(value.astype(dtype))

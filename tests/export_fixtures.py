@@ -73,6 +73,10 @@ def sample_inputs(
             feed[name] = rng.standard_normal((batch, config.num_channels, size, size)).astype(
                 np.float32
             )
+        elif name.startswith("past_key_values."):  # the prompt pass: an empty cache
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = config.hidden_size // config.num_attention_heads
+            feed[name] = np.zeros((batch, heads, 0, head_dim), np.float32)
         else:
             raise AssertionError(f"unexpected input {name}")
     return feed
@@ -81,9 +85,19 @@ def sample_inputs(
 def torch_run(model, feed: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
     import torch
 
+    kwargs = {k: torch.from_numpy(v) for k, v in feed.items() if not k.startswith("past_")}
     with torch.no_grad():
-        out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-    return {n: out[n].numpy() for n in names}
+        out = model(**kwargs)
+    return {n: _torch_output(out, n).numpy() for n in names}
+
+
+def _torch_output(out, name: str):
+    """`present.i.key/value`: layer i of the returned cache (the prompt's keys/values)."""
+    if not name.startswith("present."):
+        return out[name]
+    _, layer, kind = name.split(".")
+    key, value = out["past_key_values"][int(layer)][:2]
+    return key if kind == "key" else value
 
 
 def ort_session(path: Path):

@@ -228,16 +228,29 @@ def test_vit_signature(exports):
 
 
 def test_gpt2_signature(exports):
+    """A decoder is exported with its KV cache: layer i's block reads past_key_values.i.* and
+    returns present.i.*, the attention mask spans past + new tokens."""
     m = load_manifest(exports["tiny-gpt2"][0])
-    assert m.family == "gpt2" and m.task == "text-generation"
+    assert m.family == "gpt2" and m.task == "text-generation-with-past"
+    past = [f"past_key_values.{i}.{kv}" for i in range(3) for kv in ("key", "value")]
     assert [(t.name, t.sample) for t in m.inputs] == [
         ("input_ids", {"kind": "randint", "high": 1000}),
+        *[(name, {"kind": "normal"}) for name in past],
         ("attention_mask", {"kind": "ones"}),
         ("position_ids", {"kind": "arange"}),
     ]
-    assert [(t.name, t.shape) for t in m.outputs] == [
-        ("logits", ("batch_size", "sequence_length", 1000))
-    ]
+    shapes = {t.name: t.shape for t in m.inputs}
+    assert shapes[past[0]] == ("batch_size", 4, "past_sequence_length", 16)
+    assert shapes["attention_mask"] == ("batch_size", "total_sequence_length")
+    assert m.sample["past_sequence_length"] == 0
+    assert [(t.name, t.shape) for t in m.outputs][0] == (
+        "logits",
+        ("batch_size", "sequence_length", 1000),
+    )
+    for block in (b for b in m.blocks if b.kind == "layers"):
+        (i,) = block.layers
+        assert {f"past_key_values.{i}.key", f"past_key_values.{i}.value"} <= set(block.inputs)
+        assert {f"present.{i}.key", f"present.{i}.value"} <= set(block.outputs)
 
 
 def test_a_tensor_can_skip_blocks(exports):

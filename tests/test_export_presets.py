@@ -16,11 +16,15 @@ REAL_SIZES_M = {
     "gpt2-medium": 354.8,
     "gpt2-large": 774.0,
     "gpt2-xl": 1557.6,
+    "tinyllama-1.1b": 1100.0,
+    "llama-3.2-1b": 1235.8,
+    "qwen2.5-1.5b": 1543.7,
 }
+TINY = {"tiny-bert", "tiny-vit", "tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-mistral"}
 
 
 def test_the_promised_presets_exist():
-    assert set(REAL_SIZES_M) | {"tiny-bert", "tiny-vit", "tiny-gpt2"} <= set(available_presets())
+    assert set(REAL_SIZES_M) | TINY <= set(available_presets())
 
 
 @pytest.mark.parametrize("name", available_presets())
@@ -29,7 +33,7 @@ def test_preset_builds_with_its_shape(name):
     import transformers
 
     preset = load_preset(name)
-    assert preset.family in ("bert", "vit", "gpt2")
+    assert preset.family in ("bert", "vit", "gpt2", "llama", "qwen2", "mistral")
     config = getattr(transformers, preset.config_class)(**preset.config)
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = getattr(transformers, preset.model_class)(config)

@@ -1,0 +1,225 @@
+"""Generation with a per-block KV cache: token-for-token equal to transformers' greedy generate on
+the same weights (GPT-2 and Llama-style decoders), under every strategy and a tight budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
+    import export_fixtures as fx
+except ImportError:  # pragma: no cover
+    from tests import export_fixtures as fx
+
+import hermes_ort
+from hermes_ort.decoder import decoder_signature
+
+PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
+NEW_TOKENS = 24
+FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-qwen2"]
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """Each tiny decoder exported once (with its KV cache): name -> (model dir, torch model)."""
+    root = tmp_path_factory.mktemp("decoders")
+    made = {}
+    for name in FAMILIES:
+        assert fx.export_cli(root / name, "--preset", name) == 0
+        made[name] = (root / name, fx.preset_model(name))
+    return made
+
+
+def hf_generate(model, prompt, max_new_tokens: int, **kwargs) -> np.ndarray:
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0].numpy()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_equals_transformers(decoders, name):
+    model_dir, torch_model = decoders[name]
+    expected = hf_generate(torch_model, PROMPT, NEW_TOKENS)
+    with hermes_ort.load(model_dir) as model:
+        got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(got, expected)
+    assert len(set(expected[len(PROMPT) :].tolist())) > 1, "a degenerate sequence proves little"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"memory_budget": "min"},
+        {"strategy": "full"},
+        {"strategy": "full-mmap"},
+        {"strategy": "ondemand"},
+        {"strategy": "pipeswitch"},
+        {"loaders": 2, "window": 2},
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_every_strategy_generates_the_same_tokens(decoders, kwargs):
+    model_dir, torch_model = decoders["tiny-llama"]
+    expected = hf_generate(torch_model, PROMPT, NEW_TOKENS)
+    with hermes_ort.load(model_dir, **kwargs) as model:
+        np.testing.assert_array_equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_kv_cache_shapes(decoders):
+    """Each layer's present = its past with the new tokens appended: [1, kv_heads, T, head_dim]."""
+    model_dir, _ = decoders["tiny-llama"]
+    with hermes_ort.load(model_dir) as model:
+        sig = decoder_signature(model.manifest)
+        assert len(sig.slots) == 2 * 3  # 3 layers, key and value
+        assert {(s.kv_heads, s.head_dim) for s in sig.slots} == {(2, 16)}  # GQA: 2 of 4 heads
+        ids = np.array([PROMPT])
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(len(PROMPT))[None],
+            **sig.empty_cache(),
+        }
+        out = model.run(feeds)
+        for s in sig.slots:
+            assert out[s.present].shape == (1, 2, len(PROMPT), 16)
+        step = {
+            "input_ids": np.array([[9]]),
+            "attention_mask": np.ones((1, len(PROMPT) + 1), np.int64),
+            "position_ids": np.array([[len(PROMPT)]]),
+            **{s.past: out[s.present] for s in sig.slots},
+        }
+        out2 = model.run(step)
+        for s in sig.slots:
+            assert out2[s.present].shape == (1, 2, len(PROMPT) + 1, 16)
+            np.testing.assert_array_equal(out2[s.present][:, :, :-1], out[s.present])
+        model.generate(PROMPT, max_new_tokens=5)
+        stats = model.generation_stats
+        # The last token is chosen but never run: the cache holds prompt + 4 positions.
+        assert stats.cache_bytes == sig.cache_bytes(len(PROMPT) + 4)
+        assert stats.new_tokens == 5 and stats.prompt_tokens == len(PROMPT)
+
+
+def test_stops_at_eos_like_transformers(decoders):
+    model_dir, torch_model = decoders["tiny-gpt2"]
+    free = hf_generate(torch_model, PROMPT, NEW_TOKENS)[len(PROMPT) :]
+    eos = int(free[5])
+    stop = int(np.argmax(free == eos))  # its first occurrence
+    expected = hf_generate(torch_model, PROMPT, NEW_TOKENS, eos_token_id=eos)
+    streamed = []
+    with hermes_ort.load(model_dir) as model:
+        got = model.generate(
+            PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=eos, streamer=streamed.append
+        )
+        assert model.generation_stats.stopped_by == "eos"
+    np.testing.assert_array_equal(got, expected[: len(PROMPT) + stop + 1])
+    assert streamed == got[len(PROMPT) :].tolist()
+
+
+def test_default_eos_comes_from_generation_config(decoders, tmp_path):
+    model_dir, torch_model = decoders["tiny-llama"]
+    with hermes_ort.load(model_dir) as model:
+        free = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    eos = int(free[len(PROMPT) + 3])
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(model_dir, tmp_path / "m"))
+    config = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [eos]}))
+    with hermes_ort.load(copy) as model:
+        got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    assert got[-1] == eos and len(got) <= len(PROMPT) + 4
+
+
+def test_sampling_is_reproducible_with_a_seed(decoders):
+    model_dir, _ = decoders["tiny-llama"]
+    with hermes_ort.load(model_dir) as model:
+        greedy = model.generate(PROMPT, max_new_tokens=12, eos_token_id=[])
+        kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=[])
+        a = model.generate(PROMPT, seed=7, **kw)
+        b = model.generate(PROMPT, seed=7, **kw)
+        others = [model.generate(PROMPT, seed=s, **kw) for s in (1, 2, 3)]
+        top1 = model.generate(PROMPT, seed=3, top_k=1, **kw)
+        nucleus = model.generate(PROMPT, seed=3, top_p=1e-6, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, o) for o in others)
+    np.testing.assert_array_equal(top1, greedy)  # top-k 1 and a tiny top-p leave only the argmax
+    np.testing.assert_array_equal(nucleus, greedy)
+
+
+def test_prompt_forms(decoders):
+    model_dir, _ = decoders["tiny-gpt2"]
+    with hermes_ort.load(model_dir) as model:
+        flat = model.generate(np.array(PROMPT), max_new_tokens=3)
+        batched = model.generate(np.array([PROMPT]), max_new_tokens=3)
+    assert flat.shape == (len(PROMPT) + 3,)
+    np.testing.assert_array_equal(batched, flat[None])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m: m.generate([], max_new_tokens=3), hermes_ort.InputError, "empty"),
+        (lambda m: m.generate([[1, 2], [3, 4]], 3), hermes_ort.InputError, "one prompt"),
+        (lambda m: m.generate([1.5, 2.0], 3), hermes_ort.InputError, "integer token ids"),
+        (lambda m: m.generate(PROMPT, max_new_tokens=0), hermes_ort.InputError, "max_new_tokens"),
+        (lambda m: m.generate(PROMPT, 200), hermes_ort.InputError, r"208 positions.*\(128\)"),
+        (
+            lambda m: m.generate(PROMPT, 3, do_sample=True, temperature=0),
+            hermes_ort.InputError,
+            "temperature",
+        ),
+        (
+            lambda m: m.generate(PROMPT, 3, do_sample=True, top_p=1.5),
+            hermes_ort.InputError,
+            "top_p",
+        ),
+    ],
+)
+def test_bad_generate_calls_are_named(decoders, call, error, message):
+    model_dir, _ = decoders["tiny-gpt2"]
+    with hermes_ort.load(model_dir) as model:
+        with pytest.raises(error, match=message):
+            call(model)
+        assert len(model.generate(PROMPT, max_new_tokens=2)) == len(PROMPT) + 2  # still usable
+
+
+def test_a_model_without_kv_cache_cannot_generate(toy_dir):
+    with hermes_ort.load(toy_dir) as model, pytest.raises(hermes_ort.HermesError, match="KV cache"):
+        model.generate(PROMPT, max_new_tokens=2)
+
+
+def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
+    """The cache of prompt + max_new_tokens comes out of the budget before the blocks are planned;
+    a budget with no room left for it is refused, naming the cache."""
+    import hermes_ort.model as model_module
+
+    monkeypatch.setattr(model_module, "rss_bytes", lambda: 100 << 20)  # a fixed process baseline
+    model_dir, _ = decoders["tiny-gpt2"]
+    with hermes_ort.load(model_dir, memory_budget="min") as model:
+        smallest = model.plan.budget_bytes
+        cache = model.decoder.cache_bytes(len(PROMPT) + 100)
+        model.generate(PROMPT, max_new_tokens=100, eos_token_id=[])
+        assert model.plan.budget_bytes == smallest + cache  # "min" grows by the cache
+    # The estimate of the process baseline changes once ORT's environment exists: measure again.
+    with hermes_ort.load(model_dir, memory_budget="min") as model:
+        smallest = model.plan.budget_bytes
+    with hermes_ort.load(model_dir, memory_budget=smallest) as model:
+        with pytest.raises(hermes_ort.BudgetError, match="KV cache"):
+            model.generate(PROMPT, max_new_tokens=100)
+        assert model.run(model.sample_inputs(sequence_length=8))["logits"].shape == (1, 8, 1000)
+    with hermes_ort.load(model_dir, memory_budget=smallest + cache) as model:
+        assert len(model.generate(PROMPT, max_new_tokens=100, eos_token_id=[])) == len(PROMPT) + 100
+        assert model.plan.budget_bytes == smallest + cache
