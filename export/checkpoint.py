@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from hermes_ort.errors import ExportError
@@ -61,7 +62,9 @@ def resolve_source(ref: str) -> str:
     return ref
 
 
-def load_checkpoint(ref: str, task: str | None = None):
+def load_checkpoint(
+    ref: str, task: str | None = None, weights: bool = True, **config_overrides: Any
+):
     """(model, task) for a resolved source. The task defaults to the one of the checkpoint's
     architecture (config.json `architectures[0]`), always without past key values."""
     import torch
@@ -69,7 +72,7 @@ def load_checkpoint(ref: str, task: str | None = None):
     from optimum.exporters.tasks import TasksManager
 
     try:
-        config = transformers.AutoConfig.from_pretrained(ref)
+        config = transformers.AutoConfig.from_pretrained(ref, **config_overrides)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read the config of '{ref}': {e}") from None
     archs = getattr(config, "architectures", None) or []
@@ -94,6 +97,8 @@ def load_checkpoint(ref: str, task: str | None = None):
                 f"unsupported architecture '{archs[0]}': no export task known for it; pass --task"
             ) from None
         task = task.replace("-with-past", "")
+    if not weights:  # the architecture only (random init): the caller loads what it needs
+        return model_cls(config).to(torch.float32).eval(), task
     try:
         model = model_cls.from_pretrained(ref, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:

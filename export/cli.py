@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export a decoder without its per-layer KV cache inputs/outputs (no generate())",
     )
     parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="--model only: export layer by layer from the checkpoint's safetensors, so memory "
+        "grows with one layer, not the model (no whole-model file for full/full-mmap)",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -82,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         tolerance=args.tolerance,
         kv_cache=not args.no_kv_cache,
+        streaming=args.streaming,
         progress=not args.quiet,
     )
     main_thread = threading.current_thread() is threading.main_thread()

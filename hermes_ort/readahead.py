@@ -57,8 +57,12 @@ def _runs(missing: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
-def read_ahead(path: str) -> int:
-    """Make the whole file page-cache resident; returns the bytes actually read."""
+def read_ahead(path: str, sequential: bool = False) -> int:
+    """Make the whole file page-cache resident; returns the bytes actually read. `sequential`:
+    the file is read only by the dense block being loaded (its own .onnx/.data), so large folios
+    cost nothing and the kernel's sequential read-ahead is ~2.5x faster from storage (measured:
+    1.9 vs 0.75 GB/s with two agents); shared files keep small folios (an embedding may be looked
+    up sparsely by another block)."""
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = bytearray(_CHUNK_BYTES)
@@ -66,14 +70,15 @@ def read_ahead(path: str) -> int:
     try:
         size = os.fstat(fd).st_size
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            advice = os.POSIX_FADV_SEQUENTIAL if sequential else os.POSIX_FADV_RANDOM
+            os.posix_fadvise(fd, 0, 0, advice)
         missing = missing_pages(fd, size)
         runs = (
             [(0, size)]
             if missing is None
             else [(a * _PAGE, min(size, b * _PAGE)) for a, b in _runs(missing)]
         )
-        if hasattr(os, "posix_fadvise"):
+        if hasattr(os, "posix_fadvise") and not sequential:
             for start, end in runs:  # queue the I/O of every missing run at once
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
         total = 0

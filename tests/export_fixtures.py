@@ -35,6 +35,19 @@ def preset_model(name: str, seed: int = 0):
     return model.eval()
 
 
+def noisy_llama(seed: int = 0, **config):
+    """A Llama-style model of `config` built like a preset: seeded init plus N(0, 0.02) noise."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+    return model.eval()
+
+
 def save_tiny_gpt2(path: Path, n_layer: int = 4):
     """A 4-layer GPT-2 whose tied embedding (600 x 32 floats) is big enough to be shared."""
     import torch

@@ -3,6 +3,7 @@ the same weights (GPT-2 and Llama-style decoders), under every strategy and a ti
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,6 @@ def test_default_eos_comes_from_generation_config(decoders, tmp_path):
     with hermes_ort.load(model_dir) as model:
         free = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     eos = int(free[len(PROMPT) + 3])
-    import json
     import shutil
 
     copy = Path(shutil.copytree(model_dir, tmp_path / "m"))
@@ -223,3 +223,30 @@ def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
     with hermes_ort.load(model_dir, memory_budget=smallest + cache) as model:
         assert len(model.generate(PROMPT, max_new_tokens=100, eos_token_id=[])) == len(PROMPT) + 100
         assert model.plan.budget_bytes == smallest + cache
+
+
+def test_generation_bench_child_and_table(decoders, capsys):
+    """The generation bench's fresh-process child reports what the table shows."""
+    from hermes_ort.bench import generation
+
+    model_dir, _ = decoders["tiny-gpt2"]
+    assert (
+        generation.main(["child", str(model_dir), "--prompt-tokens", "6", "--new-tokens", "5"]) == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] and len(r["token_s"]) == 4 and r["decode_tokens_per_s"] > 0
+    assert r["cache_bytes"] == decoder_signature_of(model_dir).cache_bytes(6 + 4)
+    r.update(strategy="pipeload", profile="warm", share=0.5, cap_bytes=None, killed_for_memory=False,
+             cgroup_peak_bytes=None, blkio_read_bytes=None, io_floor_per_token_s=0.0)  # fmt: skip
+    killed = {**r, "ok": False, "strategy": "full", "killed_for_memory": True}
+    data = {"model": "tiny-gpt2", "model_bytes": 10 << 20, "baseline_bytes": 50 << 20,
+            "prompt_tokens": 6, "new_tokens": {"warm": 5, "cold": 2}, "cap_margin": 0.1,
+            "machine": {"cpu": "x", "cores": 2}, "records": [r, killed]}  # fmt: skip
+    table = generation.render(data)
+    assert "| warm | 50% " in table and "| pipeload |" in table and "killed for memory" in table
+
+
+def decoder_signature_of(model_dir):
+    from hermes_ort.manifest import load_manifest
+
+    return decoder_signature(load_manifest(model_dir))

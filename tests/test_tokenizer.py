@@ -45,22 +45,14 @@ def _trained_tokenizer(vocab_size: int):
 @pytest.fixture(scope="module")
 def llama_checkpoint_export(tmp_path_factory):
     """A tiny Llama checkpoint saved with save_pretrained, its tokenizer beside it, exported."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("tok")
     tokenizer = _trained_tokenizer(400)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2,
+    model = fx.noisy_llama(
+        seed=3, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
-    model.eval().save_pretrained(root / "ckpt")
+    model.save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(root / "ckpt")
     assert fx.export_cli(root / "model", "--model", str(root / "ckpt")) == 0
     return root / "model", model, tokenizer

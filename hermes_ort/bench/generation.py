@@ -1,0 +1,268 @@
+"""Generation benchmark: tokens/s, time to first token and peak memory of a decoder, per strategy,
+budget and storage profile, each configuration in a fresh process inside its own memory cgroup.
+
+    python -m hermes_ort.bench.generation models/tinyllama-1.1b --budgets 1,0.5,0.25 \
+        --profiles warm,sd --out bench/results/latest/generation
+
+Budgets are shares of the model's block bytes on top of the process baseline (a fresh Python with
+numpy and ONNX Runtime imported, measured first). `pipeload` plans under the budget; every strategy
+runs under a hard cap of the budget plus a margin (the baselines have no budget of their own, so
+the cap is what bounds them: `full` is killed where it does not fit, `full-mmap` pages its weights
+in and out). Warm: the child reads the files into the page cache itself, inside its capped cgroup,
+so only what fits beside the process stays cached (a board with that much memory). The per-token I/O floor is what a pass must read because the budget cannot hold the
+model (model bytes - usable budget) at the profile's measured read bandwidth (0 when warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CAP_MARGIN = 0.10  # the cap over the budget: RSS noise and page cache of the block in flight
+STRATEGIES = ("pipeload", "full", "full-mmap", "ondemand")
+
+
+# -- the child: one fresh process ----------------------------------------------------------------
+def child(args) -> dict[str, Any]:
+    t0 = args.t0
+    import numpy as np
+
+    import hermes_ort
+    from hermes_ort.memory import rss_bytes, storage_read_bytes
+
+    if args.warm:  # inside this process's cgroup, so the cap bounds what stays cached
+        from hermes_ort.bench.models import model_files
+        from hermes_ort.manifest import load_manifest
+        from hermes_ort.readahead import warm_files
+
+        warm_files(model_files(load_manifest(args.model_dir), args.model_dir, args.strategy))
+        t0 = time.time()  # the one-shot starts after the warm-up
+    read0, baseline = storage_read_bytes(), rss_bytes()
+    model = hermes_ort.load(args.model_dir, memory_budget=args.budget, strategy=args.strategy)
+    t_loaded = time.time()
+    with model:
+        vocab = next(t.sample["high"] for t in model.manifest.inputs if t.name == "input_ids")
+        prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_tokens)
+        times: list[float] = []
+        last = [time.perf_counter()]
+
+        def tick(_token: int) -> None:
+            now = time.perf_counter()
+            times.append(now - last[0])
+            last[0] = now
+
+        model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=tick)
+        s, plan = model.generation_stats, model.plan
+    t_done = time.time()
+    return {
+        "ok": True,
+        "one_shot_s": t_done - t0,  # process start to the last token, loading included
+        "load_s": t_loaded - t0,
+        "time_to_first_token_s": s.time_to_first_token_s,
+        "token_s": times[1:],  # each decode pass (the first entry is the prompt pass)
+        "decode_tokens_per_s": s.decode_tokens_per_s,
+        "peak_rss_bytes": s.peak_rss_bytes,
+        "bytes_read": storage_read_bytes() - read0,
+        "cache_bytes": s.cache_bytes,
+        "baseline_bytes": baseline,  # RSS with Python, numpy and ORT imported, before the model
+        "budget_bytes": plan.budget_bytes,
+        "plan": {
+            "loaders": plan.loaders,
+            "window": plan.window,
+            "resident_blocks": len(plan.resident),
+            "blocks": len(model.manifest.blocks),
+            "streamed_bytes": sum(
+                b.bytes for i, b in enumerate(model.manifest.blocks) if i not in plan.resident
+            ),
+        },  # fmt: skip
+    }
+
+
+# -- the parent: the matrix ----------------------------------------------------------------------
+def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: int | None,
+             cap: int | None, args) -> dict[str, Any]:  # fmt: skip
+    from hermes_ort.bench.device import Launch, prepare_cache, run_under
+    from hermes_ort.bench.matrix import STORAGE
+    from hermes_ort.bench.models import model_files
+    from hermes_ort.manifest import load_manifest
+
+    # Warm = the child reads the files into the page cache itself (charged to its capped cgroup:
+    # only what fits beside the process stays cached, as on a board with that much memory).
+    manifest = load_manifest(model_dir)
+    prepare_cache(STORAGE["cold"], [], model_files(manifest, model_dir))
+    launch = Launch(emulation, cores=args.cores, cap_bytes=cap, disk=disk,
+                    read_bytes_per_s=storage.read_bytes_per_s, tag="gen")  # fmt: skip
+    cmd = [sys.executable, "-m", "hermes_ort.bench.generation", "child", str(model_dir),
+           "--strategy", strategy, "--prompt-tokens", str(args.prompt_tokens),
+           "--new-tokens", str(args.new_tokens if storage.cache == "warm" else args.cold_new_tokens)]  # fmt: skip
+    if budget is not None:
+        cmd += ["--budget", str(budget)]
+    if storage.cache == "warm":
+        cmd.append("--warm")
+    code, out, err, _ = run_under(launch, cmd, args.timeout)
+    lines = [x for x in out.strip().splitlines() if x.startswith("{")]
+    tail = (err.strip().splitlines() or [f"exit status {code}"])[-1]
+    result = json.loads(lines[-1]) if lines else {"ok": False, "error": tail}
+    mem = launch.memory
+    killed = bool(mem and mem.oom_kills) or code == -9
+    result.update(
+        strategy=strategy, profile=storage.name, budget_bytes=budget, cap_bytes=cap if launch.cap_enforced else None,
+        cgroup_peak_bytes=mem.peak_bytes if mem else None, killed_for_memory=killed,
+        blkio_read_bytes=launch.blkio_read_bytes, returncode=code,
+    )  # fmt: skip
+    return result
+
+
+def run_matrix(args) -> dict[str, Any]:
+    from hermes_ort.bench.cgroups import disk_of
+    from hermes_ort.bench.device import Emulation, measure_read_bandwidth
+    from hermes_ort.bench.matrix import STORAGE
+    from hermes_ort.bench.records import machine_info, versions
+    from hermes_ort.manifest import load_manifest
+
+    model_dir = Path(args.model_dir)
+    manifest = load_manifest(model_dir)
+    model_bytes = sum(f.bytes for f in manifest.block_files().values())
+    emulation = Emulation.detect()
+    disk = disk_of(model_dir)
+    for w in emulation.warnings(tuple(), disk):
+        print(f"warning: {w}", file=sys.stderr)
+    records, bandwidth = [], {}
+    baseline = _process_baseline()
+    for name in args.profiles.split(","):
+        storage = STORAGE[name]
+        bandwidth[name] = measure_read_bandwidth(emulation, storage, model_dir, disk)["read_bytes_per_s"]  # fmt: skip
+        for share in [float(x) for x in args.budgets.split(",")]:
+            budget = int(share * model_bytes) + baseline
+            cap = int(budget * (1 + CAP_MARGIN))
+            for strategy in args.strategies.split(","):
+                for rep in range(args.repeats):
+                    t = time.time()
+                    r = _run_one(emulation, model_dir, disk, storage, strategy,
+                                 budget if strategy == "pipeload" else None, cap, args)  # fmt: skip
+                    r.update(share=share, repeat=rep, wall_s=time.time() - t)
+                    r["io_floor_per_token_s"] = _io_floor(model_bytes, budget, r, bandwidth[name])
+                    records.append(r)
+                    print(_line(r), file=sys.stderr, flush=True)
+    return {
+        "kind": "hermes-ort generation bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": manifest.name, "model_dir": str(model_dir), "model_bytes": model_bytes,
+        "baseline_bytes": baseline, "prompt_tokens": args.prompt_tokens, "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
+        "cap_margin": CAP_MARGIN, "bandwidth_bytes_per_s": bandwidth, "machine": machine_info(),
+        "versions": versions(), "emulation": emulation.to_json(), "records": records,
+    }  # fmt: skip
+
+
+def _process_baseline() -> int:
+    """RSS of a fresh process that imported the runtime (Python, numpy, ONNX Runtime)."""
+    import subprocess
+
+    code = "import hermes_ort, onnxruntime; from hermes_ort.memory import rss_bytes; print(rss_bytes())"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout.split()[-1])  # fmt: skip
+
+
+def _io_floor(model_bytes: int, budget: int, r: dict, bandwidth: float | None) -> float | None:
+    """Seconds a decode pass must spend reading: the part of the model the budget cannot hold
+    (besides the process baseline and the KV cache), at the profile's bandwidth."""
+    if bandwidth is None:
+        return 0.0
+    usable = budget - r.get("baseline_bytes", 80 << 20) - r.get("cache_bytes", 0)
+    return max(0, model_bytes - usable) / bandwidth
+
+
+def _line(r: dict) -> str:
+    if not r.get("ok"):
+        what = "killed for memory" if r["killed_for_memory"] else f"failed: {r.get('error')}"
+        return f"{r['profile']} {r['share']:.0%} {r['strategy']}: {what}"
+    return (f"{r['profile']} {r['share']:.0%} {r['strategy']}: {r['decode_tokens_per_s']:.2f} tok/s, "
+            f"TTFT {r['time_to_first_token_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB")  # fmt: skip
+
+
+# -- the table -----------------------------------------------------------------------------------
+def render(data: dict[str, Any]) -> str:
+    from hermes_ort.units import format_bytes
+
+    mb = lambda b: format_bytes(b) if b is not None else "-"  # noqa: E731
+    out = [
+        f"# Generation: {data['model']} ({format_bytes(data['model_bytes'])} of blocks)", "",
+        f"{data['prompt_tokens']}-token prompt, then {data['new_tokens']['warm']} new tokens (warm) or "
+        f"{data['new_tokens']['cold']} (cold profiles); one fresh process per row, inside a memory "
+        f"cgroup capped at the budget + {data['cap_margin']:.0%}. Budget = a share of the model's "
+        f"bytes + the process baseline ({format_bytes(data['baseline_bytes'])}: Python, numpy, ONNX "
+        f"Runtime); `pipeload` plans under the budget, the baselines have only the cap. Machine: "
+        f"{data['machine'].get('cpu', '?')}, {data['machine'].get('cores', '?')} cores.", "",
+        "| profile | budget | strategy | tokens/s | per token (median) | I/O floor per token | "
+        "first token | one-shot | peak RSS | cgroup peak | read | resident blocks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in data["records"]:
+        head = f"| {r['profile']} | {r['share']:.0%} ({mb(r['cap_bytes'] and int(r['cap_bytes'] / (1 + data['cap_margin'])))}) | {r['strategy']} |"  # fmt: skip
+        if not r.get("ok"):
+            why = "killed for memory" if r["killed_for_memory"] else f"failed: {r.get('error')}"
+            out.append(f"{head} {why} | | | | | | {mb(r.get('cgroup_peak_bytes'))} | | |")
+            continue
+        per = statistics.median(r["token_s"]) if r["token_s"] else None
+        floor = r.get("io_floor_per_token_s")
+        plan = r["plan"]
+        out.append(
+            f"{head} {r['decode_tokens_per_s']:.2f} | {per * 1000:.0f} ms | "
+            f"{'-' if floor is None else f'{floor * 1000:.0f} ms'} | {r['time_to_first_token_s']:.2f} s | "
+            f"{r['one_shot_s']:.1f} s | {mb(r['peak_rss_bytes'])} | {mb(r.get('cgroup_peak_bytes'))} | "
+            f"{mb(r.get('blkio_read_bytes') or r['bytes_read'])} | {plan['resident_blocks']}/{plan['blocks']} |"
+        )  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hermes_ort.bench.generation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="mode")
+    c = sub.add_parser("child")
+    c.add_argument("model_dir", type=Path)
+    c.add_argument("--strategy", default="pipeload")
+    c.add_argument("--budget", type=int, default=None)
+    c.add_argument("--prompt-tokens", type=int, default=32)
+    c.add_argument("--new-tokens", type=int, default=16)
+    c.add_argument("--t0", type=float, default=None)
+    c.add_argument("--warm", action="store_true", help="read the model files first")
+    m = sub.add_parser("run")
+    m.add_argument("model_dir", type=Path)
+    m.add_argument("--strategies", default=",".join(STRATEGIES))
+    m.add_argument("--budgets", default="1,0.5,0.25", help="shares of the model's bytes")
+    m.add_argument("--profiles", default="warm,sd")
+    m.add_argument("--prompt-tokens", type=int, default=32)
+    m.add_argument("--new-tokens", type=int, default=16, help="new tokens on the warm profile")
+    m.add_argument("--cold-new-tokens", type=int, default=4, help="on cold/emmc/sd profiles")
+    m.add_argument("--repeats", type=int, default=1)
+    m.add_argument("--cores", type=int, default=None)
+    m.add_argument("--timeout", type=float, default=1800)
+    m.add_argument("--out", type=Path, default=Path("bench/results/latest/generation"))
+    args = p.parse_args(argv)
+    if args.mode == "child":
+        args.t0 = args.t0 or time.time()
+        try:
+            print(json.dumps(child(args)))
+        except Exception as e:  # the parent records the failure
+            print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+            return 1
+        return 0
+    if args.mode != "run":
+        p.print_help()
+        return 2
+    data = run_matrix(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "generation.json").write_text(json.dumps(data, indent=1))
+    table = render(data)
+    (args.out / "generation.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
