@@ -1,19 +1,25 @@
 """One export, end to end: load -> whole-model ONNX -> cut -> optimise/store -> verify -> manifest.
 
-Everything is written into a temporary directory next to the output (`.NAME.tmp-XXXX`) that is
-renamed into place only once verified; on any failure or interrupt it is removed.
+Everything is written into a temporary directory next to the output (`.NAME.tmp-PID-XXXX`) that is
+renamed into place only once verified; on any failure or interrupt it is removed, and what an
+export killed outright left is removed by the next export of the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
+import glob
+import json
 import os
 import platform
 import secrets
+import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -58,24 +64,122 @@ def log(message: str) -> None:
 
 def export_model(opts: ExportOptions) -> ExportResult:
     """Export, cut, verify and atomically install a model directory at `opts.out`."""
+    from export.storage import remove_tree
+
     start = time.perf_counter()
     _check_options(opts)
     out = Path(opts.out).absolute()
+    if opts.model is not None:
+        _check_checkpoint_files(opts.model)
+    _remove_stale(out)
     _check_out(out, opts.force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the pid in the name: a later export can tell the leftovers of a killed one (_remove_stale)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         manifest, stages = _export_into(tmp, opts)
         _install(tmp, out)
+    except BaseException as e:
+        _clear_frames(e)
+        explained = _explained(e, out) if isinstance(e, (ExportError, OSError)) else e
+        if explained is e:
+            raise
+        raise explained from e
     finally:
-        if tmp.exists():
-            from export.storage import remove_tree
-
+        if tmp is not None and tmp.exists():
             remove_tree(tmp)
     return ExportResult(manifest, out, time.perf_counter() - start, stages)
+
+
+def _clear_frames(e: BaseException) -> None:
+    """Drop the locals of the failed stages' frames (of `e` and the errors it chains): they hold
+    ORT sessions and mappings of files in the temporary directory, whose disk space would stay
+    taken, deleted, for as long as anyone keeps the error."""
+    todo, seen = [e], set()
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        todo += [err.__cause__, err.__context__]
+
+
+DISK_FULL_BYTES = 1 << 20  # less free than this when an export fails: the disk filled up
+
+
+def _explained(e: ExportError | OSError, out: Path) -> ExportError:
+    """The failure as an ExportError; a full disk is named as such, whatever the writer said
+    (ORT reports one as "Protobuf serialization failed", optimum as an export failure)."""
+    try:
+        free = shutil.disk_usage(out.parent).free  # before the temporary directory is removed
+    except OSError:
+        free = None
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < DISK_FULL_BYTES):  # fmt: skip
+        return ExportError(
+            f"no space left on the device holding '{out.parent}' ({free} bytes free) while "
+            f"exporting: {e}; nothing was kept"
+        )
+    if isinstance(e, OSError):
+        return ExportError(f"cannot write the export of '{out}': {e}; nothing was kept")
+    return e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """What an export of `out` that was killed outright (SIGKILL, the OOM killer) left beside it:
+    its temporary directory is removed; the previous model it had swapped out is put back if
+    nothing replaced it, else removed. Only leftovers of processes that no longer exist."""
+    from export.storage import remove_tree
+
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*-*"):
+        kind, _, rest = path.name[len(out.name) + 2 :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not (out.exists() or out.is_symlink()):
+            os.rename(path, out)
+        else:
+            remove_tree(path)
+
+
+def _check_checkpoint_files(ref: str) -> None:
+    """A local checkpoint's safetensors files are whole (header, then exactly the data it
+    describes): a truncated or damaged file is named before torch is imported."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or n > size - 8:
+                    raise ValueError("its header runs past the end of the file")
+                header = json.loads(fh.read(n))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ExportError(f"checkpoint file '{f}' is damaged: {e}") from None
+        if 8 + n + max(ends, default=0) != size:
+            raise ExportError(
+                f"checkpoint file '{f}' is truncated or damaged: {size} bytes, its header "
+                f"describes {8 + n + max(ends, default=0)}"
+            )
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -118,7 +222,7 @@ def _install(tmp: Path, out: Path) -> None:
 
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(out, old)
     try:
         os.rename(tmp, out)

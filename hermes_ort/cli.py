@@ -36,6 +36,10 @@ def _add_run(sub) -> None:
     )
     p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
+    p.add_argument(
+        "--verify", default="once", choices=("once", "size"),
+        help="check each file's sha256 once and cache it (default), or only sizes",
+    )  # fmt: skip
     p.set_defaults(func=cmd_run)
 
 
@@ -44,7 +48,7 @@ def cmd_run(args) -> int:
 
     model = hermes_ort.load(
         args.model_dir, memory_budget=args.budget, strategy=args.strategy, loaders=args.loaders,
-        window=args.window, load_path=args.load_path,
+        window=args.window, load_path=args.load_path, verify=args.verify,
     )  # fmt: skip
     with model:
         if args.input == "random":
@@ -91,7 +95,7 @@ def cmd_run(args) -> int:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe an exported model directory")
     p.add_argument("model_dir", type=Path)
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    p.add_argument("--verify", action="store_true", help="also hash every file now (sha256)")
     p.set_defaults(func=cmd_info)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from hermes_ort.daemon import Daemon, destroy
 from hermes_ort.errors import HermesError
-from hermes_ort.integrity import check_size
+from hermes_ort.integrity import check_file
 from hermes_ort.loader import LiveBlock, LoadingAgents
 from hermes_ort.manifest import Manifest, last_consumers
 from hermes_ort.memory import (
@@ -155,6 +155,7 @@ class BlockEngine:
         block_stats: list[BlockStats] = []
         env = dict(feeds)
         outputs_wanted = set(self.manifest.output_names)
+        block = None
         with _Measure() as m:
             try:
                 slots.fill()
@@ -197,6 +198,12 @@ class BlockEngine:
                             slots.destroying()
                             done = slots.destroyed
                         self.daemon.release(block, self.plan.drop_cache, self.files_after[i], done)
+            except BaseException:  # Ctrl-C or a failure: whoever keeps the traceback keeps this
+                # frame; it must not keep a streamed block's session or the activations
+                if block is not None and all(b is not block for b in self.resident.values()):
+                    block.session = None
+                env.clear()
+                raise
             finally:
                 self._drain(slots)
         stats = RunStats(
@@ -261,10 +268,9 @@ class FullEngine:
         with _Measure() as m:
             if self.session is None:
                 t0 = time.perf_counter()
-                for f in self.spec.files:
-                    check_size(self.model_dir, f)
+                paths = [check_file(self.model_dir, f) for f in self.spec.files]
                 self.session = create_session(
-                    self.model_dir / self.spec.path, self.settings, "the whole model"
+                    self.model_dir / self.spec.path, self.settings, "the whole model", paths
                 )
                 create_s = time.perf_counter() - t0
             t1 = time.perf_counter()

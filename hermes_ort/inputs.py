@@ -49,6 +49,7 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
                     raise InputError(
                         f"input '{name}' has {want}={got} (axis {axis}) but input '{first[0]}' has {want}={first[1]}"
                     )
+        _check_token_ids(name, spec, value)
         checked[name] = np.ascontiguousarray(value)
     _check_total_length(dims)
     limit = manifest.sample.get("max_sequence_length")
@@ -58,6 +59,19 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
             f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})"
         )
     return checked
+
+
+def _check_token_ids(name: str, spec: TensorSpec, value: np.ndarray) -> None:
+    """Token ids inside the vocabulary (the exporter's sample for *input_ids: randint up to the
+    vocabulary size): ONNX's Gather reads a negative id from the end of the table, silently."""
+    sample = spec.sample or {}
+    if not name.endswith("input_ids") or sample.get("kind") != "randint" or "high" not in sample:
+        return
+    low, high = int(value.min()), int(value.max())
+    if low < 0 or high >= sample["high"]:
+        raise InputError(
+            f"input '{name}' has token ids from {low} to {high}, expected 0 <= id < {sample['high']} (the vocabulary size)"
+        )
 
 
 _MAY_BE_EMPTY = ("past_sequence_length",)  # a decoder's KV cache is empty on the prompt pass

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from hermes_ort.errors import HermesError, LoadError
-from hermes_ort.integrity import check_size
+from hermes_ort.integrity import check_file
 from hermes_ort.manifest import BlockSpec
 from hermes_ort.readahead import read_ahead
 from hermes_ort.sessions import SessionSettings, create_session
@@ -34,7 +34,7 @@ def load_block(
     model_dir: Path, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
 ) -> LiveBlock:
     """Check, optionally read ahead, and open one block. Raises LoadError/IntegrityError naming it."""
-    paths = [check_size(model_dir, f) for f in spec.files]
+    paths = [check_file(model_dir, f) for f in spec.files]
     t0 = time.perf_counter()
     read = 0
     if readahead:
@@ -43,10 +43,13 @@ def load_block(
         except OSError as e:
             raise LoadError(f"block '{spec.name}': cannot read '{e.filename}': {e.strerror}") from e
     t1 = time.perf_counter()
-    session = create_session(model_dir / spec.path, settings, what=f"block '{spec.name}'")
+    session = create_session(
+        model_dir / spec.path, settings, what=f"block '{spec.name}'", allowed=paths
+    )
     t2 = time.perf_counter()
     names = {i.name for i in session.get_inputs()}
     if not names <= set(spec.inputs):
+        del session  # not kept alive by the traceback's frame
         raise LoadError(
             f"block '{spec.name}' ('{spec.path}') takes inputs {sorted(names - set(spec.inputs))} "
             "that its manifest entry does not list"

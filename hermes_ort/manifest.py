@@ -137,7 +137,13 @@ def _require(data: dict, key: str, kind: type | tuple[type, ...], where: str) ->
 def _check_relative(path: str, where: str) -> str:
     """Refuse paths that are absolute or climb out of the model directory."""
     p = Path(path)
-    if p.is_absolute() or path.startswith(("/", "\\")) or ".." in p.parts or not path:
+    if (
+        not path
+        or p.is_absolute()
+        or path.startswith(("/", "\\"))
+        or ".." in p.parts
+        or "\0" in path  # every os call would raise ValueError on it
+    ):
         raise ManifestError(
             f"{where}: path '{path}' must be relative and stay inside the model directory"
         )
@@ -268,6 +274,11 @@ def load_manifest(model_dir: str | Path) -> Manifest:
     if not path.is_file():
         raise ManifestError(
             f"'{path}' not found: is '{model_dir}' a model exported by `hermes-ort export`?"
+        )
+    root = model_dir.resolve()
+    if root not in path.resolve().parents:
+        raise ManifestError(
+            f"'{path}' is a link to '{path.resolve()}', outside the model directory"
         )
     try:
         data = json.loads(path.read_text())

@@ -11,6 +11,7 @@ from hermes_ort.costmodel import CostModel
 from hermes_ort.engine import BlockEngine, FullEngine
 from hermes_ort.errors import HermesError
 from hermes_ort.inputs import check_inputs, sample_inputs
+from hermes_ort.integrity import verify_model
 from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.memory import rss_bytes
 from hermes_ort.planner import Plan, check_budget, plan_strategy
@@ -98,6 +99,7 @@ def load(
     window: int | None = None,
     load_path: str = "default",
     profile: bool | None = None,
+    verify: str = "once",
 ) -> HermesModel:
     """Open an exported model directory.
 
@@ -111,9 +113,14 @@ def load(
     profile: None = plan with the stored profile (`hermes-ort profile`) if it matches this machine,
         else with estimates from file sizes; True = measure one now if missing; False = estimates.
         strategy="auto" is "pipeload" with profile=True.
+    verify: "once" (default) = the sha256 of every file the strategy opens is checked before its
+        first use, then cached by size, times and inode (in `verified.json`); "size" = sizes only
+        (a damaged file of the right size then goes unnoticed). Both refuse paths and external
+        data that leave the model directory. See docs/reliability.md.
     """
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
+    verify_model(model_dir, manifest, strategy, verify)
     smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
     budget = None if smallest else parse_bytes(memory_budget)
     if strategy == "auto":

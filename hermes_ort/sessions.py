@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from hermes_ort.errors import LoadError, RunFailed
+from hermes_ort.integrity import check_external_data
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -51,6 +52,8 @@ class SessionSettings:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = _LEVELS[self.optimization]
         opts.log_severity_level = 3  # errors only: ORT's warnings are not for end users
+        # parse every file as ONNX protobuf (what check_external_data read), never as ORT format
+        opts.add_session_config_entry("session.load_model_format", "ONNX")
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.prepack:
@@ -97,13 +100,16 @@ def session_created_in_process() -> bool:
 
 
 def create_session(
-    path: str | Path, settings: SessionSettings, what: str = ""
+    path: str | Path, settings: SessionSettings, what: str = "", allowed: list[Path] | None = None
 ) -> ort.InferenceSession:
-    """Open one ONNX file; any ORT failure becomes a LoadError naming the file."""
+    """Open one ONNX file; any ORT failure becomes a LoadError naming the file. Its external data
+    must stay inside its model directory (and be among `allowed`, the files the manifest lists
+    for it, when given): checked here, before ORT opens anything."""
     path = Path(path)
     label = f"{what} " if what else ""
     if not path.is_file():
         raise LoadError(f"cannot load {label}'{path}': file not found")
+    check_external_data(path, allowed)
     global _created_any
     _created_any = True
     try:
@@ -120,6 +126,17 @@ def run_session(
 ) -> list[np.ndarray]:
     try:
         return session.run(names, feeds)
-    except Exception as e:  # ORT's own exception types
+    except BaseException as e:  # ORT's own exception types, or Ctrl-C as ORT's run returns
+        # whoever keeps the error (a REPL keeps the last one) must not keep the session: drop this
+        # frame's reference and the frames below (ORT's wrapper, whose `self` is the session)
+        del session
+        e = e.with_traceback(None)
+        if not isinstance(e, Exception):
+            raise e  # noqa: B904  (re-raised as it is, only without ORT's frames)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if any(s in first for s in _OUT_OF_MEMORY):
+            raise RunFailed(f"{what} ran out of memory (a memory limit was hit): {first}") from e
         raise RunFailed(f"{what} failed to run: {first}") from e
+
+
+_OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory")  # ORT's texts for a failed allocation

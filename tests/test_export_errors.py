@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +153,134 @@ def test_python_m_export_runs_the_cli(tmp_path):
     )
     assert proc.returncode == 1
     assert "available presets: bert-base, bert-large, gpt2" in proc.stderr
+
+
+# -- checkpoints with files missing or damaged ------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_bert_checkpoint(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("ckpt") / "bert"
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                        intermediate_size=64, vocab_size=100)  # fmt: skip
+    BertModel(config).save_pretrained(path, max_shard_size="40KB")  # several shards + an index
+    return path
+
+
+def _damaged_copy(src: Path, dst: Path, damage) -> Path:
+    shutil.copytree(src, dst)
+    damage(dst, sorted(dst.glob("model-*.safetensors")))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda d, shards: (
+                [s.unlink() for s in shards] + [(d / "model.safetensors.index.json").unlink()]
+            ),
+            "no file named .*model.safetensors",
+        ),  # fmt: skip
+        (lambda d, shards: shards[1].unlink(), f"No such file or directory: .*{'model-00002-of-'}"),
+        (
+            lambda d, shards: shards[0].write_bytes(shards[0].read_bytes()[:-100]),
+            "model-00001-of-.*is truncated or damaged",
+        ),  # fmt: skip
+        (lambda d, shards: shards[0].write_bytes(b"\xff" * 64), "model-00001-of-.*is damaged"),
+    ],
+    ids=["no-weights", "missing-shard", "truncated-shard", "garbage-shard"],
+)
+def test_checkpoint_with_files_missing_or_damaged(tiny_bert_checkpoint, tmp_path, capsys, damage, message):  # fmt: skip
+    ckpt = _damaged_copy(tiny_bert_checkpoint, tmp_path / "ckpt", damage)
+    assert fx.export_cli(tmp_path / "m", "--model", str(ckpt)) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+def test_disk_full_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
+    def no_space(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(storage, "optimise_block", no_space)
+    assert fx.export_cli(tmp_path / "m", "--preset", "tiny-bert") == 1
+    err = capsys.readouterr().err
+    assert "no space left on the device holding" in err and "nothing was kept" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1.5 MB tmpfs (root only): the tiny-bert export (1.9 MB) fills it partway through."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or 'not root'}")
+    try:
+        yield mount
+    finally:  # busy if a failed export still maps a deleted file: its space would not be back
+        busy = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+        if busy.returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+            pytest.fail(f"the tmpfs is still in use after the export: {busy.stderr.strip()}")
+
+
+def test_a_really_full_disk_is_named_and_nothing_is_left(tiny_tmpfs, capsys):
+    """Whatever writer hits the full disk (Python, protobuf, ONNX Runtime: the latter says
+    "Protobuf serialization failed"), the error says the disk is full."""
+    assert fx.export_cli(tiny_tmpfs / "m", "--preset", "tiny-bert") == 1
+    err = capsys.readouterr().err
+    assert "no space left on the device holding" in err and "Traceback" not in err
+    assert list(tiny_tmpfs.iterdir()) == []
+
+
+# -- interrupted from outside -----------------------------------------------------------------------
+def _export_process(out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "export", "--preset", "tiny-bert", "--out", str(out), "--quiet",
+           "--seq-len", str(fx.SEQ_LEN)]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _wait_for_temporary_dir(parent: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while not fx.leftovers(parent):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export never started"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signalled_export_leaves_nothing(tmp_path, sig):
+    proc = _export_process(tmp_path / "m")
+    try:
+        _wait_for_temporary_dir(tmp_path, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted; nothing was written" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_a_killed_export_are_cleaned_by_the_next(tmp_path, capsys):
+    """SIGKILL (the OOM killer) runs no cleanup: the next export of the same output removes the
+    dead process's temporary directory, and puts back a model it had swapped out."""
+    proc = _export_process(tmp_path / "m")
+    try:
+        _wait_for_temporary_dir(tmp_path, proc)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
+    (stale,) = fx.leftovers(tmp_path)
+    previous = tmp_path / f".m.old-{proc.pid}-0000"  # killed while swapping in a new model
+    previous.mkdir()
+    (previous / "manifest.json").write_text("{}")
+    mine = tmp_path / f".m.tmp-{os.getpid()}-live"  # a running export's: kept
+    mine.mkdir()
+    assert fx.export_cli(tmp_path / "m", "--preset", "tiny-bert") == 1  # the model is back
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "m" / "manifest.json").read_text() == "{}"
+    assert fx.leftovers(tmp_path) == [mine.name] and stale != mine.name

@@ -55,6 +55,14 @@ def feeds(model):
             ),
             "sequence_length 65, longer than the model supports \\(64\\)",
         ),
+        (
+            lambda f: f["input_ids"].__setitem__((1, 3), 50),
+            r"'input_ids' has token ids from \d+ to 50, expected 0 <= id < 50",
+        ),
+        (
+            lambda f: f["input_ids"].__setitem__((0, 0), -1),  # Gather would read the last row
+            "'input_ids' has token ids from -1 to",
+        ),
     ],
 )
 def test_bad_input_is_named(model, feeds, mutate, message):

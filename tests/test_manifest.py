@@ -44,6 +44,11 @@ def test_last_consumers(toy_dir):
             lambda d: d["blocks"][2]["files"][1].update(path="../../x.data"),
             "'../../x.data' must be relative",
         ),
+        (
+            lambda d: d["blocks"][2]["files"][1].update(path="blocks/x.data\0.onnx"),
+            "must be relative",
+        ),
+        (lambda d: d["full_model"].update(path="/tmp/model.onnx"), "full_model: path"),
         (lambda d: d["blocks"][2].update(path="blocks/other.onnx"), "not listed in its files"),
         (
             lambda d: d["blocks"][3].update(inputs=["h_9", "mask"]),
@@ -78,8 +83,22 @@ def test_symlink_escaping_the_model_dir_is_refused(toy_copy, tmp_path):
     outside.write_bytes(victim.read_bytes())
     victim.unlink()
     victim.symlink_to(outside)
-    with (
-        hermes_ort.load(toy_copy, window=2) as model,
-        pytest.raises(hermes_ort.IntegrityError, match="outside the model directory"),
-    ):
-        model.run(model.sample_inputs())
+    with pytest.raises(hermes_ort.IntegrityError, match="outside the model directory"):
+        hermes_ort.load(toy_copy, window=2, verify="size")
+
+
+def test_symlink_inside_the_model_dir_is_followed(toy_copy):
+    data = toy_copy / "blocks" / "layer_00.data"
+    (toy_copy / "blocks" / "store").mkdir()  # ORT wants external data beside its .onnx or below
+    data.rename(toy_copy / "blocks" / "store" / "moved.data")
+    data.symlink_to(toy_copy / "blocks" / "store" / "moved.data")
+    with hermes_ort.load(toy_copy, window=2) as model:
+        assert model.run(model.sample_inputs())["logits"].shape == (1, 16, 50)
+
+
+def test_manifest_linked_from_outside_is_refused(toy_copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    (toy_copy / "manifest.json").rename(outside)
+    (toy_copy / "manifest.json").symlink_to(outside)
+    with pytest.raises(hermes_ort.ManifestError, match="outside the model directory"):
+        load_manifest(toy_copy)

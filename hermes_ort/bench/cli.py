@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-profile", action="store_true", help="do not run `hermes-ort profile` first"
     )
     p.add_argument("--no-cgroups", action="store_true", help="no memory caps or throttling even where possible")  # fmt: skip
+    p.add_argument("--cap-at-budget", nargs="?", const="10%", default=None, metavar="MARGIN",
+                   help="cap each configuration with a budget at that budget plus MARGIN (default 10%%; or bytes, e.g. 16MB)")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("--fail-on-error", action="store_true",
@@ -110,8 +112,13 @@ def cmd_bench(args) -> int:
         return 0
     from hermes_ort.bench.runner import RunOptions, run_matrix
 
+    if args.cap_at_budget is not None:
+        from hermes_ort.bench.matrix import margin_bytes
+
+        margin_bytes(args.cap_at_budget, 1 << 30)  # a bad spelling fails now, not after the exports
     options = RunOptions(models_dir=args.models_dir, timeout_s=args.timeout, profile=not args.no_profile,
-                         cgroups=not args.no_cgroups, progress=not args.no_progress)  # fmt: skip
+                         cgroups=not args.no_cgroups, progress=not args.no_progress,
+                         budget_cap_margin=args.cap_at_budget)  # fmt: skip
     try:
         doc = run_matrix(matrix, options)
     except (RuntimeError, ValueError, OSError) as e:
@@ -121,6 +128,10 @@ def cmd_bench(args) -> int:
     paths = write_outputs(to_json(doc), run_dir, not args.no_plots)
     print(paths[1].read_text())
     print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+    from hermes_ort.bench.render import killed_lines
+
+    for line in killed_lines(to_json(doc)):
+        print(f"hermes-ort bench: {line.replace('**', '')}", file=sys.stderr)
     if doc["interrupted"]:
         return 130
     failures = _unexpected_failures(to_json(doc))

@@ -93,6 +93,17 @@ def parse_budget(text: str) -> Budget:
     return Budget(text.strip(), "bytes", float(parse_bytes(t)))
 
 
+def margin_bytes(margin: str, budget: int) -> int:
+    """'10%' of the budget, or a byte size ('16MB')."""
+    text = margin.strip()
+    if text.endswith("%"):
+        share = float(text[:-1]) / 100
+        if share < 0:
+            raise ValueError(f"cap margin '{margin}' must not be negative")
+        return int(share * budget)
+    return parse_bytes(text)
+
+
 @dataclass(frozen=True)
 class StorageProfile:
     name: str

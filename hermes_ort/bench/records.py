@@ -141,6 +141,7 @@ class Record:
     io_floor_s: float | None
     steady_io_floor_bytes: int
     steady_io_floor_s: float | None
+    cap_from_budget: bool = False  # the cap is the budget plus a margin (--cap-at-budget)
     vs_full: dict[str, float] | None = None
     vs_pipeswitch: dict[str, float] | None = None
     samples: tuple[Sample, ...] = ()
@@ -202,6 +203,22 @@ def add_ratios(records: list[Record]) -> list[Record]:
                 vs_pipeswitch=ratios(r, by_key.get((r.model, r.profile, "pipeswitch"))))
         for r in records
     ]  # fmt: skip
+
+
+def killed_count(records) -> dict[str, int]:
+    """How many configurations (and processes) the memory cap killed, of how many were capped.
+    `records`: Record objects or their JSON dicts."""
+    rs = [r if isinstance(r, dict) else asdict(r) for r in records]
+    capped = [r for r in rs if r["memory_cap_bytes"] is not None and r["cap_enforced"]]
+    at_budget = [r for r in capped if r.get("cap_from_budget")]
+    return {
+        "configurations": sum(1 for r in capped if r["killed_repeats"]),
+        "capped_configurations": len(capped),
+        "processes": sum(r["killed_repeats"] for r in capped),
+        "capped_processes": sum(r["repeats"] for r in capped),
+        "budget_capped_killed": sum(1 for r in at_budget if r["killed_repeats"]),
+        "budget_capped_configurations": len(at_budget),
+    }
 
 
 def machine_info() -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.bench.records import killed_count
 from hermes_ort.units import format_bytes
 
 # Hermes (arXiv 2409.04249): against PipeSwitch, the best it reports per model family
@@ -63,9 +64,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def _budget(r: dict[str, Any]) -> str:
     if r["budget"] is None:
         return "-"
+    cap = f", capped at {fmt_bytes(r['memory_cap_bytes'])}" if r.get("cap_from_budget") else ""
     if r["budget_bytes"] is None:
-        return r["budget"]
-    return f"{r['budget']} ({fmt_bytes(r['budget_bytes'])})"
+        return r["budget"] + cap
+    return f"{r['budget']} ({fmt_bytes(r['budget_bytes'])}{cap})"
 
 
 def _profile_title(doc: dict[str, Any], r: dict[str, Any]) -> str:
@@ -90,7 +92,9 @@ def profile_tables(doc: dict[str, Any]) -> list[str]:
     header = ["model", "strategy", "budget", "one-shot", "steady pass", "peak RSS", "cgroup peak", "read",
               "compute floor", "I/O floor (1st / steady)", "vs full", "vs pipeswitch", "runs"]  # fmt: skip
     for records in profiles.values():
-        lines += ["", _profile_title(doc, records[0]), ""]
+        # the title names the profile's own cap, not one a budget set (--cap-at-budget)
+        own = next((r for r in records if not r.get("cap_from_budget")), records[0])
+        lines += ["", _profile_title(doc, own), ""]
         rows = [[model_name(r["model"]), r["label"], _budget(r), fmt_time(r["one_shot_s"]), fmt_time(r["steady_s"]),
                  fmt_bytes(r["peak_rss_bytes"]), fmt_bytes(r["cgroup_peak_bytes"]), fmt_bytes(r["read_bytes"]),
                  fmt_time(r["compute_floor_s"]), f"{fmt_time(r['io_floor_s'])} / {fmt_time(r['steady_io_floor_s'])}",
@@ -197,8 +201,24 @@ def header(doc: dict[str, Any]) -> list[str]:
         lines.append(f"Every one-shot includes starting Python and ONNX Runtime: {fmt_time(startup[len(startup) // 2])} (median here).")  # fmt: skip
     if doc.get("interrupted"):
         lines.append("**Interrupted**: only the configurations run so far are shown.")
+    lines += killed_lines(doc)
     lines += [f"- warning: {w}" for w in doc.get("warnings", [])]
     return lines
+
+
+def killed_lines(doc: dict[str, Any]) -> list[str]:
+    """How many capped configurations the memory cap killed (and with --cap-at-budget, how)."""
+    k = killed_count(doc["records"])
+    if not k["capped_configurations"]:
+        return []
+    how = ""
+    if doc.get("budget_cap_margin"):
+        how = (f"Every configuration with a budget ran in a memory cgroup capped at its budget + "
+               f"{doc['budget_cap_margin']} (or its profile's cap, if lower): "
+               f"{k.get('budget_capped_killed', 0)} of {k.get('budget_capped_configurations', 0)} "
+               "capped so were killed. ")  # fmt: skip
+    return [f"{how}**Killed for memory: {k['configurations']} of {k['capped_configurations']} capped "
+            f"configurations** ({k['processes']} of {k['capped_processes']} processes)."]  # fmt: skip
 
 
 LEGEND = [

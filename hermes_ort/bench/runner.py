@@ -7,6 +7,7 @@ count, so each group profiles its models first (`hermes-ort profile`, skipped wh
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from hermes_ort.bench.device import (
     prepare_cache,
     run_under,
 )
-from hermes_ort.bench.matrix import STORAGE, Config, Matrix, expand
+from hermes_ort.bench.matrix import STORAGE, Config, Matrix, expand, margin_bytes
 from hermes_ort.bench.models import (
     ModelFacts,
     describe,
@@ -39,6 +40,7 @@ from hermes_ort.bench.records import (
     add_ratios,
     aggregate,
     io_floors,
+    killed_count,
     machine_info,
     median,
     sample_from_child,
@@ -49,6 +51,7 @@ from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.units import format_bytes
 
 FLOOR_PASSES = 5
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class RunOptions:
     cgroups: bool = True  # False: no memory cap, no throttle even where possible
     sample_interval_s: float = 0.01  # RSS sampling in the children
     progress: bool = True
+    # cap every configuration that has a budget at that budget plus this margin (a share, "10%",
+    # or bytes, "16MB"); None: only the profiles' own caps
+    budget_cap_margin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,22 +164,41 @@ class Runner:
                                  launch.blkio_read_bytes, launch.cap_enforced)  # fmt: skip
 
     def cap_bytes(self, config: Config) -> int | None:
+        """The memory cap of a configuration's cgroup: its profile's, and with budget caps on,
+        its budget plus the margin (the lower of the two)."""
+        caps = [c for c in (self.profile_cap_bytes(config),) if c is not None]
+        budget = self.budget_bytes(config)
+        if self.options.budget_cap_margin and budget is not None:
+            caps.append(budget + margin_bytes(self.options.budget_cap_margin, budget))
+        return min(caps, default=None)
+
+    def profile_cap_bytes(self, config: Config) -> int | None:
         cap = config.profile.memory_cap
         if cap is None:
             return None
         f = self.facts[(config.model, self.cores_of(config))]
         return cap.resolve(f.model_bytes, f.min_budget_bytes)
 
+    def budget_bytes(self, config: Config) -> int | None:
+        """The budget in bytes as the child will resolve it (None: no budget). "min" budgets
+        are resolved in the child and rounded up to a MiB (child.py); this repeats that."""
+        if config.budget is None:
+            return None
+        f = self.facts[(config.model, self.cores_of(config))]
+        if config.budget.kind == "min":
+            return math.ceil(config.budget.value * f.min_budget_bytes / MIB) * MIB
+        # "cap": the profile's cap, never one derived from the budget itself
+        return config.budget.resolve(f.model_bytes, f.min_budget_bytes, self.profile_cap_bytes(config))  # fmt: skip
+
     def run_config(self, config: Config, repeat: int) -> Sample:
         m = self.models[config.model]
-        f = self.facts[(config.model, self.cores_of(config))]
         cap = self.cap_bytes(config)
         budget, factor = None, None
         if config.budget is not None:
             if config.budget.kind == "min":
                 factor = config.budget.value
             else:
-                budget = config.budget.resolve(f.model_bytes, f.min_budget_bytes, cap)
+                budget = self.budget_bytes(config)
         cmd = self._child_cmd(m, config.strategy.name, config.strategy.load_path, budget, factor, self.matrix.passes)  # fmt: skip
         storage = config.profile.storage
         prepare_cache(storage, model_files(m.manifest, m.model_dir, config.strategy.name), model_files(m.manifest, m.model_dir))  # fmt: skip
@@ -233,6 +258,7 @@ class Runner:
             profile=config.profile.text, storage=storage.name, cache=storage.cache, cores=cores,
             memory_cap_bytes=cap, read_limit_bytes_per_s=storage.read_bytes_per_s,
             cap_enforced=launch.cap_enforced, throttle_enforced=launch.throttle_enforced,
+            cap_from_budget=cap is not None and cap != self.profile_cap_bytes(config),
         )  # fmt: skip
         return aggregate(fields, samples, floors)
 
@@ -247,6 +273,7 @@ class Runner:
                        "budgets": [b.text for b in m.budgets], "profiles": [p.text for p in m.profiles],
                        "repeats": m.repeats, "passes": m.passes},
             "machine": machine_info(), "versions": versions(), "emulation": self.emulation.to_json(),
+            "budget_cap_margin": self.options.budget_cap_margin, "killed_for_memory": killed_count(records),
             "warnings": self.warnings, "storage": self.bandwidth,
             "models": [{**f.to_json(), "cores": cores} for (_, cores), f in self.facts.items()],
             "floors": [{"model": name, "cores": cores, "compute_floor_s": median(s.steady_compute_s),
