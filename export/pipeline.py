@@ -47,6 +47,7 @@ class ExportOptions:
     verify: bool = True
     tolerance: float | None = None  # None: verify.TOLERANCE_FP32
     kv_cache: bool = True  # decoders take and return each layer's past keys/values (generation)
+    streaming: bool = False  # --model only: layer by layer from safetensors (export/streaming.py)
     progress: bool = True
 
 
@@ -189,6 +190,10 @@ def _check_options(opts: ExportOptions) -> None:
         raise ExportError(f"--layers-per-block must be >= 1, got {opts.layers_per_block}")
     if opts.seq_len < 1:
         raise ExportError(f"--seq-len must be >= 1, got {opts.seq_len}")
+    if opts.streaming and (opts.model is None or not Path(opts.model).is_dir()):
+        raise ExportError("--streaming exports a local checkpoint directory (--model PATH)")
+    if opts.streaming and opts.layers_per_block != 1:
+        raise ExportError("--streaming exports one layer per block")
     if opts.preset is not None and opts.task is not None:
         raise ExportError("--task applies to --model only (a preset names its task)")
     if opts.preset is not None:
@@ -292,7 +297,18 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
 
     clock = _Clock()
     onnx_export.quiet_libraries()
-    model, task, family, name, source = _load_model(opts)
+    streamed = None
+    if opts.streaming:
+        from export.streaming import load_template
+
+        ref = Path(opts.model)
+        log(f"streaming '{ref}': a small template first, then the other layers one by one")
+        model, task, num_layers, checkpoint = load_template(ref, opts.task)
+        family, name = model.config.model_type, ref.name
+        source = {"kind": "checkpoint", "path": str(ref), "streaming": True}
+        streamed = (num_layers, checkpoint)
+    else:
+        model, task, family, name, source = _load_model(opts)
     if task == "text-generation" and opts.kv_cache:
         task = "text-generation-with-past"
     arch = onnx_export.architecture_name(model)
@@ -327,6 +343,12 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     if opts.verify:
         feed = verify.make_sample(inputs, dim_sizes(sample, 1, opts.seq_len))
         reference = verify.torch_outputs(model, feed, [o.name for o in outputs])
+    if streamed is not None:  # the last template layer's parameters, to find in its ONNX block
+        prefix = f"{stack.path}.{stack.num_layers - 1}."
+        params = {
+            k[len(prefix) :]: v for k, v in model.state_dict().items() if k.startswith(prefix)
+        }
+        streamed = (*streamed, stack.path, params)
     del model  # the only reference: free it before the blocks are built
     gc.collect()
     clock.lap("reference_s")
@@ -349,10 +371,30 @@ def _export_into(tmp: Path, opts: ExportOptions) -> tuple[Manifest, dict[str, fl
     if reference is not None:
         manifest = replace(manifest, verification=_verify(tmp, manifest, reference, opts))
         clock.lap("verify_s")
-    manifest = _add_inline_full_model(manifest, tmp)
-    clock.lap("inline_full_s")
+    if streamed is not None:
+        manifest = _expand_streamed(tmp, manifest, streamed, opts)
+        clock.lap("streamed_layers_s")
+    else:
+        manifest = _add_inline_full_model(manifest, tmp)
+        clock.lap("inline_full_s")
     manifest.save(tmp)
     return manifest, clock.stages
+
+
+def _expand_streamed(tmp: Path, template: Manifest, streamed, opts: ExportOptions) -> Manifest:
+    """The verified 2-layer template -> every layer, read one at a time from the checkpoint."""
+    from export.storage import remove_tree
+    from export.streaming import TEMPLATE_LAYERS, copy_checkpoint_config, expand_layers
+
+    num_layers, checkpoint, stack_path, params = streamed
+    manifest = expand_layers(tmp, template, num_layers, stack_path, params, checkpoint)
+    copy_checkpoint_config(Path(opts.model), tmp)
+    remove_tree(tmp / "full")  # the template's whole model: not this model
+    note = (
+        f"the {TEMPLATE_LAYERS}-layer template verified against PyTorch; layers "
+        f"{TEMPLATE_LAYERS}-{num_layers - 1} are its last layer's graph with the checkpoint's tensors"
+    )
+    return replace(manifest, verification={**template.verification, "streaming": note})
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

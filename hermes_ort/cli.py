@@ -272,7 +272,9 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_export, _add_run, _add_profile, _add_plan, _add_info):
+    from hermes_ort.cli_generate import add_generate
+
+    for add in (_add_demo, _add_export, _add_run, add_generate, _add_profile, _add_plan, _add_info):
         add(sub)
     from hermes_ort.bench.cli import add_parser as add_bench
 

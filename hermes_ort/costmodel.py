@@ -10,7 +10,7 @@ structures); `open` is a session opened ahead but not yet run (weights mmapped, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hermes_ort.manifest import Manifest, last_consumers
 from hermes_ort.profiler import Profile
@@ -38,6 +38,7 @@ class CostModel:
     stream_times: tuple[BlockTimes, ...]  # prepacking off, read-ahead from storage
     resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
     source: str = "estimate"
+    plain_resident_times: tuple[BlockTimes, ...] = ()  # kept but not prepacked (default: as above)
 
     @property
     def blocks(self) -> int:
@@ -46,6 +47,22 @@ class CostModel:
     @property
     def model_bytes(self) -> int:
         return sum(self.resident_bytes)
+
+    def with_prepack(self, prepacked: frozenset[int]) -> CostModel:
+        """The costs when only the resident blocks in `prepacked` are prepacked; the others keep
+        their weights mmapped (the live size and run times of a streamed block)."""
+        plain = self.plain_resident_times or self.resident_times
+        on = [i in prepacked and self.resident_prepack[i] for i in range(self.blocks)]
+        return replace(
+            self,
+            resident_bytes=tuple(
+                r if p else live for r, live, p in zip(self.resident_bytes, self.live_bytes, on, strict=True)
+            ),
+            resident_times=tuple(
+                r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
+            ),
+            resident_prepack=tuple(on),
+        )  # fmt: skip
 
     def min_budget(self) -> int:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept."""
@@ -133,6 +150,10 @@ class CostModel:
             sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             stream_times=stream, resident_times=resident, source="profile",
+            plain_resident_times=tuple(
+                BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
+                for b in blocks
+            ),
         )  # fmt: skip
 
 

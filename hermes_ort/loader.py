@@ -39,7 +39,8 @@ def load_block(
     read = 0
     if readahead:
         try:
-            read = sum(read_ahead(str(p)) for p in paths)
+            own = f"{spec.name}."  # its .onnx/.data: read by this dense block only
+            read = sum(read_ahead(str(p), sequential=p.name.startswith(own)) for p in paths)
         except OSError as e:
             raise LoadError(f"block '{spec.name}': cannot read '{e.filename}': {e.strerror}") from e
     t1 = time.perf_counter()

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from hermes_ort.costmodel import CostModel
+from hermes_ort.decoder import decoder_signature
 from hermes_ort.engine import BlockEngine, FullEngine
-from hermes_ort.errors import HermesError
+from hermes_ort.errors import BudgetError, HermesError, InputError
+from hermes_ort.generate import (
+    GenerationStats,
+    Sampling,
+    default_eos,
+    generate_tokens,
+    prompt_ids,
+)
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.integrity import verify_model
 from hermes_ort.manifest import Manifest, load_manifest
@@ -17,7 +28,7 @@ from hermes_ort.memory import rss_bytes
 from hermes_ort.planner import Plan, check_budget, plan_strategy
 from hermes_ort.profiler import ensure_profile, load_profile
 from hermes_ort.stats import RunStats
-from hermes_ort.units import parse_bytes
+from hermes_ort.units import format_bytes, parse_bytes
 
 
 def output_bytes(manifest: Manifest) -> int:
@@ -36,17 +47,26 @@ class HermesModel:
     """A model directory opened for inference under a plan. Use `run`, read `stats`, then `close`
     (or use it as a context manager). `run` calls from several threads are serialised."""
 
-    def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan, cost: CostModel):
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: Manifest,
+        plan: Plan,
+        cost: CostModel,
+        replan: Callable[[int], Plan] | None = None,
+        smallest: bool = False,
+    ):
         self.model_dir = model_dir
         self.manifest = manifest
         self.plan = plan
         self.cost = cost
         self.stats: RunStats | None = None
-        self._engine = (
-            FullEngine(model_dir, manifest, plan)
-            if plan.whole_model
-            else BlockEngine(model_dir, manifest, plan)
-        )
+        self.generation_stats: GenerationStats | None = None
+        self.decoder = decoder_signature(manifest)
+        self._engine = _engine(model_dir, manifest, plan)
+        self._replan = replan  # budget for the blocks -> plan (to make room for a KV cache)
+        self._blocks_budget = plan.budget_bytes
+        self._smallest = smallest  # the budget is "min"
         self._lock = threading.Lock()
         self._closed = False
 
@@ -59,6 +79,84 @@ class HermesModel:
                 raise HermesError(f"model '{self.model_dir}' is closed")
             outputs, self.stats = self._engine.run(feeds)
         return outputs
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        streamer: Callable[[int], Any] | None = None,
+    ) -> np.ndarray:
+        """Generate up to `max_new_tokens` after the prompt `input_ids` (a list, [T] or [1, T]);
+        returns the prompt and the new ids, in the prompt's form ([T + N] or [1, T + N]). Greedy
+        unless do_sample. eos_token_id: stop ids (default: the model's generation_config.json; []
+        for none). streamer(token_id) is called as each token is chosen. `generation_stats`
+        describes the call. Under a memory budget, the KV cache of the prompt plus max_new_tokens
+        is reserved first and the blocks are planned in what is left."""
+        if self.decoder is None:
+            raise HermesError(
+                f"model '{self.model_dir}' has no KV cache inputs (past_key_values.*): export a "
+                f"decoder with its cache (the default; not --no-kv-cache) to generate"
+            )
+        ids = prompt_ids(input_ids)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        total = ids.shape[1] + max_new_tokens
+        limit = self.decoder.max_positions
+        if limit and total > limit:
+            raise InputError(
+                f"prompt of {ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
+                f"positions, more than the model supports ({limit})"
+            )
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        sampling.check()
+        if eos_token_id is None:
+            eos = default_eos(self.model_dir)
+        else:
+            eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        with self._lock:
+            if self._closed:
+                raise HermesError(f"model '{self.model_dir}' is closed")
+            self._reserve_cache(self.decoder.cache_bytes(total))
+
+            def run(feeds):
+                outputs, self.stats = self._engine.run(check_inputs(self.manifest, feeds))
+                return outputs, self.stats
+
+            new, self.generation_stats = generate_tokens(
+                run, self.decoder, ids, max_new_tokens, sampling, eos, streamer
+            )
+        out = np.concatenate([ids, np.array([new], np.int64)], axis=1)
+        return out if np.ndim(input_ids) == 2 else out[0]
+
+    def _reserve_cache(self, cache_bytes: int) -> None:
+        """Re-plan the blocks in the budget minus the KV cache, when that changes the plan. The
+        plan keeps the user's budget: its predicted peak is the blocks' (cache excluded)."""
+        budget = self.plan.budget_bytes
+        if self._replan is None or budget is None or self.plan.whole_model:
+            return
+        if self._smallest:  # "min": the smallest budget of the blocks, plus this cache
+            budget = self.cost.min_budget() + cache_bytes
+        blocks_budget = budget - cache_bytes
+        if self._blocks_budget == blocks_budget and self.plan.budget_bytes == budget:
+            return
+        try:
+            plan = replace(self._replan(blocks_budget), budget_bytes=budget)
+        except BudgetError as e:
+            raise BudgetError(
+                f"memory budget {format_bytes(budget)} minus the KV cache of this generation "
+                f"({format_bytes(cache_bytes)}) is too small for the blocks: {e}"
+            ) from None
+        if replace(plan, budget_bytes=None) != replace(self.plan, budget_bytes=None):
+            self._engine.close()  # resident sessions of the old plan go; the new plan opens its own
+            self._engine = _engine(self.model_dir, self.manifest, plan)
+        self.plan = plan
+        self._blocks_budget = blocks_budget
 
     def sample_inputs(
         self, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
@@ -79,6 +177,12 @@ class HermesModel:
 
     def __repr__(self) -> str:
         return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {len(self.manifest.blocks)} blocks)"
+
+
+def _engine(model_dir: Path, manifest: Manifest, plan: Plan) -> BlockEngine | FullEngine:
+    if plan.whole_model:
+        return FullEngine(model_dir, manifest, plan)
+    return BlockEngine(model_dir, manifest, plan)
 
 
 def cost_model(model_dir: Path, manifest: Manifest, profile: bool | None, cold: bool) -> CostModel:
@@ -128,9 +232,15 @@ def load(
     cost = cost_model(model_dir, manifest, profile, cold=budget is not None or smallest)
     if smallest:  # the least memory that works, as the cost model predicts it
         budget = cost.min_budget()
-    if strategy not in ("full", "full-mmap"):
-        check_budget(cost, budget, tuple(b.name for b in manifest.blocks))
-    plan = plan_strategy(
-        strategy, cost, budget, load_path=load_path, loaders=loaders, window=window
+    names = tuple(b.name for b in manifest.blocks)
+
+    def make_plan(budget: int | None) -> Plan:
+        if strategy not in ("full", "full-mmap"):
+            check_budget(cost, budget, names)
+        return plan_strategy(
+            strategy, cost, budget, load_path=load_path, loaders=loaders, window=window
+        )
+
+    return HermesModel(
+        model_dir, manifest, make_plan(budget), cost, replan=make_plan, smallest=smallest
     )
-    return HermesModel(model_dir, manifest, plan, cost)
