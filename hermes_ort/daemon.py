@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from hermes_ort.loader import LiveBlock
+from hermes_ort.manifest import BlockSpec
 from hermes_ort.memory import drop_file_cache, trim_heap
 
 
@@ -43,6 +44,12 @@ class Daemon:
                 done()
 
         return self._pool.submit(work)
+
+    def drop_own_files(self, spec: BlockSpec) -> Future:
+        """Drop the page cache of the block's own files (not shared ones), in the background."""
+        own = f"{Path(spec.path).parent.as_posix()}/{spec.name}."
+        paths = [str(self.model_dir / f.path) for f in spec.files if f.path.startswith(own)]
+        return self._pool.submit(lambda: [drop_file_cache(p) for p in paths])
 
     def release_barrier(self) -> None:
         """Wait until every queued release has finished."""

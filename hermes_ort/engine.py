@@ -188,6 +188,10 @@ class BlockEngine:
                     if i in self.plan.resident:
                         self.resident[i] = block
                         slots.free_one()
+                        if self.plan.drop_cache and i in self.plan.prepack_resident:
+                            # its weights now live in prepacked copies: under a budget, its file
+                            # pages would only push out the mapped pages of other kept blocks
+                            self.daemon.drop_own_files(spec)
                     else:
                         if self.plan.lag == 0:
                             # unmap now, in this thread: nothing to wait for on the critical path;

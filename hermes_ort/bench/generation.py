@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import time
@@ -219,6 +220,10 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hermes_ort.bench.generation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode != "run":
         p.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # cleanup (cgroups) runs as on Ctrl-C
     data = run_matrix(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(data, indent=1))
