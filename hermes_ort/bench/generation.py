@@ -10,7 +10,8 @@ runs under a hard cap of the budget plus a margin (the baselines have no budget 
 the cap is what bounds them: `full` is killed where it does not fit, `full-mmap` pages its weights
 in and out). Warm: the child reads the files into the page cache itself, inside its capped cgroup,
 so only what fits beside the process stays cached (a board with that much memory). The per-token I/O floor is what a pass must read because the budget cannot hold the
-model (model bytes - usable budget) at the profile's measured read bandwidth (0 when warm).
+model (model bytes - usable budget) at the profile's measured read bandwidth (not given when warm:
+the disk's own speed is not throttled or measured).
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ def _process_baseline() -> int:
 def _io_floor(model_bytes: int, budget: int, r: dict, bandwidth: float | None) -> float | None:
     """Seconds a decode pass must spend reading: the part of the model the budget cannot hold
     (besides the process baseline and the KV cache), at the profile's bandwidth."""
-    if bandwidth is None:
-        return 0.0
+    if bandwidth is None:  # warm: no throttle, the disk's own speed (not measured)
+        return None
     usable = budget - r.get("baseline_bytes", 80 << 20) - r.get("cache_bytes", 0)
     return max(0, model_bytes - usable) / bandwidth
 
@@ -209,7 +210,7 @@ def render(data: dict[str, Any]) -> str:
             out.append(f"{head} {why} | | | | | | {mb(r.get('cgroup_peak_bytes'))} | | |")
             continue
         per = statistics.median(r["token_s"]) if r["token_s"] else None
-        floor = r.get("io_floor_per_token_s")
+        floor = r.get("io_floor_per_token_s") if r["profile"] != "warm" else None
         plan = r["plan"]
         out.append(
             f"{head} {r['decode_tokens_per_s']:.2f} | {per * 1000:.0f} ms | "
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--cores", type=int, default=None)
     m.add_argument("--timeout", type=float, default=1800)
     m.add_argument("--out", type=Path, default=Path("bench/results/latest/generation"))
+    r = sub.add_parser("render", help="render generation.md again from a generation.json")
+    r.add_argument("json_file", type=Path)
     args = p.parse_args(argv)
     if args.mode == "child":
         args.t0 = args.t0 or time.time()
@@ -256,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the parent records the failure
             print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
             return 1
+        return 0
+    if args.mode == "render":
+        data = json.loads(args.json_file.read_text())
+        table = render(data)
+        args.json_file.with_suffix(".md").write_text(table)
+        print(table)
         return 0
     if args.mode != "run":
         p.print_help()
