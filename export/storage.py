@@ -91,7 +91,7 @@ class DataWriter:
         return FileSpec(self.path.relative_to(root).as_posix(), self._pos, self._sha.hexdigest())
 
 
-def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def _clear_data(tensor: onnx.TensorProto) -> None:
     for field in (
         "raw_data",
         "float_data",
@@ -101,6 +101,10 @@ def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int)
         "uint64_data",
     ):
         tensor.ClearField(field)
+
+
+def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    _clear_data(tensor)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     del tensor.external_data[:]
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -109,10 +113,11 @@ def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int)
 
 
 def _make_inline(tensor: onnx.TensorProto, data: memoryview | bytes) -> None:
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = bytes(data)
+    """Store `data` inside the graph (whether the tensor was external or inline before)."""
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    _clear_data(tensor)
+    tensor.raw_data = bytes(data)
 
 
 def write_model(model: onnx.ModelProto, path: Path, root: Path) -> FileSpec:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hermes_ort.errors import ExportError
-from hermes_ort.manifest import BlockSpec, FileSpec, Manifest, TensorSpec, check_dataflow
+from hermes_ort.manifest import BlockSpec, Manifest, TensorSpec, check_dataflow
 
 TEMPLATE_LAYERS = 3
 _NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -203,7 +203,8 @@ def expand_layers(
         sources = match_initializers(g2, g1, params2, read)
         template_bytes = [bytes(read(t)) if s.suffix is None else None
                           for t, s in zip(g2.graph.initializer, sources, strict=True)]  # fmt: skip
-        shared = [f for f in b2.files[1:] if f.path != f"blocks/{b2.name}.data"]
+        shared = [f for f in b2.files if not b2.is_own(f)]
+        shared_names = {Path(f.path).name for f in shared}
         new_blocks = []
         for i in range(TEMPLATE_LAYERS, num_layers):
             name = block_name((i,), num_layers)
@@ -216,7 +217,7 @@ def expand_layers(
                     if t.data_location != onnx.TensorProto.EXTERNAL and kept is not None:
                         continue  # inline constant: already in the graph
                     location = dict((e.key, e.value) for e in t.external_data)["location"]
-                    if f"blocks/{location}" in {f.path for f in shared}:
+                    if location in shared_names:
                         continue  # points into a shared file, still valid
                     _point_to(t, writer.path.name, *writer.append(kept))
                     continue
@@ -230,8 +231,6 @@ def expand_layers(
                 data = a.tobytes()
                 if len(data) < EXTERNAL_MIN_BYTES:
                     _make_inline(t, data)
-                    t.ClearField("float_data")
-                    t.raw_data = data
                 else:
                     _point_to(t, writer.path.name, *writer.append(data))
                 del w, a, data
@@ -292,7 +291,3 @@ def copy_checkpoint_config(ref: Path, tmp: Path) -> None:
     for name in ("config.json", "generation_config.json"):
         if (ref / name).is_file():
             shutil.copyfile(ref / name, tmp / name)
-
-
-def files_of(manifest: Manifest) -> list[FileSpec]:
-    return list(manifest.block_files().values())

@@ -131,11 +131,14 @@ class CostModel:
             )
             for b, sp in zip(blocks, sparse, strict=True)
         )
+        plain = tuple(
+            BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
+            for b in blocks
+        )  # fmt: skip
         resident = tuple(
             BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s,
-                       b.readahead_warm_s + b.create_prepack_s)
-            if p else BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
-            for b, p in zip(blocks, prepack, strict=True)
+                       b.readahead_warm_s + b.create_prepack_s) if p else q
+            for b, p, q in zip(blocks, prepack, plain, strict=True)
         )  # fmt: skip
         if not session_created_in_process():
             baseline_bytes += profile.warmup_bytes
@@ -150,10 +153,7 @@ class CostModel:
             sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             stream_times=stream, resident_times=resident, source="profile",
-            plain_resident_times=tuple(
-                BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
-                for b in blocks
-            ),
+            plain_resident_times=plain,
         )  # fmt: skip
 
 

@@ -47,8 +47,7 @@ class Daemon:
 
     def drop_own_files(self, spec: BlockSpec) -> Future:
         """Drop the page cache of the block's own files (not shared ones), in the background."""
-        own = f"{Path(spec.path).parent.as_posix()}/{spec.name}."
-        paths = [str(self.model_dir / f.path) for f in spec.files if f.path.startswith(own)]
+        paths = [str(self.model_dir / f.path) for f in spec.files if spec.is_own(f)]
         return self._pool.submit(lambda: [drop_file_cache(p) for p in paths])
 
     def release_barrier(self) -> None:

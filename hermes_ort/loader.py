@@ -30,6 +30,14 @@ class LiveBlock:
     bytes_read_ahead: int = 0
 
 
+def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
+    """Read a dense block's files into the page cache (its own ones sequentially); bytes read."""
+    return sum(
+        read_ahead(str(p), sequential=spec.is_own(f))
+        for f, p in zip(spec.files, paths, strict=True)
+    )
+
+
 def load_block(
     model_dir: Path, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
 ) -> LiveBlock:
@@ -39,8 +47,7 @@ def load_block(
     read = 0
     if readahead:
         try:
-            own = f"{spec.name}."  # its .onnx/.data: read by this dense block only
-            read = sum(read_ahead(str(p), sequential=p.name.startswith(own)) for p in paths)
+            read = read_ahead_block(spec, paths)
         except OSError as e:
             raise LoadError(f"block '{spec.name}': cannot read '{e.filename}': {e.strerror}") from e
     t1 = time.perf_counter()

@@ -68,6 +68,11 @@ class BlockSpec:
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files)
 
+    def is_own(self, f: FileSpec) -> bool:
+        """The block's own file (`NAME.onnx`, `NAME.data`): no other block reads it, unlike the
+        shared ones (`shared.data`: a tied embedding another block may look up sparsely)."""
+        return Path(f.path).name.startswith(f"{self.name}.")
+
 
 @dataclass(frozen=True)
 class FullModelSpec:

@@ -112,10 +112,11 @@ def _fill_resident(cost: CostModel, budget: int | None, window: int, lag: int) -
 
 
 def _prepack_within(
-    cost: CostModel, budget: int | None, window: int, lag: int, resident: tuple[int, ...]
-) -> frozenset[int]:
-    """Resident blocks to prepack, most run time saved per extra byte first, within the budget."""
-    plain = cost.with_prepack(frozenset())
+    cost: CostModel, plain: CostModel, budget: int | None, window: int, lag: int,
+    resident: tuple[int, ...],
+) -> frozenset[int]:  # fmt: skip
+    """Resident blocks to prepack, most run time saved per extra byte first, within the budget.
+    `plain`: the same costs with nothing prepacked."""
     candidates = [i for i in resident if cost.resident_prepack[i]]
     if budget is None:
         return frozenset(candidates)
@@ -158,7 +159,7 @@ def plan_pipeload(
                     if window is None or budget is not None
                     else ()
                 )
-                mixed = cost.with_prepack(_prepack_within(cost, budget, w, lag, resident))
+                mixed = cost.with_prepack(_prepack_within(cost, plain, budget, w, lag, resident))
                 steady = mixed.latency(k, w, resident, first_pass=False, lag=lag)
                 first = mixed.latency(k, w, resident, first_pass=True, lag=lag)
                 key = (round(steady, 3), round(first, 3), mixed.peak(resident, w, lag), k, w, -lag)

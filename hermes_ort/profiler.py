@@ -23,7 +23,7 @@ import onnxruntime as ort
 from hermes_ort.daemon import destroy
 from hermes_ort.inputs import sample_inputs
 from hermes_ort.integrity import check_size
-from hermes_ort.loader import LiveBlock
+from hermes_ort.loader import LiveBlock, read_ahead_block
 from hermes_ort.manifest import MANIFEST_NAME, Manifest, last_consumers, load_manifest
 from hermes_ort.memory import (
     drop_file_cache,
@@ -33,7 +33,6 @@ from hermes_ort.memory import (
     rss_bytes,
     trim_heap,
 )
-from hermes_ort.readahead import read_ahead
 from hermes_ort.sessions import (
     ORT_DEFAULT,
     STREAMING,
@@ -161,17 +160,16 @@ def profile_block(
 ) -> BlockProfile:
     """Measure one block; adds its outputs to `env`."""
     spec = manifest.blocks[index]
-    paths = [str(check_size(model_dir, f)) for f in spec.files]
+    paths = [check_size(model_dir, f) for f in spec.files]
     feeds = {n: env[n] for n in spec.inputs}
     for p in paths:
-        drop_file_cache(p)
+        drop_file_cache(str(p))
     t0 = time.perf_counter()
     nbytes = sum(os.path.getsize(p) for p in paths)
-    cold_read = sum(read_ahead(p) for p in paths)
+    cold_read = read_ahead_block(spec, paths)  # as the loading agents read it
     cold = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for p in paths:
-        read_ahead(p)
+    read_ahead_block(spec, paths)
     warm = time.perf_counter() - t0
 
     trim_heap()

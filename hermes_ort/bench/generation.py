@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import time
@@ -91,6 +90,7 @@ def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: i
     from hermes_ort.bench.device import Launch, prepare_cache, run_under
     from hermes_ort.bench.matrix import STORAGE
     from hermes_ort.bench.models import model_files
+    from hermes_ort.bench.runner import child_json
     from hermes_ort.manifest import load_manifest
 
     # Warm = the child reads the files into the page cache itself (charged to its capped cgroup:
@@ -107,9 +107,7 @@ def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: i
     if storage.cache == "warm":
         cmd.append("--warm")
     code, out, err, _ = run_under(launch, cmd, args.timeout)
-    lines = [x for x in out.strip().splitlines() if x.startswith("{")]
-    tail = (err.strip().splitlines() or [f"exit status {code}"])[-1]
-    result = json.loads(lines[-1]) if lines else {"ok": False, "error": tail}
+    result = child_json(out, err)
     mem = launch.memory
     killed = bool(mem and mem.oom_kills) or code == -9
     result.update(
@@ -221,10 +219,6 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hermes_ort.bench.generation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -269,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode != "run":
         p.print_help()
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)  # cleanup (cgroups) runs as on Ctrl-C
-    data = run_matrix(args)
+    from hermes_ort.bench.cgroups import signals_raise
+
+    with signals_raise():  # SIGTERM/SIGHUP clean up the cgroups as Ctrl-C does
+        data = run_matrix(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(data, indent=1))
     table = render(data)

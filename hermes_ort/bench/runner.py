@@ -79,7 +79,8 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _child_json(out: str, err: str) -> dict[str, Any]:
+def child_json(out: str, err: str) -> dict[str, Any]:
+    """The last JSON line a bench child printed, else its last line of stderr as the error."""
     for line in reversed(out.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -160,7 +161,7 @@ class Runner:
     def _spawn(self, launch: Launch, cmd: list[str], repeat: int) -> Sample:
         code, out, err, t0 = run_under(launch, cmd, self.options.timeout_s)
         wall = time.time() - t0
-        return sample_from_child(repeat, code, _child_json(out, err), wall, launch.memory,
+        return sample_from_child(repeat, code, child_json(out, err), wall, launch.memory,
                                  launch.blkio_read_bytes, launch.cap_enforced)  # fmt: skip
 
     def cap_bytes(self, config: Config) -> int | None:
