@@ -43,7 +43,7 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 4  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes
+PROFILE_SCHEMA = 5  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files read sequentially
 STEADY_RUNS = 3
 
 
