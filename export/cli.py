@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hermes_ort.errors import ExportError
+from hermes_ort.errors import ExportError, interrupted_status
 from hermes_ort.units import format_bytes
 
 
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print("hermes-ort export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return interrupted_status()
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

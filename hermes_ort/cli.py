@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hermes_ort.errors import HermesError
+from hermes_ort.errors import HermesError, interrupted_status
 from hermes_ort.units import format_bytes
 
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("hermes-ort: interrupted", file=sys.stderr)
-        return 130
+        return interrupted_status()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Every error hermes-ort raises on purpose derives from HermesError, and its message names the
 file, tensor, block or budget at fault."""
 
+import ctypes
+
 
 class HermesError(Exception):
     """Base of all hermes-ort errors."""
@@ -32,3 +34,16 @@ class ExportError(HermesError):
 
 class RunFailed(HermesError):
     """ONNX Runtime failed while running a block (named)."""
+
+
+def interrupted_status() -> int:
+    """The exit status of a command that caught Ctrl-C (or SIGTERM) and cleaned up: 130, as a
+    shell reports it. CPython 3.11 would instead kill the process with SIGINT at exit (status -2
+    to a parent process) if the interrupt landed inside an `exec` of a string, which dataclasses
+    run for every class defined during imports: that leaves a flag set, cleared here."""
+    try:
+        flag = ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt")
+    except (ValueError, AttributeError):  # other Pythons: no such flag
+        return 130
+    flag.value = 0
+    return 130

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def hermes(*args: str) -> subprocess.CompletedProcess:
@@ -59,3 +63,29 @@ def test_info_verifies_hashes(toy_dir):
     r = hermes("info", str(toy_dir), "--verify")
     assert r.returncode == 0, r.stderr
     assert "6 blocks" in r.stdout and "sha256 match" in r.stdout
+
+
+# A command that caught an interrupt inside an `exec` of a string (a dataclass being defined
+# during an import) and returned 130, run as `python -m` like the CLIs: it exits 130, not killed
+# by SIGINT (-2 to its parent).
+INTERRUPTED_IN_EXEC = """
+import sys
+from hermes_ort.errors import interrupted_status
+try:
+    exec("raise KeyboardInterrupt")
+except KeyboardInterrupt:
+    sys.exit(interrupted_status() if sys.argv[1] == "fixed" else 130)
+"""
+
+
+def test_an_interrupt_caught_inside_exec_exits_130(tmp_path):
+    (tmp_path / "interrupted.py").write_text(INTERRUPTED_IN_EXEC)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def status(mode: str) -> int:
+        cmd = [sys.executable, "-m", "interrupted", mode]
+        return subprocess.run(cmd, cwd=tmp_path, env=env).returncode
+
+    assert status("fixed") == 130
+    if sys.version_info < (3, 12):  # the CPython behaviour the helper undoes
+        assert status("plain") == -2

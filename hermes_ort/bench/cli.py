@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hermes_ort.bench.matrix import MATRICES, STORAGE, build_matrix, expand
+from hermes_ort.errors import interrupted_status
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -133,7 +134,7 @@ def cmd_bench(args) -> int:
     for line in killed_lines(to_json(doc)):
         print(f"hermes-ort bench: {line.replace('**', '')}", file=sys.stderr)
     if doc["interrupted"]:
-        return 130
+        return interrupted_status()
     failures = _unexpected_failures(to_json(doc))
     for f in failures:
         print(f"hermes-ort bench: failed: {f}", file=sys.stderr)
@@ -152,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("hermes-ort bench: interrupted", file=sys.stderr)
-        return 130
+        return interrupted_status()
