@@ -39,6 +39,7 @@ class CostModel:
     resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
     source: str = "estimate"
     plain_resident_times: tuple[BlockTimes, ...] = ()  # kept but not prepacked (default: as above)
+    kept_overhead: float = 0.0  # share added to the kept blocks' bytes (calibrated)
 
     @property
     def blocks(self) -> int:
@@ -82,7 +83,7 @@ class CostModel:
                 ahead -= 1
             cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
-        kept = sum(self.resident_bytes[i] for i in keep)
+        kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
         return self.baseline_bytes + kept + worst + self.activation_bytes
 
     def latency(
@@ -116,30 +117,46 @@ class CostModel:
 
     @classmethod
     def from_profile(
-        cls, manifest: Manifest, profile: Profile, baseline_bytes: int, cold: bool
-    ) -> CostModel:
-        """Measured costs. `cold`: streamed blocks are re-read from storage every pass."""
+        cls, manifest: Manifest, profile: Profile, baseline_bytes: int, cold: bool,
+        cached: tuple[bool, ...] | None = None,
+    ) -> CostModel:  # fmt: skip
+        """Measured costs. `cold`: streamed blocks are re-read from storage every pass (the
+        daemon drops their pages). `cached`: per block, whether its files are in the page cache
+        now, for the first pass (None: as later passes)."""
         blocks = profile.blocks
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
         sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
+        now = cached or (None,) * len(blocks)
+
+        def read(b, sparse: bool, from_storage: bool) -> tuple[float, float]:  # (time, CPU)
+            if sparse:
+                return 0.0, 0.0
+            if from_storage:
+                return b.readahead_cold_s, b.readahead_cold_cpu_s
+            return b.readahead_warm_s, b.readahead_warm_s
+
+        def times(
+            b, sp: bool, c: bool | None, create: float, run1: float, run: float, later_cold: bool
+        ):
+            (t, cpu), first = read(b, sp, later_cold), None
+            if c is not None:
+                first = read(b, sp, not c)[0] + create
+            return BlockTimes(t + create, run1, run, cpu + create, first)
+
         stream = tuple(
-            BlockTimes(
-                (0.0 if sp else b.readahead_cold_s if cold else b.readahead_warm_s) + b.create_s,
-                b.first_run_s,
-                b.run_s,
-                (0.0 if sp else b.readahead_warm_s) + b.create_s,
-            )
-            for b, sp in zip(blocks, sparse, strict=True)
+            times(b, sp, c, b.create_s, b.first_run_s, b.run_s, cold)
+            for b, sp, c in zip(blocks, sparse, now, strict=True)
         )
         plain = tuple(
-            BlockTimes(b.readahead_warm_s + b.create_s, b.first_run_s, b.run_s, b.readahead_warm_s + b.create_s)
-            for b in blocks
-        )  # fmt: skip
+            times(b, False, c, b.create_s, b.first_run_s, b.run_s, False)
+            for b, c in zip(blocks, now, strict=True)
+        )
         resident = tuple(
-            BlockTimes(b.readahead_warm_s + b.create_prepack_s, b.run_prepack_s, b.run_prepack_s,
-                       b.readahead_warm_s + b.create_prepack_s) if p else q
-            for b, p, q in zip(blocks, prepack, plain, strict=True)
-        )  # fmt: skip
+            times(b, False, c, b.create_prepack_s, b.run_prepack_s, b.run_prepack_s, False)
+            if p
+            else q
+            for b, p, q, c in zip(blocks, prepack, plain, now, strict=True)
+        )
         if not session_created_in_process():
             baseline_bytes += profile.warmup_bytes
         return cls(
@@ -153,7 +170,7 @@ class CostModel:
             sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             stream_times=stream, resident_times=resident, source="profile",
-            plain_resident_times=plain,
+            plain_resident_times=plain, kept_overhead=profile.kept_overhead,
         )  # fmt: skip
 
 

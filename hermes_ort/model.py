@@ -27,6 +27,7 @@ from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.memory import rss_bytes
 from hermes_ort.planner import Plan, check_budget, plan_strategy
 from hermes_ort.profiler import ensure_profile, load_profile
+from hermes_ort.readahead import is_cached
 from hermes_ort.stats import RunStats
 from hermes_ort.units import format_bytes, parse_bytes
 
@@ -191,8 +192,18 @@ def cost_model(model_dir: Path, manifest: Manifest, profile: bool | None, cold: 
     if profile is not False:
         stored = ensure_profile(model_dir) if profile else load_profile(model_dir)
     if stored is not None:
-        return CostModel.from_profile(manifest, stored, rss_bytes(), cold)
+        return CostModel.from_profile(
+            manifest, stored, rss_bytes(), cold, cached_now(model_dir, manifest)
+        )
     return CostModel.estimate(manifest, rss_bytes(), output_bytes(manifest))
+
+
+def cached_now(model_dir: Path, manifest: Manifest) -> tuple[bool, ...] | None:
+    """Per block: are its files in the page cache now (the first pass reads them from there)?"""
+    state = {p: is_cached(str(model_dir / p)) for p in manifest.block_files()}
+    if None in state.values():
+        return None
+    return tuple(all(state[f.path] for f in b.files) for b in manifest.blocks)
 
 
 def load(

@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 
 from hermes_ort.costmodel import CostModel
 from hermes_ort.errors import BudgetError
-from hermes_ort.sessions import ORT_DEFAULT, STREAMING, SessionSettings, default_threads
+from hermes_ort.sessions import (
+    ORT_DEFAULT,
+    PREPACKED_STREAMING,
+    STREAMING,
+    SessionSettings,
+    default_threads,
+)
 from hermes_ort.units import format_bytes
 
 STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
 LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
 MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
 MAX_WINDOW = 8
-# Kept sessions share the process's arena too: with their own, each holds its first run's
-# activations between passes (bert-base, 5 kept blocks: repeated passes 220.6 -> 209.7 MB).
-PREPACKED_STREAMING = SessionSettings(prepack=True, optimization="disable", shared_arena=True)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from hermes_ort.memory import (
     trim_heap,
 )
 from hermes_ort.sessions import (
-    ORT_DEFAULT,
+    PREPACKED_STREAMING,
     STREAMING,
     SessionSettings,
     create_session,
@@ -43,7 +43,8 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 5  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files read sequentially
+PROFILE_SCHEMA = 6  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files
+# read sequentially; 6: prologue read in small folios, kept blocks measured as kept, cold read CPU
 STEADY_RUNS = 3
 
 
@@ -55,16 +56,17 @@ class BlockProfile:
         int  # bytes the cold read-ahead really read (pages the kernel kept are skipped)
     )
     readahead_cold_s: float  # read with the page cache dropped first (storage speed)
+    readahead_cold_cpu_s: float  # CPU time of that read (copies, the kernel's I/O path)
     readahead_warm_s: float
     create_s: float  # prepacking off (weights stay mmapped)
-    create_prepack_s: float
+    create_prepack_s: float  # as a kept block is opened (PREPACKED_STREAMING)
     first_run_s: float  # prepacking off, right after read-ahead
     run_s: float  # steady, prepacking off
-    run_prepack_s: float  # steady, prepacking on
+    run_prepack_s: float  # steady, prepacking on (kept, its file pages dropped)
     live_bytes: int  # RSS of the live session after it has run, prepacking off
     live_anon_bytes: int
     live_file_bytes: int
-    live_prepack_bytes: int  # same, prepacking on
+    live_prepack_bytes: int  # same, prepacking on, as kept (its file pages dropped)
     open_bytes: int  # RSS of the session after creation, before any run (prepacking off)
     transient_bytes: int  # peak above the steady state during a run (intermediates, arena)
     output_bytes: int  # bytes of the tensors the block hands on
@@ -81,6 +83,8 @@ class Profile:
     # buffers, sessions opened ahead): measured by calibrate() after the blocks
     read_bandwidth_bytes_per_s: float
     blocks: tuple[BlockProfile, ...]
+    kept_overhead: float = 0.0  # kept blocks hold this share more than their profiles add up to
+    # in a real engine (shared arena, prepacking transients): measured by calibrate()
     created: str = ""
     schema_version: int = PROFILE_SCHEMA
 
@@ -164,10 +168,10 @@ def profile_block(
     feeds = {n: env[n] for n in spec.inputs}
     for p in paths:
         drop_file_cache(str(p))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     nbytes = sum(os.path.getsize(p) for p in paths)
     cold_read = read_ahead_block(spec, paths)  # as the loading agents read it
-    cold = time.perf_counter() - t0
+    cold, cold_cpu = time.perf_counter() - t0, time.thread_time() - cpu0
     t0 = time.perf_counter()
     read_ahead_block(spec, paths)
     warm = time.perf_counter() - t0
@@ -190,14 +194,21 @@ def profile_block(
     transient = max(0, peak - after)
     destroy(block, model_dir, False, set())
 
+    # kept and prepacked, as the engine keeps it: its own files' pages dropped after its first run
     trim_heap()
     rss0 = rss_bytes()
-    block, create_prepack_s = _open(model_dir, index, manifest, ORT_DEFAULT)
-    run_prepack = statistics.median(_timed_runs(block, feeds, STEADY_RUNS + 1)[1:])
+    block, create_prepack_s = _open(model_dir, index, manifest, PREPACKED_STREAMING)
+    _timed_runs(block, feeds, 1)
+    for f, p in zip(spec.files, paths, strict=True):
+        if spec.is_own(f):
+            drop_file_cache(str(p))
+    run_prepack = statistics.median(_timed_runs(block, feeds, STEADY_RUNS))
     live_prepack = max(0, rss_bytes() - rss0)
     destroy(block, model_dir, False, set())
+    read_ahead_block(spec, paths)  # the page cache as the next blocks' profiles found it
     return BlockProfile(
-        name=spec.name, file_bytes=nbytes, cold_read_bytes=cold_read, readahead_cold_s=cold, readahead_warm_s=warm,
+        name=spec.name, file_bytes=nbytes, cold_read_bytes=cold_read, readahead_cold_s=cold,
+        readahead_cold_cpu_s=cold_cpu, readahead_warm_s=warm,
         create_s=create_s, create_prepack_s=create_prepack_s, first_run_s=first, run_s=steady,
         run_prepack_s=run_prepack, live_bytes=live, live_anon_bytes=max(0, parts["anon"] - out_bytes), live_file_bytes=max(0, parts["file"]),
         live_prepack_bytes=live_prepack, open_bytes=max(0, open_bytes), transient_bytes=transient, output_bytes=out_bytes,

@@ -95,6 +95,19 @@ def read_ahead(path: str, sequential: bool = False) -> int:
         os.close(fd)
 
 
+def is_cached(path: str) -> bool | None:
+    """Whether every page of the file is in the page cache now (None if unknown)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        missing = missing_pages(fd, os.fstat(fd).st_size)
+        return None if missing is None else not missing.any()
+    finally:
+        os.close(fd)
+
+
 def warm_files(paths) -> int:
     """Bring files into the page cache the way the loading agents do (for benchmarks' warm state)."""
     return sum(read_ahead(str(p)) for p in paths)

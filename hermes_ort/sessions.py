@@ -89,6 +89,9 @@ def register_shared_arena() -> None:
 ORT_DEFAULT = SessionSettings(prepack=True, optimization="all")
 # The streaming way: blocks were optimised at export (portable level), weights stay mmapped.
 STREAMING = SessionSettings(prepack=False, optimization="disable", shared_arena=True)
+# Resident blocks worth prepacking. They share the process's arena too: with their own, each holds
+# its first run's activations between passes (bert-base, 5 kept blocks: 220.6 -> 209.7 MB).
+PREPACKED_STREAMING = SessionSettings(prepack=True, optimization="disable", shared_arena=True)
 
 
 _created_any = False

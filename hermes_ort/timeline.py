@@ -21,6 +21,10 @@ class BlockTimes:
     steady_run_s: float  # run of a session that stayed open
     load_cpu_s: float = 0.0  # CPU the load burns (session creation, page-cache copies): it stalls
     # a run it overlaps, as inference already uses every core
+    first_load_s: float | None = None  # on the first pass, if its files' cache state differs
+
+    def load_time(self, first_pass: bool) -> float:
+        return self.first_load_s if first_pass and self.first_load_s is not None else self.load_s
 
 
 def simulate(
@@ -60,7 +64,7 @@ def simulate(
                 return  # its slot is held by a block that has not run yet
             slot_t = release[m - window] if m >= window else 0.0
             start = max(slot_t, heapq.heappop(agents))
-            done = start + blocks[loads[m]].load_s
+            done = start + blocks[loads[m]].load_time(first_pass)
             load_spans.append((start, done, min(blocks[loads[m]].load_cpu_s, done - start)))
             heapq.heappush(agents, done)
             load_done[loads[m]] = done

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 from toy_model import write_toy_model
+
+# Started in the background of a non-interactive shell (`cmd &`, some CI runners), pytest inherits
+# SIGINT ignored, and so would every command a test interrupts: give them a terminal's Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -98,3 +98,23 @@ def test_timeline_basics():
     assert 10 * 0.05 / 2 <= overlapped < serial
     everything = frozenset(range(10))
     assert simulate(blocks, 2, 3, everything, False) == pytest.approx(10 * 0.01)
+
+
+def test_the_calibrated_kept_overhead_is_planned_for():
+    """Kept blocks hold a calibrated share more than their profiles add up to: the plan makes
+    room for it, keeping fewer blocks under the same budget, and its prediction includes it."""
+    from dataclasses import replace
+
+    cost = synthetic()
+    padded = replace(cost, kept_overhead=0.05)
+    keep = tuple(range(6))
+    assert padded.peak(keep, 2) - cost.peak(keep, 2) == int(6 * 28 * MB * 1.05) - 6 * 28 * MB
+    assert padded.min_budget() == cost.min_budget()  # nothing kept: nothing added
+    budget = cost.peak(keep, 2, 0) + MB
+    plain, careful = plan_pipeload(cost, budget, cores=2), plan_pipeload(padded, budget, cores=2)
+    assert len(careful.resident) < len(plain.resident)
+    assert (
+        careful.predicted_peak_bytes
+        == padded.peak(careful.resident, careful.window, careful.lag)
+        <= budget
+    )
