@@ -40,6 +40,8 @@ class CostModel:
     source: str = "estimate"
     plain_resident_times: tuple[BlockTimes, ...] = ()  # kept but not prepacked (default: as above)
     kept_overhead: float = 0.0  # share added to the kept blocks' bytes (calibrated)
+    prepack_transient_bytes: tuple[int, ...] = ()  # per block, held for a moment while a
+    # prepacked session is created (the mapped originals beside the packed copies), first pass
 
     @property
     def blocks(self) -> int:
@@ -69,9 +71,10 @@ class CostModel:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept."""
         return self.peak((), 1, 0)
 
-    def peak(self, resident: tuple[int, ...], window: int, lag: int = 1) -> int:
+    def peak(self, resident: tuple[int, ...], window: int, lag: int = 1, loaders: int = 1) -> int:
         """Predicted peak RSS. While streamed block i runs, the window's other slots hold the
-        previous block (if the daemon may lag) and blocks opened ahead."""
+        previous block (if the daemon may lag) and blocks opened ahead. On the first pass each
+        loading agent may be creating a prepacked kept block: the largest transients are added."""
         keep = set(resident)
         streamed = [i for i in range(self.blocks) if i not in keep]
         worst = 0
@@ -84,7 +87,11 @@ class CostModel:
             cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
         kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
-        return self.baseline_bytes + kept + worst + self.activation_bytes
+        packing = sorted(
+            (self.prepack_transient_bytes[i] for i in keep if self.resident_prepack[i]),
+            reverse=True,
+        )[:loaders] if self.prepack_transient_bytes else []  # fmt: skip
+        return self.baseline_bytes + kept + worst + self.activation_bytes + sum(packing)
 
     def latency(
         self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool, lag: int = 1
@@ -171,6 +178,7 @@ class CostModel:
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             stream_times=stream, resident_times=resident, source="profile",
             plain_resident_times=plain, kept_overhead=profile.kept_overhead,
+            prepack_transient_bytes=tuple(b.prepack_transient_bytes for b in blocks),
         )  # fmt: skip
 
 

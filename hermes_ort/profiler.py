@@ -43,8 +43,9 @@ from hermes_ort.sessions import (
 )
 
 PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 6  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files
-# read sequentially; 6: prologue read in small folios, kept blocks measured as kept, cold read CPU
+PROFILE_SCHEMA = 7  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files
+# read sequentially; 6: prologue read in small folios, kept blocks measured as kept, cold read CPU;
+# 7: prepacking's transient
 STEADY_RUNS = 3
 
 
@@ -67,6 +68,7 @@ class BlockProfile:
     live_anon_bytes: int
     live_file_bytes: int
     live_prepack_bytes: int  # same, prepacking on, as kept (its file pages dropped)
+    prepack_transient_bytes: int  # held a moment longer while that session is created
     open_bytes: int  # RSS of the session after creation, before any run (prepacking off)
     transient_bytes: int  # peak above the steady state during a run (intermediates, arena)
     output_bytes: int  # bytes of the tensors the block hands on
@@ -197,7 +199,9 @@ def profile_block(
     # kept and prepacked, as the engine keeps it: its own files' pages dropped after its first run
     trim_heap()
     rss0 = rss_bytes()
+    reset_peak_rss()
     block, create_prepack_s = _open(model_dir, index, manifest, PREPACKED_STREAMING)
+    packing = max(0, peak_rss_bytes() - rss_bytes())
     _timed_runs(block, feeds, 1)
     for f, p in zip(spec.files, paths, strict=True):
         if spec.is_own(f):
@@ -211,7 +215,7 @@ def profile_block(
         readahead_cold_cpu_s=cold_cpu, readahead_warm_s=warm,
         create_s=create_s, create_prepack_s=create_prepack_s, first_run_s=first, run_s=steady,
         run_prepack_s=run_prepack, live_bytes=live, live_anon_bytes=max(0, parts["anon"] - out_bytes), live_file_bytes=max(0, parts["file"]),
-        live_prepack_bytes=live_prepack, open_bytes=max(0, open_bytes), transient_bytes=transient, output_bytes=out_bytes,
+        live_prepack_bytes=live_prepack, prepack_transient_bytes=packing, open_bytes=max(0, open_bytes), transient_bytes=transient, output_bytes=out_bytes,
     )  # fmt: skip
 
 

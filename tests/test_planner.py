@@ -7,7 +7,7 @@ import pytest
 
 import hermes_ort
 from hermes_ort.costmodel import CostModel
-from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
+from hermes_ort.planner import KEPT_MARGIN, check_budget, plan_pipeload, plan_strategy
 from hermes_ort.timeline import BlockTimes, simulate
 
 MB = 1 << 20
@@ -110,11 +110,29 @@ def test_the_calibrated_kept_overhead_is_planned_for():
     keep = tuple(range(6))
     assert padded.peak(keep, 2) - cost.peak(keep, 2) == int(6 * 28 * MB * 1.05) - 6 * 28 * MB
     assert padded.min_budget() == cost.min_budget()  # nothing kept: nothing added
-    budget = cost.peak(keep, 2, 0) + MB
+    budget = int((cost.peak(keep, 2, 0) + MB) / (1 - KEPT_MARGIN))
     plain, careful = plan_pipeload(cost, budget, cores=2), plan_pipeload(padded, budget, cores=2)
     assert len(careful.resident) < len(plain.resident)
     assert (
         careful.predicted_peak_bytes
         == padded.peak(careful.resident, careful.window, careful.lag)
         <= budget
+    )
+
+
+def test_prepacking_a_kept_block_counts_its_creation_transient():
+    """While a prepacked session is created it holds its mapped weights beside the packed copies
+    (gpt2-medium's tied lm_head: +206 MB for a moment): each loading agent may be creating one."""
+    from dataclasses import replace
+
+    cost = replace(synthetic(), resident_prepack=(True,) * 14,
+                   prepack_transient_bytes=tuple(i * MB for i in range(14)))  # fmt: skip
+    keep = (3, 5, 9)
+    base = replace(cost, prepack_transient_bytes=()).peak(keep, 2)
+    assert cost.peak(keep, 2, loaders=1) - base == 9 * MB
+    assert cost.peak(keep, 2, loaders=2) - base == (9 + 5) * MB
+    assert cost.with_prepack(frozenset()).peak(keep, 2, loaders=2) == base  # none prepacked
+    plan = plan_pipeload(cost, cost.peak(keep, 2) + 20 * MB, cores=2)
+    assert plan.predicted_peak_bytes == cost.with_prepack(frozenset(plan.prepack_resident)).peak(
+        plan.resident, plan.window, plan.lag, plan.loaders
     )
