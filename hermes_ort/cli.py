@@ -223,7 +223,7 @@ def cmd_profile(args) -> int:
         print(f"stored profile matches this machine ({profile.created}); --force measures again")
     print(
         f"baseline RSS {format_bytes(profile.baseline_bytes)} (+{format_bytes(profile.warmup_bytes)} at the first session), "
-        f"pipelining +{format_bytes(profile.engine_overhead_bytes)}, kept blocks +{profile.kept_overhead:.1%}, storage read {profile.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {profile.sequence_length}"
+        f"pipelining +{format_bytes(profile.engine_overhead_bytes)}, kept blocks +{profile.kept_overhead:.1%}, first pass +{profile.first_pass_extra_s * 1000:.0f} ms, streaming passes x{profile.stream_pass_scale:.2f}, storage read {profile.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {profile.sequence_length}"
     )
     print(
         "| block | file | read cold / warm | create / prepacked | 1st run | run / prepacked | live | open | transient |"

@@ -141,7 +141,10 @@ class BlockEngine:
             self.files_after.append(set(later))
             later |= {f.path for f in block.files}
         self.files_after.reverse()
-        for i in plan.resident:
+        # kept blocks' files, and those of sparse ones (embedding lookups, not read ahead): the
+        # few pages a lookup touches would otherwise fault in from storage, one by one, on the
+        # inference agent, every run (bert-base's prologue: 186 ms a pass instead of 0.5 ms)
+        for i in (*plan.resident, *plan.no_readahead):
             self.files_after = [
                 s | {f.path for f in manifest.blocks[i].files} for s in self.files_after
             ]

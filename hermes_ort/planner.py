@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hermes_ort.costmodel import CostModel
+from hermes_ort.costmodel import SAFETY_MARGIN, CostModel, within_margin
 from hermes_ort.errors import BudgetError
 from hermes_ort.sessions import (
     ORT_DEFAULT,
@@ -24,9 +24,6 @@ STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
 LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
 MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
 MAX_WINDOW = 8
-# Kept blocks fill the budget up to this share short of it: passes differ from the prediction by
-# about that much (bert-base, gpt2-medium: up to 0.5% above it on repeated passes).
-KEPT_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -156,11 +153,11 @@ def plan_pipeload(
     for k in k_options:
         for w in w_options:
             for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
-                if budget is not None and cost.peak((), w, lag) > budget:
+                if budget is not None and within_margin(cost.peak((), w, lag)) > budget:
                     continue
                 # As many blocks resident as fit unprepacked (a kept block saves its load every
                 # pass), then prepack those where it speeds runs, while the budget allows.
-                room = None if budget is None else max(cost.peak((), w, lag), int(budget * (1 - KEPT_MARGIN)))  # fmt: skip
+                room = None if budget is None else int(budget * (1 - SAFETY_MARGIN))
                 resident = (
                     _fill_resident(plain, room, w, lag)
                     if window is None or budget is not None
@@ -182,7 +179,7 @@ def plan_pipeload(
     if best is None:
         w = window or 1
         raise BudgetError(
-            f"window {w} needs {format_bytes(cost.peak((), w, 0))}, over the budget {format_bytes(budget)}"
+            f"window {w} needs {format_bytes(within_margin(cost.peak((), w, 0)))}, over the budget {format_bytes(budget)}"
         )
     _, k, w, lag, resident, steady, first, cost = best
     prepacked = tuple(i for i in resident if cost.resident_prepack[i])

@@ -87,6 +87,8 @@ class Profile:
     blocks: tuple[BlockProfile, ...]
     kept_overhead: float = 0.0  # kept blocks hold this share more than their profiles add up to
     # in a real engine (shared arena, prepacking transients): measured by calibrate()
+    first_pass_extra_s: float = 0.0  # a fresh process's first pass beyond the per-block sums
+    stream_pass_scale: float = 1.0  # measured / predicted repeated pass that streams blocks
     created: str = ""
     schema_version: int = PROFILE_SCHEMA
 

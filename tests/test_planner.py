@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 import hermes_ort
-from hermes_ort.costmodel import CostModel
-from hermes_ort.planner import KEPT_MARGIN, check_budget, plan_pipeload, plan_strategy
+from hermes_ort.costmodel import SAFETY_MARGIN, CostModel, within_margin
+from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
 from hermes_ort.timeline import BlockTimes, simulate
 
 MB = 1 << 20
@@ -44,8 +44,8 @@ def test_plan_respects_budget_and_grows_with_it():
 
 def test_window_grows_when_loading_is_the_bottleneck():
     cost = synthetic(load_s=0.05)
-    small = plan_pipeload(cost, cost.peak((), 1, 0), cores=2)
-    roomy = plan_pipeload(cost, cost.peak((), 6, 1), cores=2)
+    small = plan_pipeload(cost, cost.min_budget(), cores=2)
+    roomy = plan_pipeload(cost, within_margin(cost.peak((), 6, 1)), cores=2)
     assert small.window <= roomy.window and roomy.loaders == 2
 
 
@@ -110,7 +110,7 @@ def test_the_calibrated_kept_overhead_is_planned_for():
     keep = tuple(range(6))
     assert padded.peak(keep, 2) - cost.peak(keep, 2) == int(6 * 28 * MB * 1.05) - 6 * 28 * MB
     assert padded.min_budget() == cost.min_budget()  # nothing kept: nothing added
-    budget = int((cost.peak(keep, 2, 0) + MB) / (1 - KEPT_MARGIN))
+    budget = int((cost.peak(keep, 2, 0) + MB) / (1 - SAFETY_MARGIN))
     plain, careful = plan_pipeload(cost, budget, cores=2), plan_pipeload(padded, budget, cores=2)
     assert len(careful.resident) < len(plain.resident)
     assert (
