@@ -24,8 +24,8 @@ SPARSE_FRACTION = 0.5  # a block whose run touches less than this share of its f
 ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
 ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
 # Plans keep their predicted peak this share below the budget: measured passes differ from the
-# prediction by about that much (bert-base, gpt2-medium: up to 0.5-1.5% above it).
-SAFETY_MARGIN = 0.015
+# prediction by about that much (bert-base, gpt2-medium: up to 2.5% above it).
+SAFETY_MARGIN = 0.03
 
 
 @dataclass(frozen=True)

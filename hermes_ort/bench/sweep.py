@@ -4,8 +4,9 @@ plan keep its promises, and is it as fast as the best fixed (loaders, window)?
     python -m hermes_ort.bench.sweep models/bert-base --points 6 --repeats 3 --out bench/results/latest
 
 For each budget, in fresh processes (warm page cache): the planner's choice and every (loaders,
-window) of a small grid, each `--repeats` times; medians of the first-pass latency and peak RSS,
-beside the planner's own predictions. Writes sweep-MODEL.json and .md."""
+window) of a small grid, `--repeats` rounds of all of them (so drift hits every configuration
+alike); medians of the first and the repeated passes' latency, the first pass's peak RSS and the
+largest of any pass, beside the planner's own predictions. Writes sweep-MODEL.json and .md."""
 
 from __future__ import annotations
 
@@ -25,17 +26,17 @@ GRID = [(k, w) for k in (1, 2) for w in (1, 2, 3, 4)]
 REPEATED_PASSES = 2  # after the first, in the same process: the planner's objective
 
 
-def _measure(
-    model_dir: Path, budget: int, loaders: int | None, window: int | None, repeats: int, files
-) -> dict:
+def _sample(model_dir: Path, budget: int, loaders: int | None, window: int | None, files) -> dict:
+    """One fresh process: a first pass and the repeated ones, from a warm page cache."""
     extra = ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
-    samples = []
-    for _ in range(repeats):
-        warm_files(files)
-        record = run_fresh(model_dir, "pipeload", budget, repeat=REPEATED_PASSES + 1, extra=extra)
-        if record["returncode"] != 0:
-            return {"error": record["error"]}
-        samples.append(record)
+    warm_files(files)
+    return run_fresh(model_dir, "pipeload", budget, repeat=REPEATED_PASSES + 1, extra=extra)
+
+
+def _summary(samples: list[dict]) -> dict:
+    failed = [s for s in samples if s["returncode"] != 0]
+    if failed:
+        return {"error": failed[0]["error"]}
     runs = [r["runs"][0] for r in samples]
     later = [p for r in samples for p in r["runs"][1:]]
     return {
@@ -62,13 +63,13 @@ def sweep(model_dir: Path, points: int, repeats: int) -> dict:
     budgets = [int(low + (high - low) * i / (points - 1)) for i in range(points)]
     rows = []
     for budget in budgets:
-        row = {
-            "budget_bytes": budget,
-            "planner": _measure(model_dir, budget, None, None, repeats, files),
-            "grid": {},
-        }
-        for k, w in GRID:
-            row["grid"][f"{k}x{w}"] = _measure(model_dir, budget, k, w, repeats, files)
+        configs = {"planner": (None, None), **{f"{k}x{w}": (k, w) for k, w in GRID}}
+        samples: dict[str, list[dict]] = {name: [] for name in configs}
+        for _ in range(repeats):  # in rounds: every configuration sees the same machine drift
+            for name, (k, w) in configs.items():
+                samples[name].append(_sample(model_dir, budget, k, w, files))
+        summaries = {name: _summary(s) for name, s in samples.items()}
+        row = {"budget_bytes": budget, "planner": summaries.pop("planner"), "grid": summaries}
         rows.append(row)
         print(render_row(row), file=sys.stderr, flush=True)
     return {
