@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from toy_model import reference_logits
@@ -107,3 +109,28 @@ def test_closed_model_refuses_to_run(toy_dir, full_logits):
     model.close()
     with pytest.raises(hermes_ort.HermesError, match="closed"):
         model.run(feeds)
+
+
+def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_copy, full_logits):
+    """The daemon drops a streamed block's file pages, except a sparse block's (an embedding
+    looked up a few rows at a time): those would fault in from storage on every run."""
+    from dataclasses import replace
+
+    from hermes_ort.engine import BlockEngine
+    from hermes_ort.readahead import is_cached
+
+    feeds, expected = full_logits
+    os.sync()  # the copy's pages are dirty: the kernel drops only clean ones
+    with hermes_ort.load(toy_copy, window=2) as model:
+        manifest = model.manifest
+        plan = replace(model.plan, resident=(), prepack_resident=(), drop_cache=True, no_readahead=(0,))  # fmt: skip
+    engine = BlockEngine(toy_copy, manifest, plan)
+    try:
+        outputs, _ = engine.run(feeds)
+    finally:
+        engine.close()
+    np.testing.assert_allclose(outputs["logits"], expected, atol=1e-5)
+    sparse = {f.path for f in manifest.blocks[0].files}
+    streamed = {f.path for b in manifest.blocks[1:] for f in b.files if b.is_own(f)} - sparse
+    assert streamed and all(is_cached(str(toy_copy / p)) for p in sparse)
+    assert not [p for p in streamed if is_cached(str(toy_copy / p))]
