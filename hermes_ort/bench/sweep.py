@@ -100,7 +100,7 @@ def render_row(row: dict) -> str:
         format_bytes(row["budget_bytes"]),
         f"{plan['loaders']}x{plan['window']} lag {plan['lag']}, {len(plan['resident'])} resident",
         f"{format_bytes(p['max_peak_rss_bytes'])} ({'yes' if p['max_peak_rss_bytes'] <= row['budget_bytes'] else 'NO'})",
-        f"{format_bytes(pred_peak)} ({pred_peak / p['peak_rss_bytes'] - 1:+.0%})",
+        f"{format_bytes(pred_peak)} ({pred_peak / p['max_peak_rss_bytes'] - 1:+.0%})",
     ]
     for measured, predicted, key in ((p["latency_s"], first_lat, "latency_s"),
                                      (p.get("repeated_latency_s"), rep_lat, "repeated_latency_s")):  # fmt: skip
@@ -120,7 +120,7 @@ def render_row(row: dict) -> str:
 
 
 HEADER = (
-    "| budget | planner's plan | max peak RSS (within) | predicted peak (error) | first pass "
+    "| budget | planner's plan | max peak RSS (within) | predicted peak (error vs max) | first pass "
     "(prediction error) | best fixed grid, first pass | repeated pass (prediction error) | "
     "best fixed grid, repeated pass |\n"
     "|---|---|---|---|---|---|---|---|"
@@ -133,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
+    parser.add_argument("--render", action="store_true", help="render OUT/sweep-MODEL.json again")
     args = parser.parse_args(argv)
-    print(HEADER, file=sys.stderr)
-    result = sweep(args.model_dir, args.points, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
     name = args.model_dir.name
-    (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
+    if args.render:
+        result = json.loads((args.out / f"sweep-{name}.json").read_text())
+    else:
+        print(HEADER, file=sys.stderr)
+        result = sweep(args.model_dir, args.points, args.repeats)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
     table = "\n".join([f"### Planner sweep: {name} (warm cache, fresh processes, medians of {args.repeats})", "", HEADER,
                        *[render_row(r) for r in result["rows"]]])  # fmt: skip
     (args.out / f"sweep-{name}.md").write_text(table + "\n")
