@@ -35,11 +35,14 @@ def downsample(points: list[tuple[float, int]], limit: int = MAX_CURVE_POINTS) -
     return [[round(points[i][0], 4), int(points[i][1])] for i in sorted(keep)]
 
 
-def _budget(args, model_dir: Path) -> int | None:
+def _budget(args, model_dir: Path) -> int | str | None:
     """Bytes of the budget; `--budget-min-factor` is resolved here, against the smallest workable
-    budget as this very process sees it (rounded up to a MiB, so RSS noise cannot refuse it)."""
+    budget as this very process sees it (rounded up to a MiB, so RSS noise cannot refuse it);
+    factor 1 is `load`'s own "min", resolved as the model is planned."""
     if args.budget_min_factor is None:
         return args.budget
+    if args.budget_min_factor == 1:
+        return "min"
     from hermes_ort.manifest import load_manifest
     from hermes_ort.model import cost_model
 
