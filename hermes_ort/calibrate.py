@@ -4,7 +4,9 @@ The cost model adds up per-block measurements; a pipelined pass in a fresh proce
 loader threads and their buffers, sessions opened ahead, lazily imported modules and the inference
 agent's tensors. The difference between the measured peak of real passes, in a fresh process as
 users run them, and the model's prediction for the same plans is stored in the profile
-(`engine_overhead_bytes`) and added to every later prediction."""
+(`engine_overhead_bytes`) and added to every later prediction. A second fresh process runs plans
+that keep half and all of the model and stores what those miss: the kept blocks' overhead share,
+the first pass's start-up time and the slowdown of repeated passes that stream."""
 
 from __future__ import annotations
 
@@ -24,9 +26,7 @@ MIN_KEPT_BYTES = 32 << 20  # below this, RSS jitter (~1 MB) is a large share of 
 
 def measure_overhead(model_dir: Path) -> int:
     """In this (fresh) process: run the model streamed (2 loaders, window 3, nothing resident;
-    with and without daemon lag), then as planned under a budget halfway between the smallest
-    and the whole model (kept blocks, prepacked ones, repeated passes that re-read the rest);
-    return the largest measured-minus-predicted peak."""
+    with and without daemon lag) and return the largest measured-minus-predicted peak."""
     import hermes_ort
     from hermes_ort.engine import BlockEngine
 
@@ -102,8 +102,8 @@ def calibrate(model_dir: str | Path, profile: Profile) -> Profile:
     return dataclasses.replace(profile, **_fresh(model_dir, "kept"))
 
 
-def _fresh(model_dir: Path, what: str, *args) -> Any:
-    cmd = [sys.executable, "-m", "hermes_ort.calibrate", str(model_dir), what, *map(str, args)]
+def _fresh(model_dir: Path, what: str) -> Any:
+    cmd = [sys.executable, "-m", "hermes_ort.calibrate", str(model_dir), what]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

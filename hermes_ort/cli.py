@@ -56,7 +56,7 @@ def cmd_run(args) -> int:
         else:
             with np.load(args.input) as data:
                 feeds = {k: data[k] for k in data.files}
-        runs, outputs = [], None
+        runs = []
         for _ in range(max(1, args.repeat)):
             outputs = None  # not held through the next pass (gpt2-medium's logits: 26 MB)
             outputs = model.run(feeds)

@@ -26,6 +26,7 @@ ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is mea
 # Plans keep their predicted peak this share below the budget: measured passes differ from the
 # prediction by about that much (bert-base, gpt2-medium: up to 2.5% above it).
 SAFETY_MARGIN = 0.03
+_KEEP_PER_MILLE = round(1000 * (1 - SAFETY_MARGIN))
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,13 @@ class CostModel:
 
 
 def within_margin(peak: int) -> int:
-    """The budget a plan of this predicted peak needs."""
-    return -(-peak * 1000 // round(1000 * (1 - SAFETY_MARGIN)))
+    """The budget a plan of this predicted peak needs: the least B with room(B) >= peak."""
+    return -(-peak * 1000 // _KEEP_PER_MILLE)
+
+
+def room(budget: int) -> int:
+    """The predicted peak a plan may have under `budget`."""
+    return budget * _KEEP_PER_MILLE // 1000
 
 
 def activation_peak(manifest: Manifest, profile: Profile) -> int:

@@ -27,6 +27,14 @@ def destroy(block: LiveBlock, model_dir: Path, drop_cache: bool, keep_cached: se
                 drop_file_cache(str(model_dir / f.path))
 
 
+def drop_own_files(spec: BlockSpec, model_dir: Path) -> None:
+    """Drop the page cache of the block's own files (not shared ones): a kept prepacked block's
+    weights live in its packed copies."""
+    for f in spec.files:
+        if spec.is_own(f):
+            drop_file_cache(str(model_dir / f.path))
+
+
 class Daemon:
     """One background thread; `release` queues a block for destruction and calls `done` after."""
 
@@ -46,9 +54,8 @@ class Daemon:
         return self._pool.submit(work)
 
     def drop_own_files(self, spec: BlockSpec) -> Future:
-        """Drop the page cache of the block's own files (not shared ones), in the background."""
-        paths = [str(self.model_dir / f.path) for f in spec.files if spec.is_own(f)]
-        return self._pool.submit(lambda: [drop_file_cache(p) for p in paths])
+        """`drop_own_files`, in the background."""
+        return self._pool.submit(drop_own_files, spec, self.model_dir)
 
     def release_barrier(self) -> None:
         """Wait until every queued release has finished."""

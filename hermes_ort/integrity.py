@@ -206,11 +206,12 @@ def check_external_data(onnx_path: Path, allowed: list[Path] | None = None) -> N
     """Refuse, before ORT opens it, an ONNX file whose tensors' external data `location`s point
     outside its model directory, at anything but a regular file, or (given `allowed`, the files
     the manifest lists for it) at a file the manifest does not list, so hashes cover all ORT reads.
-    Parsed once per process and file version; a streamed block's next opening costs a stat."""
+    Parsed once per process and file version, however the paths are spelled; a streamed block's
+    next opening costs a stat."""
     onnx_path = Path(onnx_path)
     st = os.stat(onnx_path)
-    listed = None if allowed is None else frozenset(str(p) for p in allowed)
-    key = (str(onnx_path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, listed)
+    resolved = None if allowed is None else frozenset(Path(p).resolve() for p in allowed)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, resolved)
     if key in _passed:
         return
     try:
@@ -220,7 +221,6 @@ def check_external_data(onnx_path: Path, allowed: list[Path] | None = None) -> N
             f"'{onnx_path}' is not an ONNX file this runtime can check: {e}"
         ) from None
     root = model_root(onnx_path)
-    resolved = None if allowed is None else {Path(p).resolve() for p in allowed}
     for location in locations:
         where = f"'{onnx_path}' names external data '{location}'"
         if location == _MEMORY_TAG or "\0" in location or Path(location).is_absolute():

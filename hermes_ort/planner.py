@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hermes_ort.costmodel import SAFETY_MARGIN, CostModel, within_margin
+from hermes_ort.costmodel import CostModel, room, within_margin
 from hermes_ort.errors import BudgetError
 from hermes_ort.sessions import (
     ORT_DEFAULT,
@@ -151,21 +151,21 @@ def plan_pipeload(
     k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
     w_options = [window] if window else list(range(1, min(n, MAX_WINDOW) + 1))
     plain = cost.with_prepack(frozenset())
+    space = None if budget is None else room(budget)
     options = []
     for k in k_options:
         for w in w_options:
             for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
-                if budget is not None and within_margin(cost.peak((), w, lag)) > budget:
+                if space is not None and cost.peak((), w, lag) > space:
                     continue
                 # As many blocks resident as fit unprepacked (a kept block saves its load every
                 # pass), then prepack those where it speeds runs, while the budget allows.
-                room = None if budget is None else int(budget * (1 - SAFETY_MARGIN))
                 resident = (
-                    _fill_resident(plain, room, w, lag)
+                    _fill_resident(plain, space, w, lag)
                     if window is None or budget is not None
                     else ()
                 )
-                mixed = cost.with_prepack(_prepack_within(cost, plain, room, w, lag, resident, k))
+                mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
                 steady = mixed.latency(k, w, resident, first_pass=False, lag=lag)
                 first = mixed.latency(k, w, resident, first_pass=True, lag=lag)
                 peak = mixed.peak(resident, w, lag, k)

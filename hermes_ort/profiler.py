@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from hermes_ort.daemon import destroy
+from hermes_ort.daemon import destroy, drop_own_files
 from hermes_ort.inputs import sample_inputs
 from hermes_ort.integrity import check_size
 from hermes_ort.loader import LiveBlock, read_ahead_block
@@ -149,7 +149,8 @@ def _open(
 ) -> tuple[LiveBlock, float]:
     spec = manifest.blocks[index]
     t0 = time.perf_counter()
-    session = create_session(model_dir / spec.path, settings, f"block '{spec.name}'")
+    allowed = [check_size(model_dir, f) for f in spec.files]
+    session = create_session(model_dir / spec.path, settings, f"block '{spec.name}'", allowed)
     return LiveBlock(index, spec, session), time.perf_counter() - t0
 
 
@@ -205,13 +206,10 @@ def profile_block(
     block, create_prepack_s = _open(model_dir, index, manifest, PREPACKED_STREAMING)
     packing = max(0, peak_rss_bytes() - rss_bytes())
     _timed_runs(block, feeds, 1)
-    for f, p in zip(spec.files, paths, strict=True):
-        if spec.is_own(f):
-            drop_file_cache(str(p))
+    drop_own_files(spec, model_dir)
     run_prepack = statistics.median(_timed_runs(block, feeds, STEADY_RUNS))
     live_prepack = max(0, rss_bytes() - rss0)
     destroy(block, model_dir, False, set())
-    read_ahead_block(spec, paths)  # the page cache as the next blocks' profiles found it
     return BlockProfile(
         name=spec.name, file_bytes=nbytes, cold_read_bytes=cold_read, readahead_cold_s=cold,
         readahead_cold_cpu_s=cold_cpu, readahead_warm_s=warm,

@@ -371,8 +371,9 @@ def test_the_bench_caps_each_budgeted_configuration_at_its_budget_plus_a_margin(
     budget (as the child resolves it) + 10%, or their profile's cap if lower; the killed count."""
     from hermes_ort.bench.matrix import build_matrix, expand
     from hermes_ort.bench.models import ModelFacts
+    from hermes_ort.bench.records import killed_count
     from hermes_ort.bench.render import killed_lines
-    from hermes_ort.bench.runner import Runner, RunOptions, killed_count, margin_bytes
+    from hermes_ort.bench.runner import Runner, RunOptions, margin_bytes
 
     mb = 10**6
     matrix = build_matrix("smoke", models=["m"], strategies=["full", "pipeload"],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import hermes_ort
-from hermes_ort.costmodel import SAFETY_MARGIN, CostModel, within_margin
+from hermes_ort.costmodel import CostModel, within_margin
 from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
 from hermes_ort.timeline import BlockTimes, simulate
 
@@ -110,7 +110,7 @@ def test_the_calibrated_kept_overhead_is_planned_for():
     keep = tuple(range(6))
     assert padded.peak(keep, 2) - cost.peak(keep, 2) == int(6 * 28 * MB * 1.05) - 6 * 28 * MB
     assert padded.min_budget() == cost.min_budget()  # nothing kept: nothing added
-    budget = int((cost.peak(keep, 2, 0) + MB) / (1 - SAFETY_MARGIN))
+    budget = within_margin(cost.peak(keep, 2, 0) + MB)
     plain, careful = plan_pipeload(cost, budget, cores=2), plan_pipeload(padded, budget, cores=2)
     assert len(careful.resident) < len(plain.resident)
     assert (

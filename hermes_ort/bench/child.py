@@ -22,7 +22,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 MAX_CURVE_POINTS = 800
-MIB = 1 << 20
 
 
 def downsample(points: list[tuple[float, int]], limit: int = MAX_CURVE_POINTS) -> list[list[float]]:
@@ -37,17 +36,18 @@ def downsample(points: list[tuple[float, int]], limit: int = MAX_CURVE_POINTS) -
 
 def _budget(args, model_dir: Path) -> int | str | None:
     """Bytes of the budget; `--budget-min-factor` is resolved here, against the smallest workable
-    budget as this very process sees it (rounded up to a MiB, so RSS noise cannot refuse it);
-    factor 1 is `load`'s own "min", resolved as the model is planned."""
+    budget as this very process sees it (matrix.min_budget_at); factor 1 is `load`'s own "min",
+    resolved as the model is planned."""
     if args.budget_min_factor is None:
         return args.budget
     if args.budget_min_factor == 1:
         return "min"
+    from hermes_ort.bench.matrix import min_budget_at
     from hermes_ort.manifest import load_manifest
     from hermes_ort.model import cost_model
 
     cost = cost_model(model_dir, load_manifest(model_dir), None, cold=True)
-    return math.ceil(args.budget_min_factor * cost.min_budget() / MIB) * MIB
+    return min_budget_at(args.budget_min_factor, cost.min_budget())
 
 
 def cmd_run(args) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Spellings accepted on the command line:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -91,6 +92,12 @@ def parse_budget(text: str) -> Budget:
             raise ValueError(f"budget '{text}' must be a positive multiple of min")
         return Budget(text.strip(), "min", factor)
     return Budget(text.strip(), "bytes", float(parse_bytes(t)))
+
+
+def min_budget_at(factor: float, min_bytes: int) -> int:
+    """A budget of `factor` x the smallest workable one, rounded up to a MiB (so RSS noise between
+    the process that measured `min_bytes` and the one that plans cannot refuse it)."""
+    return math.ceil(factor * min_bytes / (1 << 20)) << 20
 
 
 def margin_bytes(margin: str, budget: int) -> int:

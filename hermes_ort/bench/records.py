@@ -205,11 +205,10 @@ def add_ratios(records: list[Record]) -> list[Record]:
     ]  # fmt: skip
 
 
-def killed_count(records) -> dict[str, int]:
+def killed_count(records: list[dict[str, Any]]) -> dict[str, int]:
     """How many configurations (and processes) the memory cap killed, of how many were capped.
-    `records`: Record objects or their JSON dicts."""
-    rs = [r if isinstance(r, dict) else asdict(r) for r in records]
-    capped = [r for r in rs if r["memory_cap_bytes"] is not None and r["cap_enforced"]]
+    `records`: a document's JSON records."""
+    capped = [r for r in records if r["memory_cap_bytes"] is not None and r["cap_enforced"]]
     at_budget = [r for r in capped if r.get("cap_from_budget")]
     return {
         "configurations": sum(1 for r in capped if r["killed_repeats"]),

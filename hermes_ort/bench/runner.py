@@ -7,7 +7,6 @@ count, so each group profiles its models first (`hermes-ort profile`, skipped wh
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from hermes_ort.bench.device import (
     prepare_cache,
     run_under,
 )
-from hermes_ort.bench.matrix import STORAGE, Config, Matrix, expand, margin_bytes
+from hermes_ort.bench.matrix import STORAGE, Config, Matrix, expand, margin_bytes, min_budget_at
 from hermes_ort.bench.models import (
     ModelFacts,
     describe,
@@ -40,7 +39,6 @@ from hermes_ort.bench.records import (
     add_ratios,
     aggregate,
     io_floors,
-    killed_count,
     machine_info,
     median,
     sample_from_child,
@@ -51,7 +49,6 @@ from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.units import format_bytes
 
 FLOOR_PASSES = 5
-MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,8 @@ class Runner:
     def cap_bytes(self, config: Config) -> int | None:
         """The memory cap of a configuration's cgroup: its profile's, and with budget caps on,
         its budget plus the margin (the lower of the two)."""
-        caps = [c for c in (self.profile_cap_bytes(config),) if c is not None]
+        profile_cap = self.profile_cap_bytes(config)
+        caps = [] if profile_cap is None else [profile_cap]
         budget = self.budget_bytes(config)
         if self.options.budget_cap_margin and budget is not None:
             caps.append(budget + margin_bytes(self.options.budget_cap_margin, budget))
@@ -181,13 +179,14 @@ class Runner:
         return cap.resolve(f.model_bytes, f.min_budget_bytes)
 
     def budget_bytes(self, config: Config) -> int | None:
-        """The budget in bytes as the child will resolve it (None: no budget). "min" budgets
-        are resolved in the child and rounded up to a MiB (child.py); this repeats that."""
+        """The budget in bytes as the child will resolve it (None: no budget): "min" budgets the
+        way child.py does, from the smallest budget this process measured (factor 1, load()'s
+        own "min" in the child, is within RSS noise of it)."""
         if config.budget is None:
             return None
         f = self.facts[(config.model, self.cores_of(config))]
         if config.budget.kind == "min":
-            return math.ceil(config.budget.value * f.min_budget_bytes / MIB) * MIB
+            return min_budget_at(config.budget.value, f.min_budget_bytes)
         # "cap": the profile's cap, never one derived from the budget itself
         return config.budget.resolve(f.model_bytes, f.min_budget_bytes, self.profile_cap_bytes(config))  # fmt: skip
 
@@ -274,7 +273,7 @@ class Runner:
                        "budgets": [b.text for b in m.budgets], "profiles": [p.text for p in m.profiles],
                        "repeats": m.repeats, "passes": m.passes},
             "machine": machine_info(), "versions": versions(), "emulation": self.emulation.to_json(),
-            "budget_cap_margin": self.options.budget_cap_margin, "killed_for_memory": killed_count(records),
+            "budget_cap_margin": self.options.budget_cap_margin,
             "warnings": self.warnings, "storage": self.bandwidth,
             "models": [{**f.to_json(), "cores": cores} for (_, cores), f in self.facts.items()],
             "floors": [{"model": name, "cores": cores, "compute_floor_s": median(s.steady_compute_s),

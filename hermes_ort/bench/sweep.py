@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         result = sweep(args.model_dir, args.points, args.repeats)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
-    table = "\n".join([f"### Planner sweep: {name} (warm cache, fresh processes, medians of {args.repeats})", "", HEADER,
+    table = "\n".join([f"### Planner sweep: {name} (warm cache, fresh processes, medians of {result['repeats']})", "", HEADER,
                        *[render_row(r) for r in result["rows"]]])  # fmt: skip
     (args.out / f"sweep-{name}.md").write_text(table + "\n")
     print(table)
