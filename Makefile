@@ -33,7 +33,7 @@ format: setup
 	$(PY) -m ruff format hermes_ort export tests
 	$(PY) -m ruff check --fix hermes_ort export tests
 
-# The full benchmark matrix (hours); results in bench/results/. `make bench-smoke` is what CI runs.
+# The full benchmark matrix (62 min on 2 cores here); results in bench/results/. `make bench-smoke` is what CI runs.
 bench: setup
 	$(PY) -m hermes_ort.bench --matrix full
 

@@ -14,7 +14,7 @@ from hermes_ort.units import format_bytes
 
 
 def _add_run(sub) -> None:
-    from hermes_ort.planner import STRATEGIES
+    from hermes_ort.planner import OBJECTIVES, STRATEGIES
 
     p = sub.add_parser("run", help="run one pass of an exported model and print a summary")
     p.add_argument("model_dir", type=Path)
@@ -34,6 +34,10 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--repeat", type=int, default=1, help="passes to run (stats of each are printed)"
     )
+    p.add_argument(
+        "--objective", default=None, choices=OBJECTIVES,
+        help="what pipeload's plan makes fastest (default: one-shot for one pass, else repeated)",
+    )  # fmt: skip
     p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.add_argument(
@@ -46,9 +50,10 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     import hermes_ort
 
+    objective = args.objective or ("one-shot" if args.repeat <= 1 else "repeated")
     model = hermes_ort.load(
         args.model_dir, memory_budget=args.budget, strategy=args.strategy, loaders=args.loaders,
-        window=args.window, load_path=args.load_path, verify=args.verify,
+        window=args.window, load_path=args.load_path, verify=args.verify, objective=objective,
     )  # fmt: skip
     with model:
         if args.input == "random":
@@ -66,6 +71,7 @@ def cmd_run(args) -> int:
     if args.json:
         record = {
             "model_dir": str(args.model_dir), "strategy": args.strategy, "budget_bytes": model.plan.budget_bytes,
+            "objective": objective,
             "plan": {
                 "loaders": model.plan.loaders, "window": model.plan.window, "lag": model.plan.lag,
                 "resident": list(model.plan.resident), "cost_source": model.plan.cost_source,
@@ -241,6 +247,8 @@ def cmd_profile(args) -> int:
 
 
 def _add_plan(sub) -> None:
+    from hermes_ort.planner import OBJECTIVES
+
     p = sub.add_parser(
         "plan", help="show the pipeline plan for a budget, its prediction and reasons"
     )
@@ -249,6 +257,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--loaders", type=int, default=None)
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
+    p.add_argument(
+        "--objective", default="repeated", choices=OBJECTIVES,
+        help="what the plan makes fastest: later passes (default, as `run --repeat N`) or the first (as `run` of one pass)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
 
@@ -261,6 +273,7 @@ def cmd_plan(args) -> int:
         loaders=args.loaders,
         window=args.window,
         profile=not args.no_profile,
+        objective=args.objective,
     ) as model:
         print(model.plan.describe())
         print(

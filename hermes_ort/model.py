@@ -215,6 +215,7 @@ def load(
     load_path: str = "default",
     profile: bool | None = None,
     verify: str = "once",
+    objective: str = "repeated",
 ) -> HermesModel:
     """Open an exported model directory.
 
@@ -232,6 +233,8 @@ def load(
         first use, then cached by size, times and inode (in `verified.json`); "size" = sizes only
         (a damaged file of the right size then goes unnoticed). Both refuse paths and external
         data that leave the model directory. See docs/reliability.md.
+    objective: what pipeload's plan makes fastest: "repeated" (default) = later passes (a model
+        loaded once and run many times); "one-shot" = the first pass (load, run once, close).
     """
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
@@ -249,8 +252,9 @@ def load(
         if strategy not in ("full", "full-mmap"):
             check_budget(cost, budget, names)
         return plan_strategy(
-            strategy, cost, budget, load_path=load_path, loaders=loaders, window=window
-        )
+            strategy, cost, budget, load_path=load_path, loaders=loaders, window=window,
+            objective=objective,
+        )  # fmt: skip
 
     return HermesModel(
         model_dir, manifest, make_plan(budget), cost, replan=make_plan, smallest=smallest

@@ -2,9 +2,9 @@
 and which are prepacked, under a memory budget; and the fixed plans of the baselines.
 
 `plan_pipeload` searches loaders x window, fills the rest of the budget with resident blocks (most
-time saved per byte first), and keeps the plan with the lowest predicted latency of a repeated pass;
-plans within 3% of it are a tie, won by the fastest first pass (then the lowest peak). Costs come
-from the cost model (costmodel.py)."""
+time saved per byte first), and keeps the plan with the lowest predicted latency of the objective's
+pass: a repeated pass (default) or the first (one-shot); plans within 3% of it are a tie, won by the
+faster other pass (then the lowest peak). Costs come from the cost model (costmodel.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
 LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
 MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
 MAX_WINDOW = 8
-STEADY_TIE = 0.03  # repeated passes predicted this close are a tie: the faster first pass wins
+PASS_TIE = 0.03  # plans whose objective's pass is predicted this close are a tie
+OBJECTIVES = ("repeated", "one-shot")  # what the plan makes fastest: later passes, or the first
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,39 @@ def _prepack_within(
     return chosen
 
 
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One candidate plan: its shape, the costs it runs with, and their predictions."""
+
+    loaders: int
+    window: int
+    lag: int
+    resident: tuple[int, ...]
+    cost: CostModel  # with the chosen blocks prepacked
+    unpacked: bool  # prepacking left out for the first pass's sake
+    steady: float
+    first: float
+    peak: int
+
+
 def plan_pipeload(
     cost: CostModel,
     budget: int | None,
     cores: int = 0,
     loaders: int | None = None,
     window: int | None = None,
+    objective: str = "repeated",
 ) -> Plan:
-    """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`."""
+    """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`.
+    objective "repeated": the fastest later pass (kept blocks prepacked where that speeds their
+    runs); "one-shot": the fastest first pass (each candidate also without any prepacking, whose
+    slower session creation only later passes pay back)."""
+    _check_objective(objective)
     n = cost.blocks
     cores = cores or default_threads()
     k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
@@ -166,33 +192,42 @@ def plan_pipeload(
                     else ()
                 )
                 mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
-                steady = mixed.latency(k, w, resident, first_pass=False, lag=lag)
-                first = mixed.latency(k, w, resident, first_pass=True, lag=lag)
-                peak = mixed.peak(resident, w, lag, k)
-                options.append(
-                    ((first, peak, k, w, -lag), k, w, lag, resident, steady, first, mixed)
-                )
-    # the fastest repeated pass; among those within STEADY_TIE of it, the fastest first pass
-    fastest = min((o[5] for o in options), default=0.0)
-    best = min((o for o in options if o[5] <= fastest * (1 + STEADY_TIE)), default=None)
+                # one-shot: prepacking is a slower session creation, paid back only on later passes
+                variants = [mixed]
+                if objective == "one-shot" and any(mixed.resident_prepack):
+                    variants.append(plain)
+                for c in variants:
+                    options.append(_Option(k, w, lag, resident, c, c is plain,
+                                           steady=c.latency(k, w, resident, first_pass=False, lag=lag),
+                                           first=c.latency(k, w, resident, first_pass=True, lag=lag),
+                                           peak=c.peak(resident, w, lag, k)))  # fmt: skip
+    # the fastest pass of the objective; among those within PASS_TIE of it, the fastest other
+    # pass, then the smallest peak
+
+    def passes(o: _Option) -> tuple[float, float]:  # (the objective's, the other)
+        return (o.steady, o.first) if objective == "repeated" else (o.first, o.steady)
+
+    fastest = min((passes(o)[0] for o in options), default=0.0)
+    best = min((o for o in options if passes(o)[0] <= fastest * (1 + PASS_TIE)),
+               key=lambda o: (passes(o)[1], o.peak, o.loaders, o.window, -o.lag), default=None)  # fmt: skip
     if best is None:
         w = window or 1
         raise BudgetError(
             f"window {w} needs {format_bytes(within_margin(cost.peak((), w, 0)))}, over the budget {format_bytes(budget)}"
         )
-    _, k, w, lag, resident, steady, first, cost = best
+    k, w, lag, resident, cost = best.loaders, best.window, best.lag, best.resident, best.cost
     prepacked = tuple(i for i in resident if cost.resident_prepack[i])
     return Plan(
         "pipeload", k, w, resident, prepack=False, readahead=True, drop_cache=budget is not None,
         budget_bytes=budget, lag=lag, prepack_resident=prepacked,
         no_readahead=tuple(i for i in range(n) if cost.sparse[i]), predicted_peak_bytes=cost.peak(resident, w, lag, k),
-        predicted_latency_s=steady, predicted_first_latency_s=first, cost_source=cost.source,
-        reasons=_reasons(cost, budget, cores, k, w, lag, resident, prepacked, loaders, window),
+        predicted_latency_s=best.steady, predicted_first_latency_s=best.first, cost_source=cost.source,
+        reasons=_reasons(cost, budget, cores, k, w, lag, resident, prepacked, loaders, window, objective, best.unpacked),
     )  # fmt: skip
 
 
 def _reasons(
-    cost, budget, cores, k, w, lag, resident, prepacked, loaders, window
+    cost, budget, cores, k, w, lag, resident, prepacked, loaders, window, objective, unpacked
 ) -> tuple[str, ...]:
     n = cost.blocks
     why = []
@@ -211,11 +246,12 @@ def _reasons(
     tuned = (
         "as asked"
         if loaders
-        else f"fastest predicted of 1..{min(cores, MAX_LOADERS, n)} on {cores} core(s)"
+        else f"fastest predicted {objective} pass of 1..{min(cores, MAX_LOADERS, n)} on {cores} core(s)"
     )
     why.append(f"{k} loading agent(s): {tuned}")
     why.append(
-        f"window {w}: " + ("as asked" if window else "fastest predicted that fits the budget")
+        f"window {w}: "
+        + ("as asked" if window else f"fastest predicted {objective} pass that fits the budget")
     )
     if lag == 0 and len(resident) < n:
         why.append(
@@ -225,6 +261,8 @@ def _reasons(
         why.append(
             f"{len(prepacked)} resident block(s) prepacked: their runs are faster and they load once"
         )
+    elif unpacked:  # a one-shot plan that left prepacking out
+        why.append("resident blocks not prepacked: prepacking would slow the first pass")
     if cost.source == "estimate":
         why.append("costs estimated from file sizes: run `hermes-ort profile` for measured ones")
     return tuple(why)
@@ -232,17 +270,18 @@ def _reasons(
 
 def plan_strategy(
     strategy: str, cost: CostModel, budget: int | None, load_path: str = "default",
-    loaders: int | None = None, window: int | None = None,
+    loaders: int | None = None, window: int | None = None, objective: str = "repeated",
 ) -> Plan:  # fmt: skip
     """The plan of any strategy; the baselines are fixed mechanisms (DESIGN.md §1)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
     if load_path not in LOAD_PATHS:
         raise ValueError(f"unknown load_path '{load_path}' (choose from {', '.join(LOAD_PATHS)})")
+    _check_objective(objective)
     n = cost.blocks
     stream = load_path == "stream"
     if strategy == "pipeload":
-        return plan_pipeload(cost, budget, loaders=loaders, window=window)
+        return plan_pipeload(cost, budget, loaders=loaders, window=window, objective=objective)
     common = dict(
         prepack=not stream,
         readahead=stream,

@@ -39,7 +39,7 @@ from hermes_ort.bench.records import (
     to_json,
     write_document,
 )
-from hermes_ort.bench.render import render_markdown
+from hermes_ort.bench.render import goals_table, render_markdown
 from hermes_ort.memory import drop_file_cache
 from hermes_ort.readahead import missing_pages
 
@@ -251,6 +251,55 @@ def test_markdown_from_canned_document(tmp_path):
     assert "| pipeswitch | 6.00 s / 650.0 MB | 3.00 s / 500.0 MB | 2.00x | min: 1.50 s / 100.0 MB | 2.00x |" in ablation  # fmt: skip
 
 
+def test_plots_from_canned_document(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hermes_ort.bench.plots import write_plots
+
+    written = {p.name for p in write_plots(_canned_document(), tmp_path)}
+    # memory over time needs RSS curves (the canned samples have none); latency and the paper's comparison do not
+    assert written == {"latency-bert-base.png", "paper-sd_1c_300MB.png"}
+    assert (tmp_path / "paper-sd_1c_300MB.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_goals_are_judged_from_the_records():
+    """Warm: met only where one budget reaches both of the paper's ratios. Capped: met where full is
+    killed and a pipeload budget finishes; a model whose full fits under the cap says so."""
+
+    def rec(label, one_shot, peak, model, budget=None, cap=None, killed=False):
+        s = _sample(0, None if killed else one_shot, () if killed else (one_shot / 4,), None if killed else peak,
+                    ok=not killed, oom=killed, error="killed by the memory cap (OOM)" if killed else None)  # fmt: skip
+        fields = _fields(label, "emmc:2c:50%" if cap else "warm", model, budget)
+        if cap:
+            fields.update(storage="emmc", cache="cold", memory_cap_bytes=cap, cap_enforced=True)
+        return aggregate(fields, [s], _floors())
+
+    records = add_ratios([
+        # bert-base, warm: min is lean but slow (2.5x), x2min fast but fat (55%): not met by either
+        rec("full", 9.0, 800 * MB, "bert-base"), rec("pipeswitch", 5.0, 600 * MB, "bert-base"),
+        rec("pipeload", 2.0, 60 * MB, "bert-base", "min"), rec("pipeload", 1.0, 270 * MB, "bert-base", "x2min"),
+        # gpt2, warm: 3.0x and 91.7% at min: met
+        rec("full", 9.0, 900 * MB, "gpt2"), rec("pipeswitch", 6.0, 600 * MB, "gpt2"),
+        rec("pipeload", 2.0, 50 * MB, "gpt2", "min"),
+        # capped: bert-base's full killed, pipeload finishes; gpt2's full fits
+        rec("full", 0, 0, "bert-base", cap=300 * MB, killed=True),
+        rec("pipeswitch", 0, 0, "bert-base", cap=300 * MB, killed=True),
+        rec("pipeload", 3.0, 100 * MB, "bert-base", "min", cap=300 * MB),
+        rec("pipeload", 0, 0, "bert-base", "x2min", cap=300 * MB, killed=True),
+        rec("full", 9.0, 290 * MB, "gpt2", cap=300 * MB),
+    ])  # fmt: skip
+    doc = {"records": [to_json(r) for r in records],
+           "models": [{"name": "bert-base", "family": "bert"}, {"name": "gpt2", "family": "gpt2"}]}  # fmt: skip
+    md = "\n".join(goals_table(doc))
+    assert (
+        "| bert-base | 4.24x / 86.7% | min: 2.50x / 90.0%, x2min: 5.00x / 55.0% | not met |" in md
+    )
+    assert "| gpt2 | 2.58x / 90.3% | min: 3.00x / 91.7% | **met** |" in md
+    assert "| bert-base | emmc:2c:50% | killed | killed | min 3.00 s | **met** |" in md
+    assert (
+        "| gpt2 | emmc:2c:50% | finished (290.0 MB) | not run | none finished | full fits |" in md
+    )
+
+
 def test_load_document_refuses_other_files(tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"kind": "hermes-ort-bench", "schema_version": 999}))
@@ -422,3 +471,20 @@ def test_bench_end_to_end_on_the_toy_model(toy_copy, tmp_path):
     again = subprocess.run([sys.executable, "-m", "hermes_ort.bench", "--render", str(run_dir / "bench.json"), "--no-plots"],
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert again.returncode == 0 and (run_dir / "bench.md").read_text() == md
+
+
+def test_objectives_table_from_canned_records():
+    from hermes_ort.bench.objectives import render
+
+    def record(loaders, first, later, peak):
+        plan = {"loaders": loaders, "window": 2, "resident": [0, 1], "predicted_first_latency_s": 0.5, "predicted_latency_s": 0.2}  # fmt: skip
+        return {"plan": plan, "runs": [{"latency_s": first, "peak_rss_bytes": peak},
+                                       {"latency_s": later, "peak_rss_bytes": peak - 1}]}  # fmt: skip
+
+    result = {"model": "models/bert-base", "rounds": 2, "rows": [{"budget": "461MB", "samples": {
+        "repeated": [record(1, 0.6, 0.19, 440 * MB), record(1, 0.4, 0.21, 445 * MB)],
+        "one-shot": [record(2, 0.3, 0.25, 438 * MB), record(2, 0.3, 0.25, 438 * MB)]}}]}  # fmt: skip
+    md = render(result)
+    # medians of the first and the later passes, the largest peak of any pass
+    assert "| 461MB | repeated | 1x2, 2 resident | 500 ms (500) | 200 ms (200) | 445.0 MB |" in md
+    assert "| 461MB | one-shot | 2x2, 2 resident | 300 ms (500) | 250 ms (200) | 438.0 MB |" in md

@@ -36,8 +36,18 @@ def test_run_json_and_saved_outputs_match_full(toy_dir, tmp_path):
         assert r.returncode == 0, r.stderr
         record = json.loads(r.stdout)
         assert record["strategy"] == strategy and record["runs"][0]["latency_s"] > 0
+        assert record["objective"] == "one-shot"  # one pass: the plan makes the first fastest
         outs[strategy] = np.load(path)["logits"]
     np.testing.assert_allclose(outs["pipeload"], outs["full"], atol=1e-5)
+
+
+def test_plan_names_its_objective(toy_dir):
+    for objective in ("repeated", "one-shot"):
+        r = hermes(
+            "plan", str(toy_dir), "--no-profile", "--budget", "1GB", "--objective", objective
+        )
+        assert r.returncode == 0, r.stderr
+        assert f"fastest predicted {objective} pass" in r.stdout
 
 
 def test_run_with_input_file(toy_dir, tmp_path):

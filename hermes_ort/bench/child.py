@@ -60,7 +60,7 @@ def cmd_run(args) -> dict[str, Any]:
 
         t_imported = time.time()
         model = hermes_ort.load(args.model_dir, memory_budget=_budget(args, args.model_dir),
-                                strategy=args.strategy, load_path=args.load_path)  # fmt: skip
+                                strategy=args.strategy, load_path=args.load_path, objective=args.objective)  # fmt: skip
         t_loaded = time.time()
         with model:
             feeds = model.sample_inputs()
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", type=int, default=None, help="bytes")
     run.add_argument("--budget-min-factor", type=float, default=None, help="F x min budget")
     run.add_argument("--passes", type=int, default=3)
+    run.add_argument("--objective", default="repeated", help="pipeload's plan objective")
     run.add_argument("--sample-interval", type=float, default=0.01, help="RSS sampling, seconds")
     run.set_defaults(func=cmd_run)
     describe = sub.add_parser("describe")

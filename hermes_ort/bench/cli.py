@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cgroups", action="store_true", help="no memory caps or throttling even where possible")  # fmt: skip
     p.add_argument("--cap-at-budget", nargs="?", const="10%", default=None, metavar="MARGIN",
                    help="cap each configuration with a budget at that budget plus MARGIN (default 10%%; or bytes, e.g. 16MB)")  # fmt: skip
+    p.add_argument("--objective", default="repeated", choices=("repeated", "one-shot"),
+                   help="what pipeload's plans make fastest: the steady passes (default) or the one-shot")  # fmt: skip
     p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("--fail-on-error", action="store_true",
@@ -119,7 +121,7 @@ def cmd_bench(args) -> int:
         margin_bytes(args.cap_at_budget, 1 << 30)  # a bad spelling fails now, not after the exports
     options = RunOptions(models_dir=args.models_dir, timeout_s=args.timeout, profile=not args.no_profile,
                          cgroups=not args.no_cgroups, progress=not args.no_progress,
-                         budget_cap_margin=args.cap_at_budget)  # fmt: skip
+                         budget_cap_margin=args.cap_at_budget, objective=args.objective)  # fmt: skip
     try:
         doc = run_matrix(matrix, options)
     except (RuntimeError, ValueError, OSError) as e:

@@ -190,7 +190,7 @@ MATRICES: dict[str, Matrix] = {
     # the paper's table: pipeload against pipeswitch and full, loading from storage
     "paper": _matrix("paper", PAPER_MODELS, ("full", "pipeswitch", "pipeload"),
                      ("min", "x2min"), ("cold", "emmc"), repeats=3, passes=3),
-    # the full matrix (about 1.5 h here): every paper model, strategy and ablation; budgets from the
+    # the full matrix (62 min here): every paper model, strategy and ablation; budgets from the
     # smallest to twice it and the cap; a warm page cache, and an eMMC board with half the model's
     # size in memory (the baselines get killed there: recorded, not fatal). Other storage (cold, sd)
     # and core counts: --profiles.

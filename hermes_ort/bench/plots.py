@@ -1,5 +1,6 @@
 """PNG plots from a bench document (matplotlib, imported here only): resident memory over time of
-every strategy on one model, and latency against pipeload's budget with the baselines beside."""
+every strategy on one model, latency against pipeload's budget with the baselines beside, and the
+paper's comparison across models."""
 
 from __future__ import annotations
 
@@ -102,8 +103,52 @@ def plot_latency(doc: dict[str, Any], model: str, path: Path) -> Path | None:
     return path
 
 
+def plot_paper(doc: dict[str, Any], profile: str, path: Path) -> Path | None:
+    """The paper's comparison on one profile: pipeload's one-shot speedup and memory reduction
+    against pipeswitch, per model and budget, with the paper's headline for its family as a mark."""
+    from hermes_ort.bench.render import PAPER_HEADLINE, model_families
+
+    families = model_families(doc)
+    pipes = [r for r in doc["records"] if r["profile"] == profile and r["label"] == "pipeload"
+             and r["ok_repeats"] and r.get("vs_pipeswitch")]  # fmt: skip
+    if not pipes:
+        return None
+    models = list(dict.fromkeys(r["model"] for r in pipes))
+    budgets = list(dict.fromkeys(r["budget"] for r in pipes))
+    plt = _pyplot()
+    fig, (ax_x, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(budgets)
+    for j, budget in enumerate(budgets):
+        at = {r["model"]: r["vs_pipeswitch"] for r in pipes if r["budget"] == budget}
+        xs = [i + (j - (len(budgets) - 1) / 2) * width for i in range(len(models))]
+        ax_x.bar(xs, [at.get(m, {}).get("one_shot_speedup", 0) for m in models], width, label=f"pipeload @ {budget}")  # fmt: skip
+        ax_m.bar(xs, [100 * at.get(m, {}).get("memory_reduction", 0) for m in models], width, label=f"pipeload @ {budget}")  # fmt: skip
+    label = "paper (vs PipeSwitch)"  # on the first mark only
+    for i, m in enumerate(models):
+        head = PAPER_HEADLINE.get(families.get(m, ""))
+        if head:
+            ax_x.plot([i - 0.45, i + 0.45], [head[0]] * 2, "k--", linewidth=1, label=label)
+            ax_m.plot([i - 0.45, i + 0.45], [100 * head[1]] * 2, "k--", linewidth=1, label=label)
+            label = None
+    for ax, what in (
+        (ax_x, "one-shot speedup vs pipeswitch (x)"),
+        (ax_m, "memory reduction vs pipeswitch (%)"),
+    ):
+        ax.set_xticks(range(len(models)), [model_name(m) for m in models], rotation=20)
+        ax.set(ylabel=what)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    ax_x.axhline(1, color="grey", linewidth=0.8)
+    fig.suptitle(f"pipeload against pipeswitch, profile {profile} (medians of fresh processes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
-    """memory-MODEL-PROFILE.png for every model and profile, latency-MODEL.png for every model."""
+    """memory-MODEL-PROFILE.png for every model and profile, latency-MODEL.png for every model,
+    paper-PROFILE.png for every profile."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     profiles = list(dict.fromkeys(r["profile"] for r in doc["records"]))
@@ -113,5 +158,8 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
             p = plot_memory(doc, model, profile, out_dir / f"memory-{name}-{_safe(profile)}.png")
             written += [p] if p else []
         p = plot_latency(doc, model, out_dir / f"latency-{name}.png")
+        written += [p] if p else []
+    for profile in profiles:
+        p = plot_paper(doc, profile, out_dir / f"paper-{_safe(profile)}.png")
         written += [p] if p else []
     return written

@@ -62,6 +62,7 @@ class RunOptions:
     # cap every configuration that has a budget at that budget plus this margin (a share, "10%",
     # or bytes, "16MB"); None: only the profiles' own caps
     budget_cap_margin: str | None = None
+    objective: str = "repeated"  # what pipeload's plans make fastest (planner.OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ class Runner:
     def _child_cmd(self, m: _Model, strategy: str, load_path: str, budget: int | None,
                    min_factor: float | None, passes: int) -> list[str]:  # fmt: skip
         cmd = [sys.executable, "-m", "hermes_ort.bench.child", "run", str(m.model_dir), "--strategy", strategy,
-               "--load-path", load_path, "--passes", str(passes), "--sample-interval", str(self.options.sample_interval_s)]  # fmt: skip
+               "--load-path", load_path, "--passes", str(passes), "--sample-interval", str(self.options.sample_interval_s),
+               "--objective", self.options.objective]  # fmt: skip
         if min_factor is not None:
             cmd += ["--budget-min-factor", repr(min_factor)]
         elif budget is not None:
@@ -273,7 +275,7 @@ class Runner:
                        "budgets": [b.text for b in m.budgets], "profiles": [p.text for p in m.profiles],
                        "repeats": m.repeats, "passes": m.passes},
             "machine": machine_info(), "versions": versions(), "emulation": self.emulation.to_json(),
-            "budget_cap_margin": self.options.budget_cap_margin,
+            "budget_cap_margin": self.options.budget_cap_margin, "objective": self.options.objective,
             "warnings": self.warnings, "storage": self.bandwidth,
             "models": [{**f.to_json(), "cores": cores} for (_, cores), f in self.facts.items()],
             "floors": [{"model": name, "cores": cores, "compute_floor_s": median(s.steady_compute_s),

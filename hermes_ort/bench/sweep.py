@@ -19,16 +19,20 @@ from pathlib import Path
 
 from hermes_ort.fresh import run_fresh
 from hermes_ort.manifest import load_manifest
+from hermes_ort.planner import OBJECTIVES
 from hermes_ort.readahead import warm_files
 from hermes_ort.units import format_bytes
 
 GRID = [(k, w) for k in (1, 2) for w in (1, 2, 3, 4)]
-REPEATED_PASSES = 2  # after the first, in the same process: the planner's objective
+REPEATED_PASSES = 2  # after the first, in the same process
 
 
-def _sample(model_dir: Path, budget: int, loaders: int | None, window: int | None, files) -> dict:
+def _sample(
+    model_dir: Path, budget: int, loaders: int | None, window: int | None, files: list[Path], objective: str
+) -> dict:  # fmt: skip
     """One fresh process: a first pass and the repeated ones, from a warm page cache."""
-    extra = ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
+    extra = ("--objective", objective)
+    extra += ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
     warm_files(files)
     return run_fresh(model_dir, "pipeload", budget, repeat=REPEATED_PASSES + 1, extra=extra)
 
@@ -51,30 +55,36 @@ def _summary(samples: list[dict]) -> dict:
     }
 
 
-def sweep(model_dir: Path, points: int, repeats: int) -> dict:
+def sweep(model_dir: Path, points: int, repeats: int, objective: str = "repeated") -> dict:
     manifest = load_manifest(model_dir)
     files = [model_dir / f.path for f in manifest.block_files().values()]
-    low = run_fresh(model_dir, "pipeload", "min")["budget_bytes"] + (
+    extra = ("--objective", objective)
+    low = run_fresh(model_dir, "pipeload", "min", extra=extra)["budget_bytes"] + (
         1 << 20
-    )  # smallest, + baseline jitter
-    high = int(
-        run_fresh(model_dir, "pipeload", None)["plan"]["predicted_peak_bytes"] * 1.02
-    )  # all resident
+    )  # + RSS jitter
+    high = int(run_fresh(model_dir, "pipeload", None, extra=extra)["plan"]["predicted_peak_bytes"] * 1.02)  # all kept  # fmt: skip
     budgets = [int(low + (high - low) * i / (points - 1)) for i in range(points)]
     rows = []
     for budget in budgets:
-        configs = {"planner": (None, None), **{f"{k}x{w}": (k, w) for k, w in GRID}}
+        configs = {
+            "planner": (None, None, objective),
+            **{f"{k}x{w}": (k, w, objective) for k, w in GRID},
+        }
+        if objective != "repeated":  # the default objective's plan beside it, in the same rounds
+            configs["planner (repeated)"] = (None, None, "repeated")
         samples: dict[str, list[dict]] = {name: [] for name in configs}
         for _ in range(repeats):  # in rounds: every configuration sees the same machine drift
-            for name, (k, w) in configs.items():
-                samples[name].append(_sample(model_dir, budget, k, w, files))
+            for name, (k, w, goal) in configs.items():
+                samples[name].append(_sample(model_dir, budget, k, w, files, goal))
         summaries = {name: _summary(s) for name, s in samples.items()}
-        row = {"budget_bytes": budget, "planner": summaries.pop("planner"), "grid": summaries}
+        row = {"budget_bytes": budget, "planner": summaries.pop("planner"),
+               "repeated_planner": summaries.pop("planner (repeated)", None), "grid": summaries}  # fmt: skip
         rows.append(row)
         print(render_row(row), file=sys.stderr, flush=True)
     return {
         "model": str(model_dir),
         "repeats": repeats,
+        "objective": objective,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": rows,
     }
@@ -116,15 +126,21 @@ def render_row(row: dict) -> str:
             if best
             else "none fits"
         )
+    other = row.get("repeated_planner")
+    if other and "error" not in other:
+        cells.append(
+            f"{other['latency_s'] * 1000:.0f} / {other['repeated_latency_s'] * 1000:.0f} ms"
+        )
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = (
-    "| budget | planner's plan | max peak RSS (within) | predicted peak (error vs max) | first pass "
-    "(prediction error) | best fixed grid, first pass | repeated pass (prediction error) | "
-    "best fixed grid, repeated pass |\n"
-    "|---|---|---|---|---|---|---|---|"
-)
+def header(objective: str) -> str:
+    cells = ["budget", "planner's plan", "max peak RSS (within)", "predicted peak (error vs max)",
+             "first pass (prediction error)", "best fixed grid, first pass",
+             "repeated pass (prediction error)", "best fixed grid, repeated pass"]  # fmt: skip
+    if objective != "repeated":
+        cells.append("plan for repeated passes: first / repeated pass")
+    return "| " + " | ".join(cells) + " |\n" + "|---" * len(cells) + "|"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
+    parser.add_argument("--objective", default="repeated", choices=OBJECTIVES,
+                        help="the plans' objective (every configuration's; the grid fixes only loaders x window)")  # fmt: skip
     parser.add_argument("--render", action="store_true", help="render OUT/sweep-MODEL.json again")
     args = parser.parse_args(argv)
-    name = args.model_dir.name
+    name = args.model_dir.name + ("" if args.objective == "repeated" else f"-{args.objective}")
     if args.render:
         result = json.loads((args.out / f"sweep-{name}.json").read_text())
     else:
-        print(HEADER, file=sys.stderr)
-        result = sweep(args.model_dir, args.points, args.repeats)
+        print(header(args.objective), file=sys.stderr)
+        result = sweep(args.model_dir, args.points, args.repeats, args.objective)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
-    table = "\n".join([f"### Planner sweep: {name} (warm cache, fresh processes, medians of {result['repeats']})", "", HEADER,
+    title = f"{args.model_dir.name}, objective {result.get('objective', 'repeated')}"
+    table = "\n".join([f"### Planner sweep: {title} (warm cache, fresh processes, medians of {result['repeats']})", "", header(result.get("objective", "repeated")),
                        *[render_row(r) for r in result["rows"]]])  # fmt: skip
     (args.out / f"sweep-{name}.md").write_text(table + "\n")
     print(table)

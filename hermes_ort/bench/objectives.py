@@ -1,0 +1,82 @@
+"""The planner's two objectives side by side: at each budget, the plan for repeated passes and the
+plan for the first pass, in alternating fresh processes (warm page cache), `--rounds` of each.
+
+    python -m hermes_ort.bench.objectives models/bert-base --budgets 461MB,none --rounds 5
+
+Prints a Markdown table (plan, first pass, repeated pass, largest peak RSS; medians, predictions
+beside them) and writes objectives-MODEL.json and .md into --out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from hermes_ort.fresh import run_fresh
+from hermes_ort.manifest import load_manifest
+from hermes_ort.planner import OBJECTIVES
+from hermes_ort.readahead import warm_files
+
+LATER_PASSES = 2  # after the first, in the same process
+
+
+def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:
+    files = [model_dir / f.path for f in load_manifest(model_dir).block_files().values()]
+    rows = []
+    for budget in budgets:
+        samples: dict[str, list[dict]] = {o: [] for o in OBJECTIVES}
+        for _ in range(rounds):  # alternating: drift hits both alike
+            for objective in OBJECTIVES:
+                warm_files(files)
+                record = run_fresh(model_dir, "pipeload", None if budget == "none" else budget,
+                                   repeat=1 + LATER_PASSES, extra=("--objective", objective))  # fmt: skip
+                if record["returncode"] != 0:
+                    raise SystemExit(f"{budget} {objective}: {record['error']}")
+                samples[objective].append(record)
+        rows.append({"budget": budget, "samples": samples})
+    return {"model": str(model_dir), "rounds": rounds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
+
+
+def render(result: dict) -> str:
+    lines = [f"### Plan objectives: {Path(result['model']).name} (warm cache, fresh processes, medians of {result['rounds']})", "",
+             "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) | largest peak RSS |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in result["rows"]:
+        for objective, records in row["samples"].items():
+            plan = records[0]["plan"]
+            first = statistics.median(r["runs"][0]["latency_s"] for r in records)
+            later = statistics.median(p["latency_s"] for r in records for p in r["runs"][1:])
+            peak = max(p["peak_rss_bytes"] for r in records for p in r["runs"])
+            lines.append(
+                f"| {row['budget']} | {objective} | {plan['loaders']}x{plan['window']}, {len(plan['resident'])} resident "
+                f"| {first * 1000:.0f} ms ({plan['predicted_first_latency_s'] * 1000:.0f}) "
+                f"| {later * 1000:.0f} ms ({plan['predicted_latency_s'] * 1000:.0f}) | {peak / 1e6:.1f} MB |"
+            )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hermes_ort.bench.objectives", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--budgets", default="none", help="comma-separated, e.g. 461MB,none")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
+    args = parser.parse_args(argv)
+    result = measure(
+        args.model_dir, [b.strip() for b in args.budgets.split(",") if b.strip()], args.rounds
+    )
+    table = render(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.model_dir.name
+    (args.out / f"objectives-{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"objectives-{name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
