@@ -475,16 +475,19 @@ def test_bench_end_to_end_on_the_toy_model(toy_copy, tmp_path):
 
 def test_objectives_table_from_canned_records():
     from hermes_ort.bench.objectives import render
+    from hermes_ort.bench.sweep import summarise
 
     def record(loaders, first, later, peak):
         plan = {"loaders": loaders, "window": 2, "resident": [0, 1], "predicted_first_latency_s": 0.5, "predicted_latency_s": 0.2}  # fmt: skip
-        return {"plan": plan, "runs": [{"latency_s": first, "peak_rss_bytes": peak},
-                                       {"latency_s": later, "peak_rss_bytes": peak - 1}]}  # fmt: skip
+        return {"returncode": 0, "plan": plan, "runs": [{"latency_s": first, "peak_rss_bytes": peak},
+                                                        {"latency_s": later, "peak_rss_bytes": peak - 1}]}  # fmt: skip
 
-    result = {"model": "models/bert-base", "rounds": 2, "rows": [{"budget": "461MB", "samples": {
-        "repeated": [record(1, 0.6, 0.19, 440 * MB), record(1, 0.4, 0.21, 445 * MB)],
-        "one-shot": [record(2, 0.3, 0.25, 438 * MB), record(2, 0.3, 0.25, 438 * MB)]}}]}  # fmt: skip
+    result = {"model": "models/bert-base", "rounds": 2, "rows": [{"budget": "461MB", "plans": {
+        "repeated": summarise([record(1, 0.6, 0.19, 440 * MB), record(1, 0.4, 0.21, 445 * MB)]),
+        "one-shot": summarise([record(2, 0.3, 0.25, 438 * MB), record(2, 0.3, 0.25, 438 * MB)]),
+        "failed": {"error": "BudgetError: too small"}}}]}  # fmt: skip
     md = render(result)
     # medians of the first and the later passes, the largest peak of any pass
     assert "| 461MB | repeated | 1x2, 2 resident | 500 ms (500) | 200 ms (200) | 445.0 MB |" in md
     assert "| 461MB | one-shot | 2x2, 2 resident | 300 ms (500) | 250 ms (200) | 438.0 MB |" in md
+    assert "| 461MB | failed | error: BudgetError: too small |" in md

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from hermes_ort.fresh import run_fresh
+from hermes_ort.bench.sweep import sample_plan, summarise
 from hermes_ort.manifest import load_manifest
 from hermes_ort.planner import OBJECTIVES
-from hermes_ort.readahead import warm_files
-
-LATER_PASSES = 2  # after the first, in the same process
 
 
 def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:
@@ -30,13 +26,9 @@ def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:
         samples: dict[str, list[dict]] = {o: [] for o in OBJECTIVES}
         for _ in range(rounds):  # alternating: drift hits both alike
             for objective in OBJECTIVES:
-                warm_files(files)
-                record = run_fresh(model_dir, "pipeload", None if budget == "none" else budget,
-                                   repeat=1 + LATER_PASSES, extra=("--objective", objective))  # fmt: skip
-                if record["returncode"] != 0:
-                    raise SystemExit(f"{budget} {objective}: {record['error']}")
-                samples[objective].append(record)
-        rows.append({"budget": budget, "samples": samples})
+                bytes_or_none = None if budget == "none" else budget
+                samples[objective].append(sample_plan(model_dir, bytes_or_none, None, None, files, objective))  # fmt: skip
+        rows.append({"budget": budget, "plans": {o: summarise(s) for o, s in samples.items()}})
     return {"model": str(model_dir), "rounds": rounds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
 
 
@@ -45,15 +37,16 @@ def render(result: dict) -> str:
              "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) | largest peak RSS |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in result["rows"]:
-        for objective, records in row["samples"].items():
-            plan = records[0]["plan"]
-            first = statistics.median(r["runs"][0]["latency_s"] for r in records)
-            later = statistics.median(p["latency_s"] for r in records for p in r["runs"][1:])
-            peak = max(p["peak_rss_bytes"] for r in records for p in r["runs"])
+        for objective, s in row["plans"].items():
+            if "error" in s:
+                lines.append(f"| {row['budget']} | {objective} | error: {s['error']} | | | |")
+                continue
+            plan = s["plan"]
             lines.append(
                 f"| {row['budget']} | {objective} | {plan['loaders']}x{plan['window']}, {len(plan['resident'])} resident "
-                f"| {first * 1000:.0f} ms ({plan['predicted_first_latency_s'] * 1000:.0f}) "
-                f"| {later * 1000:.0f} ms ({plan['predicted_latency_s'] * 1000:.0f}) | {peak / 1e6:.1f} MB |"
+                f"| {s['latency_s'] * 1000:.0f} ms ({plan['predicted_first_latency_s'] * 1000:.0f}) "
+                f"| {s['repeated_latency_s'] * 1000:.0f} ms ({plan['predicted_latency_s'] * 1000:.0f}) "
+                f"| {s['max_peak_rss_bytes'] / 1e6:.1f} MB |"
             )  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -27,8 +27,8 @@ GRID = [(k, w) for k in (1, 2) for w in (1, 2, 3, 4)]
 REPEATED_PASSES = 2  # after the first, in the same process
 
 
-def _sample(
-    model_dir: Path, budget: int, loaders: int | None, window: int | None, files: list[Path], objective: str
+def sample_plan(
+    model_dir: Path, budget: int | str | None, loaders: int | None, window: int | None, files: list[Path], objective: str
 ) -> dict:  # fmt: skip
     """One fresh process: a first pass and the repeated ones, from a warm page cache."""
     extra = ("--objective", objective)
@@ -37,7 +37,7 @@ def _sample(
     return run_fresh(model_dir, "pipeload", budget, repeat=REPEATED_PASSES + 1, extra=extra)
 
 
-def _summary(samples: list[dict]) -> dict:
+def summarise(samples: list[dict]) -> dict:
     failed = [s for s in samples if s["returncode"] != 0]
     if failed:
         return {"error": failed[0]["error"]}
@@ -75,8 +75,8 @@ def sweep(model_dir: Path, points: int, repeats: int, objective: str = "repeated
         samples: dict[str, list[dict]] = {name: [] for name in configs}
         for _ in range(repeats):  # in rounds: every configuration sees the same machine drift
             for name, (k, w, goal) in configs.items():
-                samples[name].append(_sample(model_dir, budget, k, w, files, goal))
-        summaries = {name: _summary(s) for name, s in samples.items()}
+                samples[name].append(sample_plan(model_dir, budget, k, w, files, goal))
+        summaries = {name: summarise(s) for name, s in samples.items()}
         row = {"budget_bytes": budget, "planner": summaries.pop("planner"),
                "repeated_planner": summaries.pop("planner (repeated)", None), "grid": summaries}  # fmt: skip
         rows.append(row)
