@@ -44,9 +44,13 @@ def fingerprint() -> str:
     from importlib.metadata import version
 
     h = hashlib.sha256(" ".join(version(p) for p in ("onnxruntime", "torch", "onnx")).encode())
-    files = [*sorted((REPO / "export").rglob("*.py")), *sorted((REPO / "hermes_ort").rglob("*.py")),
-             *sorted((REPO / "tests").rglob("*.py")), *sorted((REPO / "models/presets").glob("tiny-*.json")),
-             Path(__file__)]  # fmt: skip
+    files = [
+        *sorted((REPO / "export").rglob("*.py")),
+        *sorted((REPO / "hermes_ort").rglob("*.py")),
+        *sorted((REPO / "tests").rglob("*.py")),
+        *sorted((REPO / "models/presets").glob("tiny-*.json")),
+        Path(__file__),
+    ]
     for path in files:
         h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
@@ -75,8 +79,11 @@ def toy_variants() -> list[dict]:
                         if kw.arg in TOY_DEFAULTS:
                             args[kw.arg] = ast.literal_eval(kw.value)
                 except ValueError:
-                    print(f"make_fixtures: {path}:{node.lineno}: write_toy_model(...) with "
-                          "non-literal arguments is not prebuilt", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"make_fixtures: {path}:{node.lineno}: write_toy_model(...) with "
+                        "non-literal arguments is not prebuilt",
+                        file=sys.stderr,
+                    )
                     continue
                 if args not in found:
                     found.append(args)
@@ -92,8 +99,10 @@ def write_toys(out: Path) -> None:
     for args in toy_variants():
         model_dir = write_toy_model(out / toy_key(**args), **args)
         full = onnx.load(str(model_dir / "full/model.onnx"))
-        weights = {t.name: numpy_helper.to_array(t, base_dir=str(model_dir / "full"))
-                   for t in full.graph.initializer}  # fmt: skip
+        weights = {
+            t.name: numpy_helper.to_array(t, base_dir=str(model_dir / "full"))
+            for t in full.graph.initializer
+        }
         np.savez(out / f"{toy_key(**args)}.weights.npz", **weights)
 
 
@@ -163,8 +172,13 @@ def block_ops(models: Path) -> dict:
 
 
 def x86_only(ops: dict) -> list[str]:
-    return sorted(f"{model}: {domain}.{op}" for model, per in ops.items() for domain, names in per.items()
-                  for op in names if domain in X86_ONLY_DOMAINS or op in X86_ONLY_OPS)  # fmt: skip
+    return sorted(
+        f"{model}: {domain}.{op}"
+        for model, per in ops.items()
+        for domain, names in per.items()
+        for op in names
+        if domain in X86_ONLY_DOMAINS or op in X86_ONLY_OPS
+    )
 
 
 def build(out: Path) -> dict:
@@ -182,12 +196,21 @@ def build(out: Path) -> dict:
     ops = block_ops(tmp / "models")
     info = {
         "fingerprint": fingerprint(),
-        "host": {"machine": platform.machine(), "python": platform.python_version(),
-                 "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-        "batch_size": BATCH, "sequence_length": SEQ, "too_small_budget": TOO_SMALL_BUDGET, "size_pattern": SIZE_PATTERN,
-        "models": models, "block_ops": ops, "x86_only_ops": x86_only(ops),
+        "host": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+        },
+        "batch_size": BATCH,
+        "sequence_length": SEQ,
+        "too_small_budget": TOO_SMALL_BUDGET,
+        "size_pattern": SIZE_PATTERN,
+        "models": models,
+        "block_ops": ops,
+        "x86_only_ops": x86_only(ops),
         "toy_variants": [toy_key(**a) for a in toy_variants()],
-    }  # fmt: skip
+    }
     (tmp / "fixtures.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -210,8 +233,10 @@ def main(argv: list[str]) -> int:
     print(f"  models: {', '.join(info['models'])}; toy variants: {', '.join(info['toy_variants'])}")
     for model, per in info["block_ops"].items():
         contrib = {d: v for d, v in per.items() if d != "ai.onnx"}
-        print(f"  {model} block ops: {sum(len(v) for v in per.values())} types; "
-              f"non-standard: {json.dumps(contrib) if contrib else 'none'}")  # fmt: skip
+        print(
+            f"  {model} block ops: {sum(len(v) for v in per.values())} types; "
+            f"non-standard: {json.dumps(contrib) if contrib else 'none'}"
+        )
     if info["x86_only_ops"]:
         print(f"make_fixtures: x86-only ops in the blocks: {info['x86_only_ops']}", file=sys.stderr)
         return 1

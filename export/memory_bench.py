@@ -17,8 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDTH = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 16,
-         "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 512}  # fmt: skip
+WIDTH = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 512,
+}
 
 
 def save_checkpoint(path: Path, num_layers: int) -> int:
@@ -37,15 +43,31 @@ def save_checkpoint(path: Path, num_layers: int) -> int:
 
 def export_peak(ckpt: Path, out: Path, streaming: bool) -> dict:
     """Export in a child under GNU time, which reports the child's own peak RSS."""
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "export", "--model", str(ckpt), "--out",
-           str(out), "--quiet", "--seq-len", "32", "--force"] + (["--streaming"] if streaming else [])  # fmt: skip
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "export",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--quiet",
+        "--seq-len",
+        "32",
+        "--force",
+    ] + (["--streaming"] if streaming else [])
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-800:])
-    kib = next(int(line.split(":")[1]) for line in r.stderr.splitlines()
-               if "Maximum resident set size" in line)  # fmt: skip
+    kib = next(
+        int(line.split(":")[1])
+        for line in r.stderr.splitlines()
+        if "Maximum resident set size" in line
+    )
     return {"peak_rss_bytes": kib * 1024, "seconds": elapsed}
 
 
@@ -74,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = ["| layers | model (fp32) | mode | exporter peak RSS | time |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layers']} | {r['model_bytes'] / 1e6:.0f} MB | {r['mode']} | "
-                     f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {r['seconds']:.0f} s |")  # fmt: skip
+        lines.append(
+            f"| {r['layers']} | {r['model_bytes'] / 1e6:.0f} MB | {r['mode']} | "
+            f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {r['seconds']:.0f} s |"
+        )
     (args.out / "export-memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -120,7 +120,9 @@ def _explained(e: ExportError | OSError, out: Path) -> ExportError:
         free = shutil.disk_usage(out.parent).free  # before the temporary directory is removed
     except OSError:
         free = None
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (free is not None and free < DISK_FULL_BYTES):  # fmt: skip
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+        free is not None and free < DISK_FULL_BYTES
+    ):
         return ExportError(
             f"no space left on the device holding '{out.parent}' ({free} bytes free) while "
             f"exporting: {e}; nothing was kept"

@@ -201,8 +201,10 @@ def expand_layers(
         g2 = onnx.ModelProto.FromString(g2_bytes)
         read = lambda t: reader.read(t, blocks_dir)  # noqa: E731
         sources = match_initializers(g2, g1, params2, read)
-        template_bytes = [bytes(read(t)) if s.suffix is None else None
-                          for t, s in zip(g2.graph.initializer, sources, strict=True)]  # fmt: skip
+        template_bytes = [
+            bytes(read(t)) if s.suffix is None else None
+            for t, s in zip(g2.graph.initializer, sources, strict=True)
+        ]
         shared = [f for f in b2.files if not b2.is_own(f)]
         shared_names = {Path(f.path).name for f in shared}
         new_blocks = []
@@ -237,8 +239,11 @@ def expand_layers(
             files = [write_model(model, blocks_dir / f"{name}.onnx", tmp), writer.close(tmp)]
             inputs = tuple(rename(x) for x in b2.inputs)
             outputs = tuple(rename(x) for x in b2.outputs)
-            new_blocks.append(BlockSpec(name, "layers", (i,), files[0].path, inputs, outputs,
-                                        tuple(files + shared)))  # fmt: skip
+            new_blocks.append(
+                BlockSpec(
+                    name, "layers", (i,), files[0].path, inputs, outputs, tuple(files + shared)
+                )
+            )
     finally:
         reader.close()
     last = _renamer(scope, num_layers - 1)
@@ -269,7 +274,9 @@ def _retarget_epilogue(tmp: Path, block: BlockSpec, rename) -> BlockSpec:
     model = onnx.load(str(tmp / block.path), load_external_data=False)
     _rename_graph(model.graph, rename)
     spec = write_model(model, tmp / block.path, tmp)
-    return replace(block, inputs=tuple(rename(x) for x in block.inputs), files=(spec, *block.files[1:]))  # fmt: skip
+    return replace(
+        block, inputs=tuple(rename(x) for x in block.inputs), files=(spec, *block.files[1:])
+    )
 
 
 def _extend(specs: tuple[TensorSpec, ...], num_layers: int) -> tuple[TensorSpec, ...]:

@@ -74,8 +74,10 @@ def measure_kept_overhead(model_dir: Path) -> dict[str, float]:
             continue
         with model:
             plan = model.plan
-            kept = sum(model.cost.with_prepack(frozenset(plan.prepack_resident)).resident_bytes[i]
-                       for i in plan.resident)  # fmt: skip
+            kept = sum(
+                model.cost.with_prepack(frozenset(plan.prepack_resident)).resident_bytes[i]
+                for i in plan.resident
+            )
             for _ in range(CALIBRATION_PASSES + 1):  # the first pass, then repeated ones
                 model.run(model.sample_inputs())
                 if first_extra is None:
@@ -86,15 +88,23 @@ def measure_kept_overhead(model_dir: Path) -> dict[str, float]:
                     over = model.stats.peak_rss_bytes - plan.predicted_peak_bytes
                     worst = max(worst, over / kept)
     scale = statistics.median(ratios) if ratios else 1.0
-    return {"kept_overhead": worst, "first_pass_extra_s": max(0.0, first_extra or 0.0),
-            "stream_pass_scale": min(3.0, max(1.0, scale))}  # fmt: skip
+    return {
+        "kept_overhead": worst,
+        "first_pass_extra_s": max(0.0, first_extra or 0.0),
+        "stream_pass_scale": min(3.0, max(1.0, scale)),
+    }
 
 
 def calibrate(model_dir: str | Path, profile: Profile) -> Profile:
     """Store `profile`, measure the overhead in a fresh process, store the calibrated profile."""
     model_dir = Path(model_dir)
-    profile = dataclasses.replace(profile, engine_overhead_bytes=0, kept_overhead=0.0,
-                                  first_pass_extra_s=0.0, stream_pass_scale=1.0)  # fmt: skip
+    profile = dataclasses.replace(
+        profile,
+        engine_overhead_bytes=0,
+        kept_overhead=0.0,
+        first_pass_extra_s=0.0,
+        stream_pass_scale=1.0,
+    )
     profile.save(model_dir)
     overhead = max(0, int(_fresh(model_dir, "streamed")))
     profile = dataclasses.replace(profile, engine_overhead_bytes=overhead)

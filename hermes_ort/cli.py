@@ -35,15 +35,19 @@ def _add_run(sub) -> None:
         "--repeat", type=int, default=1, help="passes to run (stats of each are printed)"
     )
     p.add_argument(
-        "--objective", default=None, choices=OBJECTIVES,
+        "--objective",
+        default=None,
+        choices=OBJECTIVES,
         help="what pipeload's plan makes fastest (default: one-shot for one pass, else repeated)",
-    )  # fmt: skip
+    )
     p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.add_argument(
-        "--verify", default="once", choices=("once", "size"),
+        "--verify",
+        default="once",
+        choices=("once", "size"),
         help="check each file's sha256 once and cache it (default), or only sizes",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_run)
 
 
@@ -52,9 +56,15 @@ def cmd_run(args) -> int:
 
     objective = args.objective or ("one-shot" if args.repeat <= 1 else "repeated")
     model = hermes_ort.load(
-        args.model_dir, memory_budget=args.budget, strategy=args.strategy, loaders=args.loaders,
-        window=args.window, load_path=args.load_path, verify=args.verify, objective=objective,
-    )  # fmt: skip
+        args.model_dir,
+        memory_budget=args.budget,
+        strategy=args.strategy,
+        loaders=args.loaders,
+        window=args.window,
+        load_path=args.load_path,
+        verify=args.verify,
+        objective=objective,
+    )
     with model:
         if args.input == "random":
             feeds = model.sample_inputs(sequence_length=args.seq_len)
@@ -70,18 +80,25 @@ def cmd_run(args) -> int:
             np.savez(args.save_outputs, **outputs)
     if args.json:
         record = {
-            "model_dir": str(args.model_dir), "strategy": args.strategy, "budget_bytes": model.plan.budget_bytes,
+            "model_dir": str(args.model_dir),
+            "strategy": args.strategy,
+            "budget_bytes": model.plan.budget_bytes,
             "objective": objective,
             "plan": {
-                "loaders": model.plan.loaders, "window": model.plan.window, "lag": model.plan.lag,
-                "resident": list(model.plan.resident), "cost_source": model.plan.cost_source,
+                "loaders": model.plan.loaders,
+                "window": model.plan.window,
+                "lag": model.plan.lag,
+                "resident": list(model.plan.resident),
+                "cost_source": model.plan.cost_source,
                 "predicted_peak_bytes": model.plan.predicted_peak_bytes,
                 "predicted_first_latency_s": model.plan.predicted_first_latency_s,
                 "predicted_latency_s": model.plan.predicted_latency_s,
             },
             "runs": [s.to_json() for s in runs],
-            "outputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
-        }  # fmt: skip
+            "outputs": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()
+            },
+        }
         print(json.dumps(record))
         return 0
     print(model.plan.describe())
@@ -111,8 +128,10 @@ def cmd_info(args) -> int:
     from hermes_ort.manifest import load_manifest
 
     m = load_manifest(args.model_dir)
-    print(f"{m.name}: {m.family} / {m.task}, {m.num_layers} layers in {len(m.blocks)} blocks, "
-          f"{format_bytes(m.blocks_bytes)} of blocks")  # fmt: skip
+    print(
+        f"{m.name}: {m.family} / {m.task}, {m.num_layers} layers in {len(m.blocks)} blocks, "
+        f"{format_bytes(m.blocks_bytes)} of blocks"
+    )
     print("inputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs))
     print("outputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs))
     for b in m.blocks:
@@ -258,9 +277,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
     p.add_argument(
-        "--objective", default="repeated", choices=OBJECTIVES,
+        "--objective",
+        default="repeated",
+        choices=OBJECTIVES,
         help="what the plan makes fastest: later passes (default, as `run --repeat N`) or the first (as `run` of one pass)",
-    )  # fmt: skip
+    )
     p.set_defaults(func=cmd_plan)
 
 

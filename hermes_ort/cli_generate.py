@@ -28,9 +28,13 @@ def add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument(
-        "--eos", type=int, action="append", default=None, metavar="ID",
+        "--eos",
+        type=int,
+        action="append",
+        default=None,
+        metavar="ID",
         help="stop token id (repeatable; default: the model's generation_config.json)",
-    )  # fmt: skip
+    )
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(func=cmd_generate)
 
@@ -83,19 +87,29 @@ def cmd_generate(args) -> int:
                 sys.stdout.write(args.prompt)
             stream = _TextStream(tokenizer, sys.stdout)
         out = model.generate(
-            ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            eos_token_id=args.eos, seed=args.seed, streamer=stream,
-        )  # fmt: skip
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_token_id=args.eos,
+            seed=args.seed,
+            streamer=stream,
+        )
         s = model.generation_stats
         plan = model.plan
     new = [int(t) for t in out[len(ids) :]]
     if args.json:
         record = {
-            "model_dir": str(args.model_dir), "strategy": plan.strategy,
-            "budget_bytes": plan.budget_bytes, "prompt_ids": ids, "new_ids": new,
-            "text": tokenizer.decode(new) if tokenizer else None, **s.__dict__,
-        }  # fmt: skip
+            "model_dir": str(args.model_dir),
+            "strategy": plan.strategy,
+            "budget_bytes": plan.budget_bytes,
+            "prompt_ids": ids,
+            "new_ids": new,
+            "text": tokenizer.decode(new) if tokenizer else None,
+            **s.__dict__,
+        }
         print(json.dumps(record))
         return 0
     print(

@@ -65,13 +65,14 @@ class CostModel:
         return replace(
             self,
             resident_bytes=tuple(
-                r if p else live for r, live, p in zip(self.resident_bytes, self.live_bytes, on, strict=True)
+                r if p else live
+                for r, live, p in zip(self.resident_bytes, self.live_bytes, on, strict=True)
             ),
             resident_times=tuple(
                 r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
             ),
             resident_prepack=tuple(on),
-        )  # fmt: skip
+        )
 
     def min_budget(self) -> int:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept, and
@@ -94,10 +95,14 @@ class CostModel:
             cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
         kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
-        packing = sorted(
-            (self.prepack_transient_bytes[i] for i in keep if self.resident_prepack[i]),
-            reverse=True,
-        )[:loaders] if self.prepack_transient_bytes else []  # fmt: skip
+        packing = (
+            sorted(
+                (self.prepack_transient_bytes[i] for i in keep if self.resident_prepack[i]),
+                reverse=True,
+            )[:loaders]
+            if self.prepack_transient_bytes
+            else []
+        )
         return self.baseline_bytes + kept + worst + self.activation_bytes + sum(packing)
 
     def latency(
@@ -126,17 +131,27 @@ class CostModel:
             for s in sizes
         )
         return cls(
-            baseline_bytes=baseline_bytes, live_bytes=live, open_bytes=(SESSION_OVERHEAD_BYTES,) * len(sizes),
-            resident_bytes=live, resident_prepack=(False,) * len(sizes), sparse=sparse,
+            baseline_bytes=baseline_bytes,
+            live_bytes=live,
+            open_bytes=(SESSION_OVERHEAD_BYTES,) * len(sizes),
+            resident_bytes=live,
+            resident_prepack=(False,) * len(sizes),
+            sparse=sparse,
             activation_bytes=2 * output_bytes + ACTIVATION_RESERVE_BYTES,
-            stream_times=times, resident_times=times, source="estimate",
-        )  # fmt: skip
+            stream_times=times,
+            resident_times=times,
+            source="estimate",
+        )
 
     @classmethod
     def from_profile(
-        cls, manifest: Manifest, profile: Profile, baseline_bytes: int, cold: bool,
+        cls,
+        manifest: Manifest,
+        profile: Profile,
+        baseline_bytes: int,
+        cold: bool,
         cached: tuple[bool, ...] | None = None,
-    ) -> CostModel:  # fmt: skip
+    ) -> CostModel:
         """Measured costs. `cold`: streamed blocks are re-read from storage every pass (the
         daemon drops their pages). `cached`: per block, whether its files are in the page cache
         now, for the first pass (None: as later passes)."""
@@ -183,16 +198,21 @@ class CostModel:
             live_bytes=tuple(b.live_bytes for b in blocks),
             open_bytes=tuple(b.open_bytes for b in blocks),
             resident_bytes=tuple(
-                b.live_prepack_bytes if p else b.live_bytes for b, p in zip(blocks, prepack, strict=True)
+                b.live_prepack_bytes if p else b.live_bytes
+                for b, p in zip(blocks, prepack, strict=True)
             ),
             resident_prepack=prepack,
             sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
-            stream_times=stream, resident_times=resident, source="profile",
-            plain_resident_times=plain, kept_overhead=profile.kept_overhead,
+            stream_times=stream,
+            resident_times=resident,
+            source="profile",
+            plain_resident_times=plain,
+            kept_overhead=profile.kept_overhead,
             prepack_transient_bytes=tuple(b.prepack_transient_bytes for b in blocks),
-            first_pass_extra_s=first_extra, stream_pass_scale=profile.stream_pass_scale,
-        )  # fmt: skip
+            first_pass_extra_s=first_extra,
+            stream_pass_scale=profile.stream_pass_scale,
+        )
 
 
 def within_margin(peak: int) -> int:

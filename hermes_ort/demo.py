@@ -61,9 +61,13 @@ def main(
     print("|---|---|---|---|---|")
     for strategy, r in rows:
         s = r["runs"][0]
-        print(f"| {strategy} | {format_bytes(r['budget_bytes'])} | {s['latency_s'] * 1000:.0f} ms | "
-              f"{format_bytes(s['peak_rss_bytes'])} | {format_bytes(s['bytes_read'])} |")  # fmt: skip
+        print(
+            f"| {strategy} | {format_bytes(r['budget_bytes'])} | {s['latency_s'] * 1000:.0f} ms | "
+            f"{format_bytes(s['peak_rss_bytes'])} | {format_bytes(s['bytes_read'])} |"
+        )
     full, pipe = rows[0][1]["runs"][0], rows[1][1]["runs"][0]
-    print(f"\npipeload: {full['latency_s'] / pipe['latency_s']:.2f}x the speed of full, "
-          f"{pipe['peak_rss_bytes'] / full['peak_rss_bytes']:.0%} of its peak memory")  # fmt: skip
+    print(
+        f"\npipeload: {full['latency_s'] / pipe['latency_s']:.2f}x the speed of full, "
+        f"{pipe['peak_rss_bytes'] / full['peak_rss_bytes']:.0%} of its peak memory"
+    )
     return 0

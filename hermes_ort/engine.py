@@ -182,10 +182,16 @@ class BlockEngine:
                         n for n in env if self.last_use.get(n, -1) <= i and n not in outputs_wanted
                     ]:
                         del env[name]
-                    block_stats.append(BlockStats(
-                        spec.name, kept, wait_s,
-                        0.0 if kept else block.readahead_s, 0.0 if kept else block.create_s, run_s,
-                    ))  # fmt: skip
+                    block_stats.append(
+                        BlockStats(
+                            spec.name,
+                            kept,
+                            wait_s,
+                            0.0 if kept else block.readahead_s,
+                            0.0 if kept else block.create_s,
+                            run_s,
+                        )
+                    )
                     if kept:
                         continue
                     if i in self.plan.resident:
@@ -290,10 +296,17 @@ class FullEngine:
             values = run_session(self.session, names, feeds, "the whole model")
             run_s = time.perf_counter() - t1
         stats = RunStats(
-            strategy=self.plan.strategy, loaders=0, window=1, latency_s=m.latency_s, peak_rss_bytes=m.peak,
-            rss_before_bytes=m.rss_before, rss_after_bytes=rss_bytes(), bytes_read=m.bytes_read,
-            max_live_sessions=1, blocks=(BlockStats("full", create_s == 0.0, 0.0, 0.0, create_s, run_s),),
-        )  # fmt: skip
+            strategy=self.plan.strategy,
+            loaders=0,
+            window=1,
+            latency_s=m.latency_s,
+            peak_rss_bytes=m.peak,
+            rss_before_bytes=m.rss_before,
+            rss_after_bytes=rss_bytes(),
+            bytes_read=m.bytes_read,
+            max_live_sessions=1,
+            blocks=(BlockStats("full", create_s == 0.0, 0.0, 0.0, create_s, run_s),),
+        )
         return dict(zip(names, values, strict=True)), stats
 
     def close(self) -> None:

@@ -26,7 +26,7 @@ _SCHEMA: dict[str, dict[int, str]] = {
         11: "GraphProto",
         22: "SparseTensorProto",
         23: "SparseTensorProto",
-    },  # fmt: skip
+    },
     "SparseTensorProto": {1: "TensorProto", 2: "TensorProto"},
     "TensorProto": {13: "StringStringEntryProto"},
 }

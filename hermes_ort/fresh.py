@@ -26,8 +26,20 @@ def run_fresh(
 ) -> dict[str, Any]:
     """`python -m hermes_ort run MODEL_DIR --json` in a child; returns its record plus
     `process_wall_s` and `returncode` (non-zero: `error` says why)."""
-    cmd = [*prefix, sys.executable, "-m", "hermes_ort", "run", str(model_dir), "--strategy", strategy,
-           "--repeat", str(repeat), "--json", *extra]  # fmt: skip
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "hermes_ort",
+        "run",
+        str(model_dir),
+        "--strategy",
+        strategy,
+        "--repeat",
+        str(repeat),
+        "--json",
+        *extra,
+    ]
     if budget is not None:
         cmd += ["--budget", str(budget)]
     t0 = time.perf_counter()

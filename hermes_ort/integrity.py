@@ -130,7 +130,9 @@ def _hash_and_record(path: Path, st: os.stat_result, spec: FileSpec) -> Verified
         raise IntegrityError(
             f"model file '{spec.path}' does not match its sha256 in the manifest (bytes changed or file swapped)"
         )
-    entry = Verified(spec.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, started)  # fmt: skip
+    entry = Verified(
+        spec.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, started
+    )
     with _lock:
         _verified[str(path)] = entry
     return entry
@@ -264,8 +266,11 @@ def _write_cache(model_dir: Path, entries: dict[str, Verified]) -> None:
     atomically; a read-only or full disk only costs hashing again next time."""
     path = cache_path(model_dir)
     merged = {**_read_cache(model_dir), **entries}
-    doc = {"kind": CACHE_KIND, "schema_version": CACHE_SCHEMA,
-           "files": {k: asdict(v) for k, v in sorted(merged.items())}}  # fmt: skip
+    doc = {
+        "kind": CACHE_KIND,
+        "schema_version": CACHE_SCHEMA,
+        "files": {k: asdict(v) for k, v in sorted(merged.items())},
+    }
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_NAME}.", dir=path.parent)

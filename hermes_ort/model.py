@@ -252,9 +252,14 @@ def load(
         if strategy not in ("full", "full-mmap"):
             check_budget(cost, budget, names)
         return plan_strategy(
-            strategy, cost, budget, load_path=load_path, loaders=loaders, window=window,
+            strategy,
+            cost,
+            budget,
+            load_path=load_path,
+            loaders=loaders,
+            window=window,
             objective=objective,
-        )  # fmt: skip
+        )
 
     return HermesModel(
         model_dir, manifest, make_plan(budget), cost, replan=make_plan, smallest=smallest

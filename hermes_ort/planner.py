@@ -74,8 +74,10 @@ class Plan:
         if self.budget_bytes is not None:
             lines.append(f"budget {format_bytes(self.budget_bytes)}")
         if self.predicted_peak_bytes is not None:
-            lines.append(f"predicted ({self.cost_source}): peak {format_bytes(self.predicted_peak_bytes)}, "
-                         f"first pass {_ms(self.predicted_first_latency_s)}, repeated pass {_ms(self.predicted_latency_s)}")  # fmt: skip
+            lines.append(
+                f"predicted ({self.cost_source}): peak {format_bytes(self.predicted_peak_bytes)}, "
+                f"first pass {_ms(self.predicted_first_latency_s)}, repeated pass {_ms(self.predicted_latency_s)}"
+            )
         lines += [f"- {r}" for r in self.reasons]
         return "\n".join(lines)
 
@@ -118,9 +120,14 @@ def _fill_resident(cost: CostModel, budget: int | None, window: int, lag: int) -
 
 
 def _prepack_within(
-    cost: CostModel, plain: CostModel, budget: int | None, window: int, lag: int,
-    resident: tuple[int, ...], loaders: int,
-) -> frozenset[int]:  # fmt: skip
+    cost: CostModel,
+    plain: CostModel,
+    budget: int | None,
+    window: int,
+    lag: int,
+    resident: tuple[int, ...],
+    loaders: int,
+) -> frozenset[int]:
     """Resident blocks to prepack, most run time saved per extra byte first, within the budget.
     `plain`: the same costs with nothing prepacked."""
     candidates = [i for i in resident if cost.resident_prepack[i]]
@@ -197,10 +204,19 @@ def plan_pipeload(
                 if objective == "one-shot" and any(mixed.resident_prepack):
                     variants.append(plain)
                 for c in variants:
-                    options.append(_Option(k, w, lag, resident, c, c is plain,
-                                           steady=c.latency(k, w, resident, first_pass=False, lag=lag),
-                                           first=c.latency(k, w, resident, first_pass=True, lag=lag),
-                                           peak=c.peak(resident, w, lag, k)))  # fmt: skip
+                    options.append(
+                        _Option(
+                            k,
+                            w,
+                            lag,
+                            resident,
+                            c,
+                            c is plain,
+                            steady=c.latency(k, w, resident, first_pass=False, lag=lag),
+                            first=c.latency(k, w, resident, first_pass=True, lag=lag),
+                            peak=c.peak(resident, w, lag, k),
+                        )
+                    )
     # the fastest pass of the objective; among those within PASS_TIE of it, the fastest other
     # pass, then the smallest peak
 
@@ -208,8 +224,11 @@ def plan_pipeload(
         return (o.steady, o.first) if objective == "repeated" else (o.first, o.steady)
 
     fastest = min((passes(o)[0] for o in options), default=0.0)
-    best = min((o for o in options if passes(o)[0] <= fastest * (1 + PASS_TIE)),
-               key=lambda o: (passes(o)[1], o.peak, o.loaders, o.window, -o.lag), default=None)  # fmt: skip
+    best = min(
+        (o for o in options if passes(o)[0] <= fastest * (1 + PASS_TIE)),
+        key=lambda o: (passes(o)[1], o.peak, o.loaders, o.window, -o.lag),
+        default=None,
+    )
     if best is None:
         w = window or 1
         raise BudgetError(
@@ -218,12 +237,36 @@ def plan_pipeload(
     k, w, lag, resident, cost = best.loaders, best.window, best.lag, best.resident, best.cost
     prepacked = tuple(i for i in resident if cost.resident_prepack[i])
     return Plan(
-        "pipeload", k, w, resident, prepack=False, readahead=True, drop_cache=budget is not None,
-        budget_bytes=budget, lag=lag, prepack_resident=prepacked,
-        no_readahead=tuple(i for i in range(n) if cost.sparse[i]), predicted_peak_bytes=cost.peak(resident, w, lag, k),
-        predicted_latency_s=best.steady, predicted_first_latency_s=best.first, cost_source=cost.source,
-        reasons=_reasons(cost, budget, cores, k, w, lag, resident, prepacked, loaders, window, objective, best.unpacked),
-    )  # fmt: skip
+        "pipeload",
+        k,
+        w,
+        resident,
+        prepack=False,
+        readahead=True,
+        drop_cache=budget is not None,
+        budget_bytes=budget,
+        lag=lag,
+        prepack_resident=prepacked,
+        no_readahead=tuple(i for i in range(n) if cost.sparse[i]),
+        predicted_peak_bytes=cost.peak(resident, w, lag, k),
+        predicted_latency_s=best.steady,
+        predicted_first_latency_s=best.first,
+        cost_source=cost.source,
+        reasons=_reasons(
+            cost,
+            budget,
+            cores,
+            k,
+            w,
+            lag,
+            resident,
+            prepacked,
+            loaders,
+            window,
+            objective,
+            best.unpacked,
+        ),
+    )
 
 
 def _reasons(
@@ -239,8 +282,10 @@ def _reasons(
         )
         why[-1] += ": every block stays resident after its first load"
     elif resident:
-        why.append(f"{len(resident)} of {n} blocks stay resident between runs (most load time saved per byte); "
-                   f"{n - len(resident)} are streamed every run")  # fmt: skip
+        why.append(
+            f"{len(resident)} of {n} blocks stay resident between runs (most load time saved per byte); "
+            f"{n - len(resident)} are streamed every run"
+        )
     else:
         why.append(f"nothing fits beside the window: all {n} blocks are streamed every run")
     tuned = (
@@ -269,9 +314,14 @@ def _reasons(
 
 
 def plan_strategy(
-    strategy: str, cost: CostModel, budget: int | None, load_path: str = "default",
-    loaders: int | None = None, window: int | None = None, objective: str = "repeated",
-) -> Plan:  # fmt: skip
+    strategy: str,
+    cost: CostModel,
+    budget: int | None,
+    load_path: str = "default",
+    loaders: int | None = None,
+    window: int | None = None,
+    objective: str = "repeated",
+) -> Plan:
     """The plan of any strategy; the baselines are fixed mechanisms (DESIGN.md §1)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
@@ -290,15 +340,34 @@ def plan_strategy(
         cost_source=cost.source,
     )
     if strategy in ("full", "full-mmap"):
-        return Plan(strategy, 0, 1, (), **{**common, "prepack": strategy == "full", "readahead": False},
-                    reasons=("one ONNX Runtime session of the whole model",))  # fmt: skip
+        return Plan(
+            strategy,
+            0,
+            1,
+            (),
+            **{**common, "prepack": strategy == "full", "readahead": False},
+            reasons=("one ONNX Runtime session of the whole model",),
+        )
     if strategy == "pipeswitch":  # one loader, in order, overlapped with execution, everything kept
         everything = tuple(range(n))
-        return Plan(strategy, loaders or 1, window or n, everything, **common,
-                    predicted_peak_bytes=cost.peak(everything, 1),
-                    reasons=("blocks loaded in order by one loader and all kept resident (PipeSwitch)",))  # fmt: skip
+        return Plan(
+            strategy,
+            loaders or 1,
+            window or n,
+            everything,
+            **common,
+            predicted_peak_bytes=cost.peak(everything, 1),
+            reasons=("blocks loaded in order by one loader and all kept resident (PipeSwitch)",),
+        )
     w = (
         window or 1
     )  # ondemand: load a block, run it, free it; window 2 = one block of prefetch (AirLLM)
-    return Plan(strategy, loaders or 1, w, (), **common, predicted_peak_bytes=cost.peak((), w),
-                reasons=(f"load, run, free each block; {w - 1} block(s) of prefetch (AirLLM)",))  # fmt: skip
+    return Plan(
+        strategy,
+        loaders or 1,
+        w,
+        (),
+        **common,
+        predicted_peak_bytes=cost.peak((), w),
+        reasons=(f"load, run, free each block; {w - 1} block(s) of prefetch (AirLLM)",),
+    )

@@ -211,12 +211,26 @@ def profile_block(
     live_prepack = max(0, rss_bytes() - rss0)
     destroy(block, model_dir, False, set())
     return BlockProfile(
-        name=spec.name, file_bytes=nbytes, cold_read_bytes=cold_read, readahead_cold_s=cold,
-        readahead_cold_cpu_s=cold_cpu, readahead_warm_s=warm,
-        create_s=create_s, create_prepack_s=create_prepack_s, first_run_s=first, run_s=steady,
-        run_prepack_s=run_prepack, live_bytes=live, live_anon_bytes=max(0, parts["anon"] - out_bytes), live_file_bytes=max(0, parts["file"]),
-        live_prepack_bytes=live_prepack, prepack_transient_bytes=packing, open_bytes=max(0, open_bytes), transient_bytes=transient, output_bytes=out_bytes,
-    )  # fmt: skip
+        name=spec.name,
+        file_bytes=nbytes,
+        cold_read_bytes=cold_read,
+        readahead_cold_s=cold,
+        readahead_cold_cpu_s=cold_cpu,
+        readahead_warm_s=warm,
+        create_s=create_s,
+        create_prepack_s=create_prepack_s,
+        first_run_s=first,
+        run_s=steady,
+        run_prepack_s=run_prepack,
+        live_bytes=live,
+        live_anon_bytes=max(0, parts["anon"] - out_bytes),
+        live_file_bytes=max(0, parts["file"]),
+        live_prepack_bytes=live_prepack,
+        prepack_transient_bytes=packing,
+        open_bytes=max(0, open_bytes),
+        transient_bytes=transient,
+        output_bytes=out_bytes,
+    )
 
 
 def profile_model(
@@ -253,11 +267,16 @@ def profile_model(
     read = sum(b.cold_read_bytes for b in measured)
     cold = sum(b.readahead_cold_s for b in measured)
     return Profile(
-        fingerprint=fingerprint(model_dir), batch_size=1, sequence_length=seq, baseline_bytes=baseline,
-        warmup_bytes=max(0, baseline - cold_rss), engine_overhead_bytes=0,
-        read_bandwidth_bytes_per_s=read / cold if cold > 0 else 0.0, blocks=tuple(blocks),
+        fingerprint=fingerprint(model_dir),
+        batch_size=1,
+        sequence_length=seq,
+        baseline_bytes=baseline,
+        warmup_bytes=max(0, baseline - cold_rss),
+        engine_overhead_bytes=0,
+        read_bandwidth_bytes_per_s=read / cold if cold > 0 else 0.0,
+        blocks=tuple(blocks),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-    )  # fmt: skip
+    )
 
 
 def ensure_profile(model_dir: str | Path, progress=None) -> Profile:

@@ -96,8 +96,13 @@ def test_parse_profile():
 
 
 def test_expand_runs_baselines_once_and_pipeload_per_budget():
-    m = build_matrix("smoke", models=["a"], strategies=["full", "pipeswitch+stream", "pipeload"],
-                     budgets=["min", "cap", "none"], profiles=["warm", "sd:1c:200MB"])  # fmt: skip
+    m = build_matrix(
+        "smoke",
+        models=["a"],
+        strategies=["full", "pipeswitch+stream", "pipeload"],
+        budgets=["min", "cap", "none"],
+        profiles=["warm", "sd:1c:200MB"],
+    )
     keys = [c.key for c in expand(m)]
     assert ("a", "full", "-", "warm") in keys and (
         "a",
@@ -132,17 +137,40 @@ def test_named_matrices_and_overrides():
 
 
 def _sample(repeat, one_shot, steady, peak, ok=True, oom=False, error=None):
-    return Sample(repeat=repeat, ok=ok, returncode=0 if ok else -9, error=error, oom_killed=oom,
-                  wall_s=one_shot or 1.0, one_shot_s=one_shot, first_pass_s=one_shot and one_shot / 2,
-                  steady_s=steady, peak_rss_bytes=peak, cgroup_peak_bytes=peak, read_bytes=0,
-                  baseline_rss_bytes=50 * MB)  # fmt: skip
+    return Sample(
+        repeat=repeat,
+        ok=ok,
+        returncode=0 if ok else -9,
+        error=error,
+        oom_killed=oom,
+        wall_s=one_shot or 1.0,
+        one_shot_s=one_shot,
+        first_pass_s=one_shot and one_shot / 2,
+        steady_s=steady,
+        peak_rss_bytes=peak,
+        cgroup_peak_bytes=peak,
+        read_bytes=0,
+        baseline_rss_bytes=50 * MB,
+    )
 
 
 def _fields(label, profile="warm", model="m", budget=None):
     name, _, path = label.partition("+")
-    return dict(model=model, label=label, strategy=name, load_path=path or "default", budget=budget,
-                profile=profile, storage="warm", cache="warm", cores=2, memory_cap_bytes=None,
-                read_limit_bytes_per_s=None, cap_enforced=False, throttle_enforced=False)  # fmt: skip
+    return dict(
+        model=model,
+        label=label,
+        strategy=name,
+        load_path=path or "default",
+        budget=budget,
+        profile=profile,
+        storage="warm",
+        cache="warm",
+        cores=2,
+        memory_cap_bytes=None,
+        read_limit_bytes_per_s=None,
+        cap_enforced=False,
+        throttle_enforced=False,
+    )
 
 
 def _floors():
@@ -152,8 +180,12 @@ def _floors():
 
 
 def test_aggregate_keeps_medians_and_raw_samples():
-    samples = [_sample(0, 1.0, (0.3, 0.5), 100), _sample(1, 3.0, (0.2, 0.2), 300),
-               _sample(2, 2.0, (0.4,), 200), _sample(3, None, (), None, ok=False, oom=True, error="killed")]  # fmt: skip
+    samples = [
+        _sample(0, 1.0, (0.3, 0.5), 100),
+        _sample(1, 3.0, (0.2, 0.2), 300),
+        _sample(2, 2.0, (0.4,), 200),
+        _sample(3, None, (), None, ok=False, oom=True, error="killed"),
+    ]
     r = aggregate(_fields("full"), samples, _floors())
     assert r.one_shot_s == 2.0 and r.peak_rss_bytes == 200
     assert r.steady_s == 0.4  # median of each process's median steady pass: 0.4, 0.2, 0.4
@@ -167,9 +199,20 @@ def test_sample_from_child_marks_oom_kills():
 
     killed = sample_from_child(0, -9, {}, 1.0, MemoryStats(64 * MB, 3, 1), None, cap_enforced=True)
     assert not killed.ok and killed.oom_killed and "memory cap" in killed.error
-    child = {"ok": True, "one_shot_s": 1.5, "steady_s": [0.1], "rss_curve": [[0.1, 5]], "plan": {"window": 2}}  # fmt: skip
+    child = {
+        "ok": True,
+        "one_shot_s": 1.5,
+        "steady_s": [0.1],
+        "rss_curve": [[0.1, 5]],
+        "plan": {"window": 2},
+    }
     ok = sample_from_child(1, 0, child, 2.0)
-    assert ok.ok and ok.one_shot_s == 1.5 and ok.detail["plan"] == {"window": 2} and ok.rss_curve == ((0.1, 5),)  # fmt: skip
+    assert (
+        ok.ok
+        and ok.one_shot_s == 1.5
+        and ok.detail["plan"] == {"window": 2}
+        and ok.rss_curve == ((0.1, 5),)
+    )
     refused = sample_from_child(2, 1, {"ok": False, "error": "BudgetError: too small"}, 1.0)
     assert not refused.ok and not refused.oom_killed and refused.error.startswith("BudgetError")
 
@@ -210,37 +253,83 @@ def test_downsample_keeps_first_last_and_peak():
 
 
 def _canned_document() -> dict:
-    def rec(label, one_shot, peak, budget=None, profile="sd:1c:300MB", model="bert-base", killed=False):  # fmt: skip
-        s = _sample(0, None if killed else one_shot, () if killed else (one_shot / 4,), None if killed else peak,
-                    ok=not killed, oom=killed, error="killed by the memory cap (OOM)" if killed else None)  # fmt: skip
-        fields = {**_fields(label, profile, model, budget), "storage": "sd", "cache": "cold",
-                  "memory_cap_bytes": 300 * MB, "read_limit_bytes_per_s": 50 * MB,
-                  "cap_enforced": True, "throttle_enforced": True}  # fmt: skip
+    def rec(
+        label, one_shot, peak, budget=None, profile="sd:1c:300MB", model="bert-base", killed=False
+    ):
+        s = _sample(
+            0,
+            None if killed else one_shot,
+            () if killed else (one_shot / 4,),
+            None if killed else peak,
+            ok=not killed,
+            oom=killed,
+            error="killed by the memory cap (OOM)" if killed else None,
+        )
+        fields = {
+            **_fields(label, profile, model, budget),
+            "storage": "sd",
+            "cache": "cold",
+            "memory_cap_bytes": 300 * MB,
+            "read_limit_bytes_per_s": 50 * MB,
+            "cap_enforced": True,
+            "throttle_enforced": True,
+        }
         return aggregate(fields, [s], _floors())
 
-    records = add_ratios([
-        rec("full", 8.0, 700 * MB), rec("pipeswitch", 6.0, 650 * MB),
-        rec("pipeswitch+stream", 3.0, 500 * MB), rec("pipeload", 1.5, 100 * MB, budget="min"),
-        rec("ondemand", 9.0, 0, killed=True),
-    ])  # fmt: skip
-    return to_json({
-        "kind": "hermes-ort-bench", "schema_version": SCHEMA_VERSION, "created": "2026-01-01T00:00:00",
-        "interrupted": False,
-        "matrix": {"name": "canned", "models": ["bert-base"], "strategies": [], "budgets": [], "profiles": [], "repeats": 1, "passes": 2},
-        "machine": {"cpu": "Test CPU", "machine": "aarch64", "cores": 4, "memory_bytes": 4 * 10**9, "os": "Linux", "python": "3.11"},
-        "versions": {"onnxruntime": "1.32.0"},
-        "emulation": {"memory_cgroup": "/sys/fs/cgroup/memory/x", "blkio_cgroup": "/sys/fs/cgroup/blkio"},
-        "warnings": [], "storage": {"sd": {"about": "SD card", "read_bytes_per_s": 51e6}},
-        "models": [{"name": "bert-base", "family": "bert", "cores": 1}],
-        "records": records,
-    })  # fmt: skip
+    records = add_ratios(
+        [
+            rec("full", 8.0, 700 * MB),
+            rec("pipeswitch", 6.0, 650 * MB),
+            rec("pipeswitch+stream", 3.0, 500 * MB),
+            rec("pipeload", 1.5, 100 * MB, budget="min"),
+            rec("ondemand", 9.0, 0, killed=True),
+        ]
+    )
+    return to_json(
+        {
+            "kind": "hermes-ort-bench",
+            "schema_version": SCHEMA_VERSION,
+            "created": "2026-01-01T00:00:00",
+            "interrupted": False,
+            "matrix": {
+                "name": "canned",
+                "models": ["bert-base"],
+                "strategies": [],
+                "budgets": [],
+                "profiles": [],
+                "repeats": 1,
+                "passes": 2,
+            },
+            "machine": {
+                "cpu": "Test CPU",
+                "machine": "aarch64",
+                "cores": 4,
+                "memory_bytes": 4 * 10**9,
+                "os": "Linux",
+                "python": "3.11",
+            },
+            "versions": {"onnxruntime": "1.32.0"},
+            "emulation": {
+                "memory_cgroup": "/sys/fs/cgroup/memory/x",
+                "blkio_cgroup": "/sys/fs/cgroup/blkio",
+            },
+            "warnings": [],
+            "storage": {"sd": {"about": "SD card", "read_bytes_per_s": 51e6}},
+            "models": [{"name": "bert-base", "family": "bert", "cores": 1}],
+            "records": records,
+        }
+    )
 
 
 def test_markdown_from_canned_document(tmp_path):
     path = write_document(_canned_document(), tmp_path / "bench.json")
     doc = load_document(path)
     md = render_markdown(doc)
-    assert "### Profile `sd:1c:300MB`" in md and "measured 51 MB/s" in md and "memory cap 300.0 MB" in md  # fmt: skip
+    assert (
+        "### Profile `sd:1c:300MB`" in md
+        and "measured 51 MB/s" in md
+        and "memory cap 300.0 MB" in md
+    )
     assert "| bert-base | pipeload | min | 1.50 s | 375 ms | 100.0 MB |" in md
     assert "**killed** 1/1 (cap)" in md
     paper = md.split("## The paper's comparison")[1].split("## Ablation")[0]
@@ -248,7 +337,10 @@ def test_markdown_from_canned_document(tmp_path):
     assert "| 4.00x | 84.6% | 5.33x | 85.7% | 4.24x / 86.7% |" in paper
     ablation = md.split("## Ablation")[1]
     # storage gain 6.0 / 3.0; mechanism gain 3.0 / 1.5 (pipeload's only budget)
-    assert "| pipeswitch | 6.00 s / 650.0 MB | 3.00 s / 500.0 MB | 2.00x | min: 1.50 s / 100.0 MB | 2.00x |" in ablation  # fmt: skip
+    assert (
+        "| pipeswitch | 6.00 s / 650.0 MB | 3.00 s / 500.0 MB | 2.00x | min: 1.50 s / 100.0 MB | 2.00x |"
+        in ablation
+    )
 
 
 def test_plots_from_canned_document(tmp_path):
@@ -266,29 +358,43 @@ def test_goals_are_judged_from_the_records():
     killed and a pipeload budget finishes; a model whose full fits under the cap says so."""
 
     def rec(label, one_shot, peak, model, budget=None, cap=None, killed=False):
-        s = _sample(0, None if killed else one_shot, () if killed else (one_shot / 4,), None if killed else peak,
-                    ok=not killed, oom=killed, error="killed by the memory cap (OOM)" if killed else None)  # fmt: skip
+        s = _sample(
+            0,
+            None if killed else one_shot,
+            () if killed else (one_shot / 4,),
+            None if killed else peak,
+            ok=not killed,
+            oom=killed,
+            error="killed by the memory cap (OOM)" if killed else None,
+        )
         fields = _fields(label, "emmc:2c:50%" if cap else "warm", model, budget)
         if cap:
             fields.update(storage="emmc", cache="cold", memory_cap_bytes=cap, cap_enforced=True)
         return aggregate(fields, [s], _floors())
 
-    records = add_ratios([
-        # bert-base, warm: min is lean but slow (2.5x), x2min fast but fat (55%): not met by either
-        rec("full", 9.0, 800 * MB, "bert-base"), rec("pipeswitch", 5.0, 600 * MB, "bert-base"),
-        rec("pipeload", 2.0, 60 * MB, "bert-base", "min"), rec("pipeload", 1.0, 270 * MB, "bert-base", "x2min"),
-        # gpt2, warm: 3.0x and 91.7% at min: met
-        rec("full", 9.0, 900 * MB, "gpt2"), rec("pipeswitch", 6.0, 600 * MB, "gpt2"),
-        rec("pipeload", 2.0, 50 * MB, "gpt2", "min"),
-        # capped: bert-base's full killed, pipeload finishes; gpt2's full fits
-        rec("full", 0, 0, "bert-base", cap=300 * MB, killed=True),
-        rec("pipeswitch", 0, 0, "bert-base", cap=300 * MB, killed=True),
-        rec("pipeload", 3.0, 100 * MB, "bert-base", "min", cap=300 * MB),
-        rec("pipeload", 0, 0, "bert-base", "x2min", cap=300 * MB, killed=True),
-        rec("full", 9.0, 290 * MB, "gpt2", cap=300 * MB),
-    ])  # fmt: skip
-    doc = {"records": [to_json(r) for r in records],
-           "models": [{"name": "bert-base", "family": "bert"}, {"name": "gpt2", "family": "gpt2"}]}  # fmt: skip
+    records = add_ratios(
+        [
+            # bert-base, warm: min is lean but slow (2.5x), x2min fast but fat (55%): not met by either
+            rec("full", 9.0, 800 * MB, "bert-base"),
+            rec("pipeswitch", 5.0, 600 * MB, "bert-base"),
+            rec("pipeload", 2.0, 60 * MB, "bert-base", "min"),
+            rec("pipeload", 1.0, 270 * MB, "bert-base", "x2min"),
+            # gpt2, warm: 3.0x and 91.7% at min: met
+            rec("full", 9.0, 900 * MB, "gpt2"),
+            rec("pipeswitch", 6.0, 600 * MB, "gpt2"),
+            rec("pipeload", 2.0, 50 * MB, "gpt2", "min"),
+            # capped: bert-base's full killed, pipeload finishes; gpt2's full fits
+            rec("full", 0, 0, "bert-base", cap=300 * MB, killed=True),
+            rec("pipeswitch", 0, 0, "bert-base", cap=300 * MB, killed=True),
+            rec("pipeload", 3.0, 100 * MB, "bert-base", "min", cap=300 * MB),
+            rec("pipeload", 0, 0, "bert-base", "x2min", cap=300 * MB, killed=True),
+            rec("full", 9.0, 290 * MB, "gpt2", cap=300 * MB),
+        ]
+    )
+    doc = {
+        "records": [to_json(r) for r in records],
+        "models": [{"name": "bert-base", "family": "bert"}, {"name": "gpt2", "family": "gpt2"}],
+    }
     md = "\n".join(goals_table(doc))
     assert (
         "| bert-base | 4.24x / 86.7% | min: 2.50x / 90.0%, x2min: 5.00x / 55.0% | not met |" in md
@@ -314,7 +420,7 @@ def test_own_cgroup_and_mount_parsing():
     text = "9:name=systemd:/\n7:blkio:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n"
     assert cgroups.own_cgroup("memory", text) == "/process_api/abc"
     assert cgroups.own_cgroup("cpuacct", text) == "/x" and cgroups.own_cgroup("pids", text) is None
-    mounts = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"  # fmt: skip
+    mounts = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
     assert cgroups.mount_point("memory", mounts) == Path("/sys/fs/cgroup/memory")
     assert cgroups.mount_point("blkio", mounts) is None
 
@@ -328,7 +434,15 @@ def test_without_root_or_cgroups_it_says_so_and_runs_unemulated(monkeypatch):
     assert any("memory caps not emulated (not root)" in w for w in warnings)
     assert any("throttling not emulated (not root)" in w for w in warnings)
     launch = Launch(emulation, cores=1, cap_bytes=32 << 20, read_bytes_per_s=50 * MB, disk=(254, 0))
-    code, out, _, _ = run_under(launch, [sys.executable, "-c", "import os; b = b'x' * (64 << 20); print(len(os.sched_getaffinity(0)))"], 60)  # fmt: skip
+    code, out, _, _ = run_under(
+        launch,
+        [
+            sys.executable,
+            "-c",
+            "import os; b = b'x' * (64 << 20); print(len(os.sched_getaffinity(0)))",
+        ],
+        60,
+    )
     assert code == 0 and out.strip() == "1"  # cores still pinned; no cap, so it lives
     assert not launch.cap_enforced and not launch.throttle_enforced and launch.memory is None
 
@@ -343,19 +457,25 @@ needs_blkio = pytest.mark.skipif(_BLKIO is None, reason=f"blkio cgroup v1 unusab
 
 def _leftovers(pid: int) -> list[Path]:
     """Groups that process `pid` made and did not remove."""
-    return [p for base in (_MEMORY, _BLKIO) if base for p in base.glob(f"{cgroups.PREFIX}*-{pid}-*")]  # fmt: skip
+    return [
+        p for base in (_MEMORY, _BLKIO) if base for p in base.glob(f"{cgroups.PREFIX}*-{pid}-*")
+    ]
 
 
 @needs_memory
 def test_memory_cap_kills_an_over_allocating_child_and_the_group_goes():
     launch = Launch(Emulation.detect(), cap_bytes=64 << 20, tag="test")
-    code, _, _, _ = run_under(launch, [sys.executable, "-c", "b = b'x' * (256 << 20); print('survived')"], 60)  # fmt: skip
+    code, _, _, _ = run_under(
+        launch, [sys.executable, "-c", "b = b'x' * (256 << 20); print('survived')"], 60
+    )
     assert code == -signal.SIGKILL and launch.cap_enforced
     assert launch.memory.oom_kills >= 1 and launch.memory.peak_bytes <= 64 << 20
     assert not _leftovers(os.getpid())
     # under the cap, the same child lives and its peak is measured
     launch = Launch(Emulation.detect(), cap_bytes=512 << 20, tag="test")
-    code, out, _, _ = run_under(launch, [sys.executable, "-c", "b = b'x' * (128 << 20); print('survived')"], 60)  # fmt: skip
+    code, out, _, _ = run_under(
+        launch, [sys.executable, "-c", "b = b'x' * (128 << 20); print('survived')"], 60
+    )
     assert code == 0 and "survived" in out and launch.memory.peak_bytes >= 128 << 20
     assert launch.memory.oom_kills == 0 and not _leftovers(os.getpid())
 
@@ -396,7 +516,9 @@ def test_read_throttle_holds_a_cold_read_to_50_MBps(tmp_path):
     r = json.loads(out)
     bandwidth = r["bytes"] / r["seconds"]
     read = launch.blkio_read_bytes
-    print(f"30 MiB cold under a 50 MB/s throttle: {r['seconds']:.2f} s, {bandwidth / MB:.1f} MB/s, {read} bytes from the disk")  # fmt: skip
+    print(
+        f"30 MiB cold under a 50 MB/s throttle: {r['seconds']:.2f} s, {bandwidth / MB:.1f} MB/s, {read} bytes from the disk"
+    )
     assert launch.throttle_enforced and read >= 30 << 20, f"{read} bytes read from the disk"
     assert bandwidth < 65 * MB, f"{bandwidth / MB:.1f} MB/s"  # ~0.63 s expected
     assert not _leftovers(os.getpid())
@@ -434,8 +556,25 @@ def test_sigterm_kills_the_child_and_removes_the_groups(tmp_path):
 
 def test_bench_end_to_end_on_the_toy_model(toy_copy, tmp_path):
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "hermes_ort.bench", "--models", str(toy_copy), "--strategies", "full,pipeload",
-           "--budgets", "none", "--profiles", "warm", "--repeats", "1", "--passes", "2", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.bench",
+        "--models",
+        str(toy_copy),
+        "--strategies",
+        "full,pipeload",
+        "--budgets",
+        "none",
+        "--profiles",
+        "warm",
+        "--repeats",
+        "1",
+        "--passes",
+        "2",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -450,7 +589,11 @@ def test_bench_end_to_end_on_the_toy_model(toy_copy, tmp_path):
         )
         assert r["peak_rss_bytes"] > 0 and r["compute_floor_s"] > 0 and r["io_floor_bytes"] == 0
         (s,) = r["samples"]
-        assert len(s["steady_s"]) == 1 and len(s["rss_curve"]) >= 2 and s["detail"]["plan"]["blocks"] == 6  # fmt: skip
+        assert (
+            len(s["steady_s"]) == 1
+            and len(s["rss_curve"]) >= 2
+            and s["detail"]["plan"]["blocks"] == 6
+        )
     assert records["pipeload"]["vs_full"]["one_shot_speedup"] > 0
     assert doc["floors"] and doc["models"][0]["cost_source"] == "profile"
     md = (run_dir / "bench.md").read_text()
@@ -468,8 +611,19 @@ def test_bench_end_to_end_on_the_toy_model(toy_copy, tmp_path):
             assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not _leftovers(proc.pid)
     # rendering again from the JSON alone gives the same table
-    again = subprocess.run([sys.executable, "-m", "hermes_ort.bench", "--render", str(run_dir / "bench.json"), "--no-plots"],
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hermes_ort.bench",
+            "--render",
+            str(run_dir / "bench.json"),
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 0 and (run_dir / "bench.md").read_text() == md
 
 
@@ -478,14 +632,40 @@ def test_objectives_table_from_canned_records():
     from hermes_ort.bench.sweep import summarise
 
     def record(loaders, first, later, peak):
-        plan = {"loaders": loaders, "window": 2, "resident": [0, 1], "predicted_first_latency_s": 0.5, "predicted_latency_s": 0.2}  # fmt: skip
-        return {"returncode": 0, "plan": plan, "runs": [{"latency_s": first, "peak_rss_bytes": peak},
-                                                        {"latency_s": later, "peak_rss_bytes": peak - 1}]}  # fmt: skip
+        plan = {
+            "loaders": loaders,
+            "window": 2,
+            "resident": [0, 1],
+            "predicted_first_latency_s": 0.5,
+            "predicted_latency_s": 0.2,
+        }
+        return {
+            "returncode": 0,
+            "plan": plan,
+            "runs": [
+                {"latency_s": first, "peak_rss_bytes": peak},
+                {"latency_s": later, "peak_rss_bytes": peak - 1},
+            ],
+        }
 
-    result = {"model": "models/bert-base", "rounds": 2, "rows": [{"budget": "461MB", "plans": {
-        "repeated": summarise([record(1, 0.6, 0.19, 440 * MB), record(1, 0.4, 0.21, 445 * MB)]),
-        "one-shot": summarise([record(2, 0.3, 0.25, 438 * MB), record(2, 0.3, 0.25, 438 * MB)]),
-        "failed": {"error": "BudgetError: too small"}}}]}  # fmt: skip
+    result = {
+        "model": "models/bert-base",
+        "rounds": 2,
+        "rows": [
+            {
+                "budget": "461MB",
+                "plans": {
+                    "repeated": summarise(
+                        [record(1, 0.6, 0.19, 440 * MB), record(1, 0.4, 0.21, 445 * MB)]
+                    ),
+                    "one-shot": summarise(
+                        [record(2, 0.3, 0.25, 438 * MB), record(2, 0.3, 0.25, 438 * MB)]
+                    ),
+                    "failed": {"error": "BudgetError: too small"},
+                },
+            }
+        ],
+    }
     md = render(result)
     # medians of the first and the later passes, the largest peak of any pass
     assert "| 461MB | repeated | 1x2, 2 resident | 500 ms (500) | 200 ms (200) | 445.0 MB |" in md

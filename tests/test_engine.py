@@ -123,7 +123,9 @@ def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_copy
     os.sync()  # the copy's pages are dirty: the kernel drops only clean ones
     with hermes_ort.load(toy_copy, window=2) as model:
         manifest = model.manifest
-        plan = replace(model.plan, resident=(), prepack_resident=(), drop_cache=True, no_readahead=(0,))  # fmt: skip
+        plan = replace(
+            model.plan, resident=(), prepack_resident=(), drop_cache=True, no_readahead=(0,)
+        )
     engine = BlockEngine(toy_copy, manifest, plan)
     try:
         outputs, _ = engine.run(feeds)

@@ -301,18 +301,26 @@ def test_full_model_is_rewritten_from_per_tensor_files(tmp_path):
     model.graph.initializer.append(
         numpy_helper.from_array(np.ones(512, np.float32), "ones")
     )  # 2 KiB
-    model.graph.node.extend([
-        helper.make_node("Constant", [], ["k"], name="Constant_big", value=big),
-        helper.make_node("ReduceSum", ["k"], ["k1"], name="/ReduceSum", keepdims=0),
-        helper.make_node("ReduceSum", ["ones"], ["k2"], name="/ReduceSum_1", keepdims=0),
-        helper.make_node("Add", ["k1", "k2"], ["ksum"], name="/Add"),
-    ])  # fmt: skip
+    model.graph.node.extend(
+        [
+            helper.make_node("Constant", [], ["k"], name="Constant_big", value=big),
+            helper.make_node("ReduceSum", ["k"], ["k1"], name="/ReduceSum", keepdims=0),
+            helper.make_node("ReduceSum", ["ones"], ["k2"], name="/ReduceSum_1", keepdims=0),
+            helper.make_node("Add", ["k1", "k2"], ["ksum"], name="/Add"),
+        ]
+    )
     model.graph.output.append(helper.make_tensor_value_info("ksum", TensorProto.FLOAT, []))
     want = _run(model, _feed())
     raw = tmp_path / "raw"
     raw.mkdir()
-    onnx.save_model(model, str(raw / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
-                    size_threshold=0, convert_attribute=True)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(raw / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+        convert_attribute=True,
+    )
     assert len(list(raw.iterdir())) > 4
 
     loaded = onnx.load(str(raw / "model.onnx"), load_external_data=False)

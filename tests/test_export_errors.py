@@ -161,8 +161,13 @@ def tiny_bert_checkpoint(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel
 
     path = tmp_path_factory.mktemp("ckpt") / "bert"
-    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                        intermediate_size=64, vocab_size=100)  # fmt: skip
+    config = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    )
     BertModel(config).save_pretrained(path, max_shard_size="40KB")  # several shards + an index
     return path
 
@@ -181,17 +186,19 @@ def _damaged_copy(src: Path, dst: Path, damage) -> Path:
                 [s.unlink() for s in shards] + [(d / "model.safetensors.index.json").unlink()]
             ),
             "no file named .*model.safetensors",
-        ),  # fmt: skip
+        ),
         (lambda d, shards: shards[1].unlink(), f"No such file or directory: .*{'model-00002-of-'}"),
         (
             lambda d, shards: shards[0].write_bytes(shards[0].read_bytes()[:-100]),
             "model-00001-of-.*is truncated or damaged",
-        ),  # fmt: skip
+        ),
         (lambda d, shards: shards[0].write_bytes(b"\xff" * 64), "model-00001-of-.*is damaged"),
     ],
     ids=["no-weights", "missing-shard", "truncated-shard", "garbage-shard"],
 )
-def test_checkpoint_with_files_missing_or_damaged(tiny_bert_checkpoint, tmp_path, capsys, damage, message):  # fmt: skip
+def test_checkpoint_with_files_missing_or_damaged(
+    tiny_bert_checkpoint, tmp_path, capsys, damage, message
+):
     ckpt = _damaged_copy(tiny_bert_checkpoint, tmp_path / "ckpt", damage)
     assert fx.export_cli(tmp_path / "m", "--model", str(ckpt)) == 1
     err = capsys.readouterr().err
@@ -216,8 +223,11 @@ def tiny_tmpfs(tmp_path):
     """A 1.5 MB tmpfs (root only): the tiny-bert export (1.9 MB) fills it partway through."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or 'not root'}")
     try:
@@ -240,9 +250,21 @@ def test_a_really_full_disk_is_named_and_nothing_is_left(tiny_tmpfs, capsys):
 
 # -- interrupted from outside -----------------------------------------------------------------------
 def _export_process(out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "export", "--preset", "tiny-bert", "--out", str(out), "--quiet",
-           "--seq-len", str(fx.SEQ_LEN)]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "export",
+        "--preset",
+        "tiny-bert",
+        "--out",
+        str(out),
+        "--quiet",
+        "--seq-len",
+        str(fx.SEQ_LEN),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_temporary_dir(parent: Path, proc: subprocess.Popen) -> None:

@@ -20,9 +20,14 @@ LAYERS = 5
 
 def _tiny_llama(path, num_layers: int = LAYERS, safe: bool = True):
     model = fx.noisy_llama(
-        vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=500,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model.save_pretrained(path, safe_serialization=safe)
     return model
 
@@ -51,8 +56,13 @@ def test_streamed_export_generates_like_transformers(streamed, name):
     regular, stream, model = streamed[name]
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                                  do_sample=False, pad_token_id=0)[0].numpy()  # fmt: skip
+        expected = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+        )[0].numpy()
     with hermes_ort.load(stream, memory_budget="min") as m:
         np.testing.assert_array_equal(m.generate(PROMPT, max_new_tokens=16), expected)
 

@@ -99,7 +99,9 @@ def test_truncated_block_is_named(toy_copy):
 
 
 # -- a loader failing, Ctrl-C ---------------------------------------------------------------------
-def test_loader_failure_is_raised_before_its_block_is_reached(toy_dir, monkeypatch, live_sessions, no_thread_leak):  # fmt: skip
+def test_loader_failure_is_raised_before_its_block_is_reached(
+    toy_dir, monkeypatch, live_sessions, no_thread_leak
+):
     real = loader_module.load_block
 
     def slow_or_failing(model_dir, index, spec, settings, readahead):
@@ -130,7 +132,9 @@ def sigint_raises():
 
 
 @pytest.mark.parametrize("strategy", ["pipeload", "ondemand", "pipeswitch"])
-def test_ctrl_c_during_a_run(toy_dir, strategy, monkeypatch, live_sessions, sigint_raises, no_thread_leak):  # fmt: skip
+def test_ctrl_c_during_a_run(
+    toy_dir, strategy, monkeypatch, live_sessions, sigint_raises, no_thread_leak
+):
     """A real SIGINT, sent while a loader opens block 3 and the inference agent runs the blocks
     before it: the run stops, loads in flight are drained, no session of it stays alive."""
     real = loader_module.load_block
@@ -145,7 +149,9 @@ def test_ctrl_c_during_a_run(toy_dir, strategy, monkeypatch, live_sessions, sigi
     monkeypatch.setattr(loader_module, "load_block", ctrl_c_on_block_3)
     switch_interval = sys.getswitchinterval()
     window = 3 if strategy == "pipeload" else None
-    with hermes_ort.load(toy_dir, strategy=strategy, loaders=2 if window else None, window=window) as model:  # fmt: skip
+    with hermes_ort.load(
+        toy_dir, strategy=strategy, loaders=2 if window else None, window=window
+    ) as model:
         feeds = model.sample_inputs(batch_size=2)
         armed.set()
         with pytest.raises(KeyboardInterrupt) as caught:  # kept, as a REPL keeps the last one
@@ -154,7 +160,9 @@ def test_ctrl_c_during_a_run(toy_dir, strategy, monkeypatch, live_sessions, sigi
         assert live_sessions() == _kept(model)
         assert sys.getswitchinterval() == switch_interval
         for _ in range(2):  # usable again, right away
-            np.testing.assert_allclose(model.run(feeds)["logits"], reference_logits(toy_dir, feeds), atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                model.run(feeds)["logits"], reference_logits(toy_dir, feeds), atol=1e-5
+            )
     assert live_sessions() == 0
 
 
@@ -176,16 +184,30 @@ def test_interrupt_inside_a_block(toy_dir, strategy, monkeypatch, live_sessions,
             model.run(feeds)
         assert live_sessions() == _kept(model) and caught.traceback
         monkeypatch.setattr(Session, "run", real)
-        np.testing.assert_allclose(model.run(feeds)["logits"], reference_logits(toy_dir, feeds), atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            model.run(feeds)["logits"], reference_logits(toy_dir, feeds), atol=1e-5
+        )
     assert live_sessions() == 0
 
 
 def test_ctrl_c_ends_the_command_line_cleanly(toy_dir):
     """`hermes-ort run` interrupted while its blocks' data are mapped: exit 130, one line."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hermes_ort", "run", str(toy_dir), "--window", "2", "--repeat", "1000000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "hermes_ort",
+            "run",
+            str(toy_dir),
+            "--window",
+            "2",
+            "--repeat",
+            "1000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         blocks = str(toy_dir / "blocks")
@@ -266,8 +288,12 @@ not_under_qemu = pytest.mark.skipif(
 
 
 def _child(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args],
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @not_under_qemu
@@ -334,8 +360,17 @@ def test_a_run_under_a_hard_cap_at_its_budget_is_not_killed(toy_dir):
     smallest = _fresh_min_budget(toy_dir)
     cap = int(smallest * 1.1)
     launch = Launch(Emulation.detect(), cap_bytes=cap, tag="test-faults")
-    cmd = [sys.executable, "-m", "hermes_ort.bench.child", "run", str(toy_dir),
-           "--budget-min-factor", "1.0", "--passes", "5"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.bench.child",
+        "run",
+        str(toy_dir),
+        "--budget-min-factor",
+        "1.0",
+        "--passes",
+        "5",
+    ]
     code, out, err, _ = run_under(launch, cmd, 120)
     assert code == 0, err
     assert launch.cap_enforced and launch.memory.oom_kills == 0
@@ -360,7 +395,9 @@ def test_a_process_past_its_cap_is_killed_and_its_group_removed(toy_dir):
     launch = Launch(Emulation.detect(), cap_bytes=smallest + 32 * MIB, tag="test-faults")
     t0 = time.monotonic()
     code, out, err, _ = run_under(launch, [sys.executable, "-c", script, str(toy_dir)], 120)
-    sample = sample_from_child(0, code, {}, time.monotonic() - t0, launch.memory, None, launch.cap_enforced)  # fmt: skip
+    sample = sample_from_child(
+        0, code, {}, time.monotonic() - t0, launch.memory, None, launch.cap_enforced
+    )
     assert code == -signal.SIGKILL and launch.memory.oom_kills >= 1
     assert sample.oom_killed and sample.error == "killed by the memory cap (OOM)"
     assert not _groups_left(os.getpid())
@@ -376,8 +413,13 @@ def test_the_bench_caps_each_budgeted_configuration_at_its_budget_plus_a_margin(
     from hermes_ort.bench.runner import Runner, RunOptions, margin_bytes
 
     mb = 10**6
-    matrix = build_matrix("smoke", models=["m"], strategies=["full", "pipeload"],
-                          budgets=["min", "x2min", "150MB", "none"], profiles=["warm", "sd:1c:200MB"])  # fmt: skip
+    matrix = build_matrix(
+        "smoke",
+        models=["m"],
+        strategies=["full", "pipeload"],
+        budgets=["min", "x2min", "150MB", "none"],
+        profiles=["warm", "sd:1c:200MB"],
+    )
     runner = Runner(matrix, RunOptions(cgroups=False, budget_cap_margin="10%"))
     facts = ModelFacts("m", "m", "bert", 400 * mb, None, 100 * MIB + 1, 0, "estimate", None, 3, 1)
     for config in expand(matrix):
@@ -390,12 +432,31 @@ def test_the_bench_caps_each_budgeted_configuration_at_its_budget_plus_a_margin(
     assert margin_bytes("16MB", 10**9) == 16 * mb
 
     def record(cap, killed, from_budget=False):
-        return dict(memory_cap_bytes=cap, cap_enforced=True, killed_repeats=killed, repeats=2,
-                    cap_from_budget=from_budget)  # fmt: skip
+        return dict(
+            memory_cap_bytes=cap,
+            cap_enforced=True,
+            killed_repeats=killed,
+            repeats=2,
+            cap_from_budget=from_budget,
+        )
 
-    records = [record(None, 0), record(165 * mb, 0, True), record(200 * mb, 2), record(101 * MIB, 1, True)]  # fmt: skip
-    assert killed_count(records) == {"configurations": 2, "capped_configurations": 3, "processes": 3,
-                                     "capped_processes": 6, "budget_capped_killed": 1, "budget_capped_configurations": 2}  # fmt: skip
+    records = [
+        record(None, 0),
+        record(165 * mb, 0, True),
+        record(200 * mb, 2),
+        record(101 * MIB, 1, True),
+    ]
+    assert killed_count(records) == {
+        "configurations": 2,
+        "capped_configurations": 3,
+        "processes": 3,
+        "capped_processes": 6,
+        "budget_capped_killed": 1,
+        "budget_capped_configurations": 2,
+    }
     (line,) = killed_lines({"records": records, "budget_cap_margin": "10%"})
-    assert "capped at its budget + 10% (or its profile's cap, if lower): 1 of 2 capped so were killed" in line  # fmt: skip
+    assert (
+        "capped at its budget + 10% (or its profile's cap, if lower): 1 of 2 capped so were killed"
+        in line
+    )
     assert "Killed for memory: 2 of 3 capped configurations** (3 of 6 processes)" in line

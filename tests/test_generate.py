@@ -237,12 +237,27 @@ def test_generation_bench_child_and_table(decoders, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["ok"] and len(r["token_s"]) == 4 and r["decode_tokens_per_s"] > 0
     assert r["cache_bytes"] == decoder_signature_of(model_dir).cache_bytes(6 + 4)
-    r.update(strategy="pipeload", profile="warm", share=0.5, cap_bytes=None, killed_for_memory=False,
-             cgroup_peak_bytes=None, blkio_read_bytes=None, io_floor_per_token_s=0.0)  # fmt: skip
+    r.update(
+        strategy="pipeload",
+        profile="warm",
+        share=0.5,
+        cap_bytes=None,
+        killed_for_memory=False,
+        cgroup_peak_bytes=None,
+        blkio_read_bytes=None,
+        io_floor_per_token_s=0.0,
+    )
     killed = {**r, "ok": False, "strategy": "full", "killed_for_memory": True}
-    data = {"model": "tiny-gpt2", "model_bytes": 10 << 20, "baseline_bytes": 50 << 20,
-            "prompt_tokens": 6, "new_tokens": {"warm": 5, "cold": 2}, "cap_margin": 0.1,
-            "machine": {"cpu": "x", "cores": 2}, "records": [r, killed]}  # fmt: skip
+    data = {
+        "model": "tiny-gpt2",
+        "model_bytes": 10 << 20,
+        "baseline_bytes": 50 << 20,
+        "prompt_tokens": 6,
+        "new_tokens": {"warm": 5, "cold": 2},
+        "cap_margin": 0.1,
+        "machine": {"cpu": "x", "cores": 2},
+        "records": [r, killed],
+    }
     table = generation.render(data)
     assert "| warm | 50% " in table and "| pipeload |" in table and "killed for memory" in table
 

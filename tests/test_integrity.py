@@ -156,7 +156,9 @@ def test_read_only_model_dir_caches_in_the_user_cache(toy_copy, tmp_path, settle
     (toy_copy / "verified.json").unlink(missing_ok=True)  # the shared toy's, copied along
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == toy_copy else real_access(p, mode))  # fmt: skip
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == toy_copy else real_access(p, mode)
+    )
     hermes_ort.load(toy_copy).close()
     assert not (toy_copy / "verified.json").exists()
     (cached,) = (tmp_path / "cache" / "hermes-ort").glob("verified-model-*.json")
@@ -205,7 +207,9 @@ def ort_opened(monkeypatch):
         ("nothing.data", "not a regular file"),
     ],
 )
-def test_external_data_escaping_the_model_dir_is_refused(toy_copy, tmp_path, ort_opened, location, message):  # fmt: skip
+def test_external_data_escaping_the_model_dir_is_refused(
+    toy_copy, tmp_path, ort_opened, location, message
+):
     outside = tmp_path / "outside.data"
     shutil.copyfile(toy_copy / "blocks" / "layer_01.data", outside)
     (toy_copy / "blocks" / "link.data").symlink_to(outside)
@@ -218,7 +222,7 @@ def test_external_data_escaping_the_model_dir_is_refused(toy_copy, tmp_path, ort
     assert ort_opened == []
 
 
-def test_session_factory_confines_external_data_without_a_file_list(toy_copy, tmp_path, ort_opened):  # fmt: skip
+def test_session_factory_confines_external_data_without_a_file_list(toy_copy, tmp_path, ort_opened):
     """The profiler opens blocks with no file list: the model directory (found by its manifest)
     still bounds what ORT may read, and any other file of it is accepted."""
     shutil.copyfile(toy_copy / "blocks" / "layer_01.data", tmp_path / "outside.data")
@@ -292,8 +296,10 @@ def test_nothing_in_the_model_dir_is_executed_or_unpickled(toy_copy, tmp_path):
 
 
 def test_the_runtime_has_no_pickle_or_eval():
-    banned = re.compile(r"pickle|marshal|shelve|(?<![.\w])(eval|exec|compile)\(|allow_pickle=True|"
-                        r"register_custom_ops_library|yaml")  # fmt: skip
+    banned = re.compile(
+        r"pickle|marshal|shelve|(?<![.\w])(eval|exec|compile)\(|allow_pickle=True|"
+        r"register_custom_ops_library|yaml"
+    )
     for path in sorted((ROOT / "hermes_ort").rglob("*.py")):
         found = banned.search(path.read_text())
         assert not found, f"{path.relative_to(ROOT)} uses {found.group(0)}"
@@ -319,11 +325,18 @@ def test_schema_lists_every_field_that_can_hold_a_tensor():
     for kind, fields in _SCHEMA.items():
         desc = getattr(onnx, kind).DESCRIPTOR
         for number, child in fields.items():
-            assert desc.fields_by_number[number].message_type.name in (child, "StringStringEntryProto")  # fmt: skip
+            assert desc.fields_by_number[number].message_type.name in (
+                child,
+                "StringStringEntryProto",
+            )
         if kind == "TensorProto":
             assert desc.fields_by_name["external_data"].number in fields
             continue
-        leading = {f.number for f in desc.fields if f.message_type is not None and _leads_to_tensor(f.message_type)}  # fmt: skip
+        leading = {
+            f.number
+            for f in desc.fields
+            if f.message_type is not None and _leads_to_tensor(f.message_type)
+        }
         assert leading == set(fields), kind
 
 
@@ -346,23 +359,37 @@ def test_locations_are_found_wherever_a_tensor_can_be():
     vi = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
 
     def branch(location: str):
-        return h.make_graph([h.make_node("Identity", ["c"], ["y"])], "b", [], [vi], [t("c", location)])  # fmt: skip
+        return h.make_graph(
+            [h.make_node("Identity", ["c"], ["y"])], "b", [], [vi], [t("c", location)]
+        )
 
     sparse = h.make_sparse_tensor(t("sv", "sparse_values.bin"), t("si", "sparse_indices.bin"), [4])
     nodes = [
         h.make_node("Constant", [], ["k"], value=t("k", "constant.bin")),
-        h.make_node("If", ["cond"], ["y"], then_branch=branch("then.bin"), else_branch=branch("else.bin")),
+        h.make_node(
+            "If", ["cond"], ["y"], then_branch=branch("then.bin"), else_branch=branch("else.bin")
+        ),
         h.make_node("Identity", ["x"], ["z"], tensors=[t("a", "attr_list.bin")]),
-    ]  # fmt: skip
+    ]
     graph = h.make_graph(nodes, "g", [vi], [vi], [t("w", "init.bin")], sparse_initializer=[sparse])
-    func = onnx.FunctionProto(name="f", domain="d", node=[h.make_node("Constant", [], ["o"], value=t("fk", "function.bin"))])  # fmt: skip
+    func = onnx.FunctionProto(
+        name="f",
+        domain="d",
+        node=[h.make_node("Constant", [], ["o"], value=t("fk", "function.bin"))],
+    )
     model = h.make_model(graph, functions=[func])
     meta = model.graph.initializer[0].metadata_props.add()  # an entry that is not external data
     meta.key, meta.value = "location", "metadata.bin"
     assert set(locations_in_bytes(model.SerializeToString())) == {
-        "constant.bin", "then.bin", "else.bin", "attr_list.bin", "init.bin",
-        "sparse_values.bin", "sparse_indices.bin", "function.bin",
-    }  # fmt: skip
+        "constant.bin",
+        "then.bin",
+        "else.bin",
+        "attr_list.bin",
+        "init.bin",
+        "sparse_values.bin",
+        "sparse_indices.bin",
+        "function.bin",
+    }
 
 
 def test_toy_blocks_name_their_data_file(toy_dir):

@@ -19,10 +19,17 @@ def synthetic(
     """A BERT-base-like model: loading takes longer than running, every layer the same size."""
     times = (BlockTimes(load_s, run_s * 1.1, run_s),) * blocks
     return CostModel(
-        baseline_bytes=80 * MB, live_bytes=(live,) * blocks, open_bytes=(100_000,) * blocks,
-        resident_bytes=(live,) * blocks, resident_prepack=(False,) * blocks, sparse=(False,) * blocks, activation_bytes=8 * MB,
-        stream_times=times, resident_times=(BlockTimes(load_s, run_s, run_s),) * blocks, source="test",
-    )  # fmt: skip
+        baseline_bytes=80 * MB,
+        live_bytes=(live,) * blocks,
+        open_bytes=(100_000,) * blocks,
+        resident_bytes=(live,) * blocks,
+        resident_prepack=(False,) * blocks,
+        sparse=(False,) * blocks,
+        activation_bytes=8 * MB,
+        stream_times=times,
+        resident_times=(BlockTimes(load_s, run_s, run_s),) * blocks,
+        source="test",
+    )
 
 
 def test_plan_respects_budget_and_grows_with_it():
@@ -125,8 +132,11 @@ def test_prepacking_a_kept_block_counts_its_creation_transient():
     (gpt2-medium's tied lm_head: +206 MB for a moment): each loading agent may be creating one."""
     from dataclasses import replace
 
-    cost = replace(synthetic(), resident_prepack=(True,) * 14,
-                   prepack_transient_bytes=tuple(i * MB for i in range(14)))  # fmt: skip
+    cost = replace(
+        synthetic(),
+        resident_prepack=(True,) * 14,
+        prepack_transient_bytes=tuple(i * MB for i in range(14)),
+    )
     keep = (3, 5, 9)
     base = replace(cost, prepack_transient_bytes=()).peak(keep, 2)
     assert cost.peak(keep, 2, loaders=1) - base == 9 * MB
@@ -144,9 +154,13 @@ def test_one_shot_objective_skips_prepacking_that_slows_the_first_pass():
     from dataclasses import replace
 
     plain = synthetic()
-    cost = replace(plain, resident_prepack=(True,) * 14, resident_bytes=(32 * MB,) * 14,
-                   resident_times=(BlockTimes(0.06, 0.0055, 0.0055),) * 14,
-                   plain_resident_times=plain.resident_times)  # fmt: skip
+    cost = replace(
+        plain,
+        resident_prepack=(True,) * 14,
+        resident_bytes=(32 * MB,) * 14,
+        resident_times=(BlockTimes(0.06, 0.0055, 0.0055),) * 14,
+        plain_resident_times=plain.resident_times,
+    )
     repeated = plan_pipeload(cost, None, cores=2)
     one_shot = plan_pipeload(cost, None, cores=2, objective="one-shot")
     assert repeated.prepack_resident == tuple(range(14)) and one_shot.prepack_resident == ()

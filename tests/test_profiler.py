@@ -84,8 +84,9 @@ def test_the_first_pass_is_predicted_from_what_is_cached_now(tmp_path):
     assert cached_now(wide, manifest) == (True,) * len(manifest.blocks)
 
     def first_pass(cached: bool) -> float:
-        cost = CostModel.from_profile(manifest, profile, 50 << 20, cold=True,
-                                                 cached=(cached,) * len(manifest.blocks))  # fmt: skip
+        cost = CostModel.from_profile(
+            manifest, profile, 50 << 20, cold=True, cached=(cached,) * len(manifest.blocks)
+        )
         return cost.latency(1, 1, (), first_pass=True)
 
     cold = CostModel.from_profile(manifest, profile, 50 << 20, cold=True)
@@ -100,7 +101,9 @@ def test_the_prologue_is_read_in_small_folios_and_layers_sequentially(toy_copy, 
     from hermes_ort import loader
 
     calls = []
-    monkeypatch.setattr(loader, "read_ahead", lambda path, sequential: calls.append((path, sequential)) or 0)  # fmt: skip
+    monkeypatch.setattr(
+        loader, "read_ahead", lambda path, sequential: calls.append((path, sequential)) or 0
+    )
     manifest = hermes_ort.load_manifest(toy_copy)
     for spec in manifest.blocks:
         calls.clear()

@@ -46,7 +46,10 @@ def _open_fds() -> int:
 )
 def test_thousands_of_passes_keep_memory_flat(toy_dir, options, capsys, record_property):
     with hermes_ort.load(toy_dir, **options) as model:
-        feeds = [model.sample_inputs(batch_size=b, sequence_length=s, seed=i) for i, (b, s) in enumerate(SHAPES)]  # fmt: skip
+        feeds = [
+            model.sample_inputs(batch_size=b, sequence_length=s, seed=i)
+            for i, (b, s) in enumerate(SHAPES)
+        ]
         first = [model.run(f)["logits"] for f in feeds]
         for k in range(WARMUP):
             model.run(feeds[k % len(feeds)])

@@ -48,10 +48,17 @@ def llama_checkpoint_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     tokenizer = _trained_tokenizer(400)
     model = fx.noisy_llama(
-        seed=3, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        seed=3,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model.save_pretrained(root / "ckpt")
     tokenizer.save_pretrained(root / "ckpt")
     assert fx.export_cli(root / "model", "--model", str(root / "ckpt")) == 0

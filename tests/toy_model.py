@@ -31,8 +31,14 @@ def _save(model: onnx.ModelProto, out: Path, rel: str) -> list[dict]:
     path = out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     data_rel = Path(rel).with_suffix(".data").name
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_rel, size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_rel,
+        size_threshold=1024,
+    )
     files = [{"path": rel, **_sha(path)}]
     data = path.parent / data_rel
     if data.exists():
@@ -59,10 +65,17 @@ def write_toy_model(
         rng.standard_normal((hidden, vocab)).astype(np.float32) * 0.2, "w_out"
     )
     weights = [
-        (numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), f"w{i}"),
-         numpy_helper.from_array((rng.standard_normal(hidden) * 0.1).astype(np.float32), f"b{i}"))
+        (
+            numpy_helper.from_array(
+                (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32),
+                f"w{i}",
+            ),
+            numpy_helper.from_array(
+                (rng.standard_normal(hidden) * 0.1).astype(np.float32), f"b{i}"
+            ),
+        )
         for i in range(layers)
-    ]  # fmt: skip
+    ]
     bsh, bs1 = ["batch_size", "sequence_length", hidden], ["batch_size", "sequence_length", 1]
 
     pro_nodes = [
@@ -73,8 +86,21 @@ def write_toy_model(
     axis = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis_m1")
     ids_vi = _vi("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
     mask_vi = _vi("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"])
-    blocks = [("prologue", "prologue", [], _model(pro_nodes, [ids_vi, mask_vi], [_vi("h_0", f32, bsh), _vi("mask", f32, bs1)], [emb, axis]),
-               ["input_ids", "attention_mask"], ["h_0", "mask"])]  # fmt: skip
+    blocks = [
+        (
+            "prologue",
+            "prologue",
+            [],
+            _model(
+                pro_nodes,
+                [ids_vi, mask_vi],
+                [_vi("h_0", f32, bsh), _vi("mask", f32, bs1)],
+                [emb, axis],
+            ),
+            ["input_ids", "attention_mask"],
+            ["h_0", "mask"],
+        )
+    ]
     all_nodes, all_inits = list(pro_nodes), [emb, axis]
     for i, (w, b) in enumerate(weights):
         h_in, h_out = f"h_{i}", f"h_{i + 1}"
@@ -93,8 +119,16 @@ def write_toy_model(
         all_inits += [w, b]
     epi_nodes = [helper.make_node("MatMul", [f"h_{layers}", "w_out"], ["logits"])]
     logits_vi = _vi("logits", f32, ["batch_size", "sequence_length", vocab])
-    blocks.append(("epilogue", "epilogue", [], _model(epi_nodes, [_vi(f"h_{layers}", f32, bsh)], [logits_vi], [w_out]),
-                   [f"h_{layers}"], ["logits"]))  # fmt: skip
+    blocks.append(
+        (
+            "epilogue",
+            "epilogue",
+            [],
+            _model(epi_nodes, [_vi(f"h_{layers}", f32, bsh)], [logits_vi], [w_out]),
+            [f"h_{layers}"],
+            ["logits"],
+        )
+    )
     all_nodes += epi_nodes
     all_inits.append(w_out)
 
@@ -102,21 +136,49 @@ def write_toy_model(
     block_entries = []
     for name, kind, layer_ids, model, ins, outs in blocks:
         files = _save(model, out, f"blocks/{name}.onnx")
-        block_entries.append({"name": name, "kind": kind, "layers": layer_ids, "path": f"blocks/{name}.onnx",
-                              "inputs": ins, "outputs": outs, "files": files})  # fmt: skip
+        block_entries.append(
+            {
+                "name": name,
+                "kind": kind,
+                "layers": layer_ids,
+                "path": f"blocks/{name}.onnx",
+                "inputs": ins,
+                "outputs": outs,
+                "files": files,
+            }
+        )
     full = _model(all_nodes, [ids_vi, mask_vi], [logits_vi], all_inits)
     manifest = {
-        "schema_version": 1, "name": "toy", "family": "toy", "task": "feature-extraction",
+        "schema_version": 1,
+        "name": "toy",
+        "family": "toy",
+        "task": "feature-extraction",
         "source": {"kind": "toy", "seed": seed},
         "inputs": [
-            {"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"], "sample": {"kind": "randint", "high": vocab}},
-            {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "sequence_length"], "sample": {"kind": "ones"}},
+            {
+                "name": "input_ids",
+                "dtype": "int64",
+                "shape": ["batch_size", "sequence_length"],
+                "sample": {"kind": "randint", "high": vocab},
+            },
+            {
+                "name": "attention_mask",
+                "dtype": "int64",
+                "shape": ["batch_size", "sequence_length"],
+                "sample": {"kind": "ones"},
+            },
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch_size", "sequence_length", vocab]}],
+        "outputs": [
+            {
+                "name": "logits",
+                "dtype": "float32",
+                "shape": ["batch_size", "sequence_length", vocab],
+            }
+        ],
         "blocks": block_entries,
         "full_model": {"path": "full/model.onnx", "files": _save(full, out, "full/model.onnx")},
         "sample": {"batch_size": 1, "sequence_length": 16, "max_sequence_length": 64},
-    }  # fmt: skip
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 

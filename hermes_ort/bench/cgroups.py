@@ -173,7 +173,9 @@ class MemoryGroup(Group):
                 self.write("memory.memsw.limit_in_bytes", str(limit_bytes))
 
     def stats(self) -> MemoryStats:
-        oom = dict(line.split() for line in self.read("memory.oom_control").splitlines() if " " in line)  # fmt: skip
+        oom = dict(
+            line.split() for line in self.read("memory.oom_control").splitlines() if " " in line
+        )
         return MemoryStats(
             peak_bytes=int(self.read("memory.max_usage_in_bytes")),
             failcnt=int(self.read("memory.failcnt")),
@@ -186,7 +188,9 @@ class BlkioGroup(Group):
         super().__init__(base, tag)
         self.disk = disk
         if read_bytes_per_s:
-            self.write("blkio.throttle.read_bps_device", f"{disk[0]}:{disk[1]} {int(read_bytes_per_s)}")  # fmt: skip
+            self.write(
+                "blkio.throttle.read_bps_device", f"{disk[0]}:{disk[1]} {int(read_bytes_per_s)}"
+            )
 
     def read_bytes(self) -> int:
         """Bytes the group read from its disk."""

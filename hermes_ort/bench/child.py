@@ -59,8 +59,13 @@ def cmd_run(args) -> dict[str, Any]:
         import hermes_ort
 
         t_imported = time.time()
-        model = hermes_ort.load(args.model_dir, memory_budget=_budget(args, args.model_dir),
-                                strategy=args.strategy, load_path=args.load_path, objective=args.objective)  # fmt: skip
+        model = hermes_ort.load(
+            args.model_dir,
+            memory_budget=_budget(args, args.model_dir),
+            strategy=args.strategy,
+            load_path=args.load_path,
+            objective=args.objective,
+        )
         t_loaded = time.time()
         with model:
             feeds = model.sample_inputs()
@@ -77,12 +82,19 @@ def cmd_run(args) -> dict[str, Any]:
         "ok": True,
         "strategy": plan.strategy,
         "budget_bytes": plan.budget_bytes,
-        "plan": {"loaders": plan.loaders, "window": plan.window, "resident_blocks": len(plan.resident),
-                 "blocks": len(model.manifest.blocks), "lag": plan.lag, "prepack": plan.prepack,
-                 "readahead": plan.readahead, "cost_source": plan.cost_source,
-                 "predicted_peak_bytes": plan.predicted_peak_bytes,
-                 "predicted_first_latency_s": plan.predicted_first_latency_s,
-                 "predicted_latency_s": plan.predicted_latency_s},
+        "plan": {
+            "loaders": plan.loaders,
+            "window": plan.window,
+            "resident_blocks": len(plan.resident),
+            "blocks": len(model.manifest.blocks),
+            "lag": plan.lag,
+            "prepack": plan.prepack,
+            "readahead": plan.readahead,
+            "cost_source": plan.cost_source,
+            "predicted_peak_bytes": plan.predicted_peak_bytes,
+            "predicted_first_latency_s": plan.predicted_first_latency_s,
+            "predicted_latency_s": plan.predicted_latency_s,
+        },
         "import_s": t_imported - t0,
         "load_s": t_loaded - t_imported,
         "one_shot_s": t_outputs - t0,
@@ -98,7 +110,7 @@ def cmd_run(args) -> dict[str, Any]:
         "peak_rss_bytes": max([p.peak_rss_bytes for p in passes] + [v for _, v in curve]),
         "read_bytes": storage_read_bytes(),
         "rss_curve": downsample(curve),
-    }  # fmt: skip
+    }
 
 
 def cmd_describe(args) -> dict[str, Any]:
@@ -112,16 +124,22 @@ def cmd_describe(args) -> dict[str, Any]:
         cost = cost_model(args.model_dir, manifest, None, cold=True)
     profile = load_profile(args.model_dir)
     return {
-        "ok": True, "name": manifest.name, "family": manifest.family, "task": manifest.task,
-        "blocks": len(manifest.blocks), "layers": manifest.num_layers,
+        "ok": True,
+        "name": manifest.name,
+        "family": manifest.family,
+        "task": manifest.task,
+        "blocks": len(manifest.blocks),
+        "layers": manifest.num_layers,
         "model_bytes": manifest.blocks_bytes,
         "full_bytes": manifest.full_model.bytes if manifest.full_model else None,
         "min_budget_bytes": cost.min_budget(),
         "resident_peak_bytes": cost.peak(tuple(range(cost.blocks)), 1),
         "cost_source": cost.source,
         # the other compute floor: the profile's per-block steady runs, the faster way of each
-        "profile_compute_s": sum(min(b.run_s, b.run_prepack_s) for b in profile.blocks) if profile else None,
-    }  # fmt: skip
+        "profile_compute_s": sum(min(b.run_s, b.run_prepack_s) for b in profile.blocks)
+        if profile
+        else None,
+    }
 
 
 def cmd_read(args) -> dict[str, Any]:
@@ -155,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("files", nargs="+")
     read.set_defaults(func=cmd_read)
     for s in (run, describe, read):
-        s.add_argument("--t0", type=float, default=None, help="time.time() when the parent spawned us")  # fmt: skip
+        s.add_argument(
+            "--t0", type=float, default=None, help="time.time() when the parent spawned us"
+        )
     return p
 
 

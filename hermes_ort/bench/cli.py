@@ -27,37 +27,91 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--matrix", default="smoke", choices=tuple(MATRICES), help="named matrix (default smoke)")  # fmt: skip
-    p.add_argument("--models", action="append", metavar="LIST", help="presets or exported model directories, comma-separated")  # fmt: skip
-    p.add_argument("--strategies", action="append", metavar="LIST", help="e.g. full,pipeswitch,pipeswitch+stream,pipeload")  # fmt: skip
-    p.add_argument("--budgets", action="append", metavar="LIST", help="pipeload's: none, 150MB, 25%%, min, x1.5min, cap")  # fmt: skip
-    p.add_argument("--profiles", action="append", metavar="LIST",
-                   help=f"STORAGE[:Nc][:CAP] with STORAGE in {'/'.join(STORAGE)}, e.g. warm,sd:1c:512MB")  # fmt: skip
+    p.add_argument(
+        "--matrix", default="smoke", choices=tuple(MATRICES), help="named matrix (default smoke)"
+    )
+    p.add_argument(
+        "--models",
+        action="append",
+        metavar="LIST",
+        help="presets or exported model directories, comma-separated",
+    )
+    p.add_argument(
+        "--strategies",
+        action="append",
+        metavar="LIST",
+        help="e.g. full,pipeswitch,pipeswitch+stream,pipeload",
+    )
+    p.add_argument(
+        "--budgets",
+        action="append",
+        metavar="LIST",
+        help="pipeload's: none, 150MB, 25%%, min, x1.5min, cap",
+    )
+    p.add_argument(
+        "--profiles",
+        action="append",
+        metavar="LIST",
+        help=f"STORAGE[:Nc][:CAP] with STORAGE in {'/'.join(STORAGE)}, e.g. warm,sd:1c:512MB",
+    )
     p.add_argument("--repeats", type=int, default=None, help="fresh processes per configuration")
     p.add_argument("--passes", type=int, default=None, help="passes per process (first + steady)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory (a subdirectory per run)")  # fmt: skip
-    p.add_argument("--models-dir", type=Path, default=Path("models"), help="where presets are exported (default models/)")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=900, help="seconds per process before it is killed")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench/results"),
+        help="results directory (a subdirectory per run)",
+    )
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=Path("models"),
+        help="where presets are exported (default models/)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900, help="seconds per process before it is killed"
+    )
     p.add_argument(
         "--no-profile", action="store_true", help="do not run `hermes-ort profile` first"
     )
-    p.add_argument("--no-cgroups", action="store_true", help="no memory caps or throttling even where possible")  # fmt: skip
-    p.add_argument("--cap-at-budget", nargs="?", const="10%", default=None, metavar="MARGIN",
-                   help="cap each configuration with a budget at that budget plus MARGIN (default 10%%; or bytes, e.g. 16MB)")  # fmt: skip
-    p.add_argument("--objective", default="repeated", choices=("repeated", "one-shot"),
-                   help="what pipeload's plans make fastest: the steady passes (default) or the one-shot")  # fmt: skip
+    p.add_argument(
+        "--no-cgroups", action="store_true", help="no memory caps or throttling even where possible"
+    )
+    p.add_argument(
+        "--cap-at-budget",
+        nargs="?",
+        const="10%",
+        default=None,
+        metavar="MARGIN",
+        help="cap each configuration with a budget at that budget plus MARGIN (default 10%%; or bytes, e.g. 16MB)",
+    )
+    p.add_argument(
+        "--objective",
+        default="repeated",
+        choices=("repeated", "one-shot"),
+        help="what pipeload's plans make fastest: the steady passes (default) or the one-shot",
+    )
     p.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
-    p.add_argument("--fail-on-error", action="store_true",
-                   help="exit 1 if a process failed for another reason than the memory cap or a refused budget")  # fmt: skip
+    p.add_argument(
+        "--fail-on-error",
+        action="store_true",
+        help="exit 1 if a process failed for another reason than the memory cap or a refused budget",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the configurations and stop")
-    p.add_argument("--render", type=Path, metavar="JSON", help="render an existing bench JSON again and stop")  # fmt: skip
+    p.add_argument(
+        "--render", type=Path, metavar="JSON", help="render an existing bench JSON again and stop"
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `bench` to a `hermes-ort` subparsers object."""
-    p = subparsers.add_parser("bench", help="benchmark strategies x budgets x device profiles (JSON, Markdown, plots)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark strategies x budgets x device profiles (JSON, Markdown, plots)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return p
@@ -78,8 +132,11 @@ def write_outputs(doc: dict[str, Any], run_dir: Path, plots: bool = True) -> lis
         try:
             paths += write_plots(doc, run_dir)
         except ImportError as e:  # matplotlib is the `bench` extra, not a runtime dependency
-            print(f"hermes-ort bench: plots skipped: {e.name or e} is not installed "
-                  "(pip install 'hermes-ort[bench]')", file=sys.stderr)  # fmt: skip
+            print(
+                f"hermes-ort bench: plots skipped: {e.name or e} is not installed "
+                "(pip install 'hermes-ort[bench]')",
+                file=sys.stderr,
+            )
     return paths
 
 
@@ -92,7 +149,9 @@ def _unexpected_failures(doc: dict[str, Any]) -> list[str]:
                 and not s["oom_killed"]
                 and not (s["error"] or "").startswith("BudgetError")
             ):
-                out.append(f"{r['model']} {r['label']} {r['budget'] or '-'} {r['profile']}: {s['error']}")  # fmt: skip
+                out.append(
+                    f"{r['model']} {r['label']} {r['budget'] or '-'} {r['profile']}: {s['error']}"
+                )
     return out
 
 
@@ -105,8 +164,15 @@ def cmd_bench(args) -> int:
         print(paths[1].read_text())
         print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
         return 0
-    matrix = build_matrix(args.matrix, _split(args.models), _split(args.strategies), _split(args.budgets),
-                          _split(args.profiles), args.repeats, args.passes)  # fmt: skip
+    matrix = build_matrix(
+        args.matrix,
+        _split(args.models),
+        _split(args.strategies),
+        _split(args.budgets),
+        _split(args.profiles),
+        args.repeats,
+        args.passes,
+    )
     configs = expand(matrix)
     if args.dry_run:
         for c in configs:
@@ -119,9 +185,15 @@ def cmd_bench(args) -> int:
         from hermes_ort.bench.matrix import margin_bytes
 
         margin_bytes(args.cap_at_budget, 1 << 30)  # a bad spelling fails now, not after the exports
-    options = RunOptions(models_dir=args.models_dir, timeout_s=args.timeout, profile=not args.no_profile,
-                         cgroups=not args.no_cgroups, progress=not args.no_progress,
-                         budget_cap_margin=args.cap_at_budget, objective=args.objective)  # fmt: skip
+    options = RunOptions(
+        models_dir=args.models_dir,
+        timeout_s=args.timeout,
+        profile=not args.no_profile,
+        cgroups=not args.no_cgroups,
+        progress=not args.no_progress,
+        budget_cap_margin=args.cap_at_budget,
+        objective=args.objective,
+    )
     try:
         doc = run_matrix(matrix, options)
     except (RuntimeError, ValueError, OSError) as e:
@@ -144,8 +216,11 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hermes-ort bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="hermes-ort bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -48,16 +48,24 @@ class Emulation:
     def disabled(cls, reason: str = "disabled (--no-cgroups)") -> Emulation:
         return cls(None, reason, None, reason, cls.detect().cpus)
 
-    def warnings(self, profiles: tuple[DeviceProfile, ...], disk: tuple[int, int] | None) -> list[str]:  # fmt: skip
+    def warnings(
+        self, profiles: tuple[DeviceProfile, ...], disk: tuple[int, int] | None
+    ) -> list[str]:
         """One line for every part of the asked profiles that will run without its emulation."""
         out = []
         if any(p.memory_cap for p in profiles) and self.memory_base is None:
-            out.append(f"memory caps not emulated ({self.memory_reason}): capped profiles run uncapped")  # fmt: skip
+            out.append(
+                f"memory caps not emulated ({self.memory_reason}): capped profiles run uncapped"
+            )
         if any(p.storage.read_bytes_per_s for p in profiles):
             if self.blkio_base is None:
-                out.append(f"storage throttling not emulated ({self.blkio_reason}): emmc/sd run at the disk's speed")  # fmt: skip
+                out.append(
+                    f"storage throttling not emulated ({self.blkio_reason}): emmc/sd run at the disk's speed"
+                )
             elif disk is None:
-                out.append("storage throttling not emulated (the models are on no block device): emmc/sd run at full speed")  # fmt: skip
+                out.append(
+                    "storage throttling not emulated (the models are on no block device): emmc/sd run at full speed"
+                )
         if any(p.cores and p.cores > len(self.cpus) for p in profiles):
             out.append(f"only {len(self.cpus)} core(s) available: profiles asking more use those")
         return out
@@ -104,7 +112,11 @@ class Launch:
 
     @property
     def throttle_enforced(self) -> bool:
-        return bool(self.read_bytes_per_s) and self.emulation.blkio_base is not None and self.disk is not None  # fmt: skip
+        return (
+            bool(self.read_bytes_per_s)
+            and self.emulation.blkio_base is not None
+            and self.disk is not None
+        )
 
     @property
     def cpus(self) -> tuple[int, ...]:
@@ -117,7 +129,9 @@ class Launch:
                 self._groups.append(cgroups.MemoryGroup(self.emulation.memory_base, self.tag, cap))
             if self.emulation.blkio_base is not None and self.disk is not None:
                 rate = self.read_bytes_per_s if self.throttle_enforced else None
-                self._groups.append(cgroups.BlkioGroup(self.emulation.blkio_base, self.tag, self.disk, rate))  # fmt: skip
+                self._groups.append(
+                    cgroups.BlkioGroup(self.emulation.blkio_base, self.tag, self.disk, rate)
+                )
         except BaseException:
             self._remove()
             raise
@@ -157,8 +171,13 @@ def run_under(launch: Launch, cmd: list[str], timeout_s: float) -> tuple[int, st
     The child is killed on timeout, error or Ctrl-C; its groups are always removed."""
     with launch:
         t0 = time.time()
-        proc = subprocess.Popen(cmd + ["--t0", repr(t0)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, preexec_fn=launch.preexec)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd + ["--t0", repr(t0)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=launch.preexec,
+        )
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -172,8 +191,13 @@ def run_under(launch: Launch, cmd: list[str], timeout_s: float) -> tuple[int, st
     return proc.returncode, out, err, t0
 
 
-def measure_read_bandwidth(emulation: Emulation, storage: StorageProfile, probe_dir: Path,
-                           disk: tuple[int, int] | None, timeout_s: float = 120) -> dict[str, Any]:  # fmt: skip
+def measure_read_bandwidth(
+    emulation: Emulation,
+    storage: StorageProfile,
+    probe_dir: Path,
+    disk: tuple[int, int] | None,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
     """Cold sequential read of a fresh probe file beside the models, in a child under the
     profile's throttle: the bandwidth the I/O floor divides by. Warm: the page cache (None)."""
     if storage.cache == "warm":
@@ -186,14 +210,20 @@ def measure_read_bandwidth(emulation: Emulation, storage: StorageProfile, probe_
             f.flush()
             os.fsync(f.fileno())
         drop_file_cache(name)
-        launch = Launch(emulation, disk=disk, read_bytes_per_s=storage.read_bytes_per_s, tag="probe")  # fmt: skip
+        launch = Launch(
+            emulation, disk=disk, read_bytes_per_s=storage.read_bytes_per_s, tag="probe"
+        )
         cmd = [sys.executable, "-m", "hermes_ort.bench.child", "read", name]
         code, out, err, _ = run_under(launch, cmd, timeout_s)
         if code != 0:
             raise RuntimeError(f"bandwidth probe failed: {err.strip()[-300:]}")
         r = json.loads(out.strip().splitlines()[-1])
-        return {"read_bytes_per_s": r["bytes"] / max(r["seconds"], 1e-9), "probe_bytes": r["bytes"],
-                "probe_s": r["seconds"], "throttle_enforced": launch.throttle_enforced,
-                "throttle_bytes_per_s": storage.read_bytes_per_s}  # fmt: skip
+        return {
+            "read_bytes_per_s": r["bytes"] / max(r["seconds"], 1e-9),
+            "probe_bytes": r["bytes"],
+            "probe_s": r["seconds"],
+            "throttle_enforced": launch.throttle_enforced,
+            "throttle_bytes_per_s": storage.read_bytes_per_s,
+        }
     finally:
         os.unlink(name)

@@ -80,13 +80,21 @@ def child(args) -> dict[str, Any]:
             "streamed_bytes": sum(
                 b.bytes for i, b in enumerate(model.manifest.blocks) if i not in plan.resident
             ),
-        },  # fmt: skip
+        },
     }
 
 
 # -- the parent: the matrix ----------------------------------------------------------------------
-def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: int | None,
-             cap: int | None, args) -> dict[str, Any]:  # fmt: skip
+def _run_one(
+    emulation,
+    model_dir: Path,
+    disk,
+    storage,
+    strategy: str,
+    budget: int | None,
+    cap: int | None,
+    args,
+) -> dict[str, Any]:
     from hermes_ort.bench.device import Launch, prepare_cache, run_under
     from hermes_ort.bench.matrix import STORAGE
     from hermes_ort.bench.models import model_files
@@ -97,11 +105,27 @@ def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: i
     # only what fits beside the process stays cached, as on a board with that much memory).
     manifest = load_manifest(model_dir)
     prepare_cache(STORAGE["cold"], [], model_files(manifest, model_dir))
-    launch = Launch(emulation, cores=args.cores, cap_bytes=cap, disk=disk,
-                    read_bytes_per_s=storage.read_bytes_per_s, tag="gen")  # fmt: skip
-    cmd = [sys.executable, "-m", "hermes_ort.bench.generation", "child", str(model_dir),
-           "--strategy", strategy, "--prompt-tokens", str(args.prompt_tokens),
-           "--new-tokens", str(args.new_tokens if storage.cache == "warm" else args.cold_new_tokens)]  # fmt: skip
+    launch = Launch(
+        emulation,
+        cores=args.cores,
+        cap_bytes=cap,
+        disk=disk,
+        read_bytes_per_s=storage.read_bytes_per_s,
+        tag="gen",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.bench.generation",
+        "child",
+        str(model_dir),
+        "--strategy",
+        strategy,
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--new-tokens",
+        str(args.new_tokens if storage.cache == "warm" else args.cold_new_tokens),
+    ]
     if budget is not None:
         cmd += ["--budget", str(budget)]
     if storage.cache == "warm":
@@ -111,10 +135,15 @@ def _run_one(emulation, model_dir: Path, disk, storage, strategy: str, budget: i
     mem = launch.memory
     killed = bool(mem and mem.oom_kills) or code == -9
     result.update(
-        strategy=strategy, profile=storage.name, budget_bytes=budget, cap_bytes=cap if launch.cap_enforced else None,
-        cgroup_peak_bytes=mem.peak_bytes if mem else None, killed_for_memory=killed,
-        blkio_read_bytes=launch.blkio_read_bytes, returncode=code,
-    )  # fmt: skip
+        strategy=strategy,
+        profile=storage.name,
+        budget_bytes=budget,
+        cap_bytes=cap if launch.cap_enforced else None,
+        cgroup_peak_bytes=mem.peak_bytes if mem else None,
+        killed_for_memory=killed,
+        blkio_read_bytes=launch.blkio_read_bytes,
+        returncode=code,
+    )
     return result
 
 
@@ -136,26 +165,45 @@ def run_matrix(args) -> dict[str, Any]:
     baseline = _process_baseline()
     for name in args.profiles.split(","):
         storage = STORAGE[name]
-        bandwidth[name] = measure_read_bandwidth(emulation, storage, model_dir, disk)["read_bytes_per_s"]  # fmt: skip
+        bandwidth[name] = measure_read_bandwidth(emulation, storage, model_dir, disk)[
+            "read_bytes_per_s"
+        ]
         for share in [float(x) for x in args.budgets.split(",")]:
             budget = int(share * model_bytes) + baseline
             cap = int(budget * (1 + CAP_MARGIN))
             for strategy in args.strategies.split(","):
                 for rep in range(args.repeats):
                     t = time.time()
-                    r = _run_one(emulation, model_dir, disk, storage, strategy,
-                                 budget if strategy == "pipeload" else None, cap, args)  # fmt: skip
+                    r = _run_one(
+                        emulation,
+                        model_dir,
+                        disk,
+                        storage,
+                        strategy,
+                        budget if strategy == "pipeload" else None,
+                        cap,
+                        args,
+                    )
                     r.update(share=share, repeat=rep, wall_s=time.time() - t)
                     r["io_floor_per_token_s"] = _io_floor(model_bytes, budget, r, bandwidth[name])
                     records.append(r)
                     print(_line(r), file=sys.stderr, flush=True)
     return {
-        "kind": "hermes-ort generation bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "model": manifest.name, "model_dir": str(model_dir), "model_bytes": model_bytes,
-        "baseline_bytes": baseline, "prompt_tokens": args.prompt_tokens, "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
-        "cap_margin": CAP_MARGIN, "bandwidth_bytes_per_s": bandwidth, "machine": machine_info(),
-        "versions": versions(), "emulation": emulation.to_json(), "records": records,
-    }  # fmt: skip
+        "kind": "hermes-ort generation bench",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": manifest.name,
+        "model_dir": str(model_dir),
+        "model_bytes": model_bytes,
+        "baseline_bytes": baseline,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
+        "cap_margin": CAP_MARGIN,
+        "bandwidth_bytes_per_s": bandwidth,
+        "machine": machine_info(),
+        "versions": versions(),
+        "emulation": emulation.to_json(),
+        "records": records,
+    }
 
 
 def _process_baseline() -> int:
@@ -163,8 +211,11 @@ def _process_baseline() -> int:
     import subprocess
 
     code = "import hermes_ort, onnxruntime; from hermes_ort.memory import rss_bytes; print(rss_bytes())"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              check=True).stdout.split()[-1])  # fmt: skip
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+    )
 
 
 def _io_floor(model_bytes: int, budget: int, r: dict, bandwidth: float | None) -> float | None:
@@ -180,8 +231,10 @@ def _line(r: dict) -> str:
     if not r.get("ok"):
         what = "killed for memory" if r["killed_for_memory"] else f"failed: {r.get('error')}"
         return f"{r['profile']} {r['share']:.0%} {r['strategy']}: {what}"
-    return (f"{r['profile']} {r['share']:.0%} {r['strategy']}: {r['decode_tokens_per_s']:.2f} tok/s, "
-            f"TTFT {r['time_to_first_token_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB")  # fmt: skip
+    return (
+        f"{r['profile']} {r['share']:.0%} {r['strategy']}: {r['decode_tokens_per_s']:.2f} tok/s, "
+        f"TTFT {r['time_to_first_token_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB"
+    )
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -190,19 +243,21 @@ def render(data: dict[str, Any]) -> str:
 
     mb = lambda b: format_bytes(b) if b is not None else "-"  # noqa: E731
     out = [
-        f"# Generation: {data['model']} ({format_bytes(data['model_bytes'])} of blocks)", "",
+        f"# Generation: {data['model']} ({format_bytes(data['model_bytes'])} of blocks)",
+        "",
         f"{data['prompt_tokens']}-token prompt, then {data['new_tokens']['warm']} new tokens (warm) or "
         f"{data['new_tokens']['cold']} (cold profiles); one fresh process per row, inside a memory "
         f"cgroup capped at the budget + {data['cap_margin']:.0%}. Budget = a share of the model's "
         f"bytes + the process baseline ({format_bytes(data['baseline_bytes'])}: Python, numpy, ONNX "
         f"Runtime); `pipeload` plans under the budget, the baselines have only the cap. Machine: "
-        f"{data['machine'].get('cpu', '?')}, {data['machine'].get('cores', '?')} cores.", "",
+        f"{data['machine'].get('cpu', '?')}, {data['machine'].get('cores', '?')} cores.",
+        "",
         "| profile | budget | strategy | tokens/s | per token (median) | I/O floor per token | "
         "first token | one-shot | peak RSS | cgroup peak | read | resident blocks |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in data["records"]:
-        head = f"| {r['profile']} | {r['share']:.0%} ({mb(r['cap_bytes'] and int(r['cap_bytes'] / (1 + data['cap_margin'])))}) | {r['strategy']} |"  # fmt: skip
+        head = f"| {r['profile']} | {r['share']:.0%} ({mb(r['cap_bytes'] and int(r['cap_bytes'] / (1 + data['cap_margin'])))}) | {r['strategy']} |"
         if not r.get("ok"):
             why = "killed for memory" if r["killed_for_memory"] else f"failed: {r.get('error')}"
             out.append(f"{head} {why} | | | | | | {mb(r.get('cgroup_peak_bytes'))} | | |")
@@ -215,13 +270,16 @@ def render(data: dict[str, Any]) -> str:
             f"{'-' if floor is None else f'{floor * 1000:.0f} ms'} | {r['time_to_first_token_s']:.2f} s | "
             f"{r['one_shot_s']:.1f} s | {mb(r['peak_rss_bytes'])} | {mb(r.get('cgroup_peak_bytes'))} | "
             f"{mb(r.get('blkio_read_bytes') or r['bytes_read'])} | {plan['resident_blocks']}/{plan['blocks']} |"
-        )  # fmt: skip
+        )
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hermes_ort.bench.generation", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m hermes_ort.bench.generation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="mode")
     c = sub.add_parser("child")
     c.add_argument("model_dir", type=Path)

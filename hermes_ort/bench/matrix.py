@@ -147,7 +147,9 @@ def parse_profile(text: str) -> DeviceProfile:
     """'STORAGE[:Nc][:CAP]', e.g. 'sd:1c:512MB' -> DeviceProfile."""
     name, *parts = [p.strip() for p in text.strip().split(":")]
     if name not in STORAGE:
-        raise ValueError(f"unknown storage profile '{name}' in '{text}' (choose from {', '.join(STORAGE)})")  # fmt: skip
+        raise ValueError(
+            f"unknown storage profile '{name}' in '{text}' (choose from {', '.join(STORAGE)})"
+        )
     profile = DeviceProfile(STORAGE[name])
     for part in parts:
         if re.fullmatch(r"[0-9]+c", part):
@@ -174,29 +176,71 @@ class Matrix:
 
 
 def _matrix(name, models, strategies, budgets, profiles, repeats, passes) -> Matrix:
-    return Matrix(name, tuple(models), tuple(parse_strategy(s) for s in strategies),
-                  tuple(parse_budget(b) for b in budgets), tuple(parse_profile(p) for p in profiles),
-                  repeats, passes)  # fmt: skip
+    return Matrix(
+        name,
+        tuple(models),
+        tuple(parse_strategy(s) for s in strategies),
+        tuple(parse_budget(b) for b in budgets),
+        tuple(parse_profile(p) for p in profiles),
+        repeats,
+        passes,
+    )
 
 
-PAPER_MODELS = ("bert-base", "bert-large", "vit-base", "vit-large", "gpt2", "gpt2-medium", "gpt2-large")  # fmt: skip
-ALL_STRATEGIES = ("full", "full-mmap", "pipeswitch", "ondemand", "pipeswitch+stream", "ondemand+stream", "pipeload")  # fmt: skip
+PAPER_MODELS = (
+    "bert-base",
+    "bert-large",
+    "vit-base",
+    "vit-large",
+    "gpt2",
+    "gpt2-medium",
+    "gpt2-large",
+)
+ALL_STRATEGIES = (
+    "full",
+    "full-mmap",
+    "pipeswitch",
+    "ondemand",
+    "pipeswitch+stream",
+    "ondemand+stream",
+    "pipeload",
+)
 
 MATRICES: dict[str, Matrix] = {
     # CI: tiny presets, a couple of minutes on 2 cores (exports included)
-    "smoke": _matrix("smoke", ("tiny-bert", "tiny-gpt2"),
-                     ("full", "pipeswitch", "ondemand", "pipeswitch+stream", "pipeload"),
-                     ("min", "none"), ("warm", "sd:1c:200MB"), repeats=2, passes=3),
+    "smoke": _matrix(
+        "smoke",
+        ("tiny-bert", "tiny-gpt2"),
+        ("full", "pipeswitch", "ondemand", "pipeswitch+stream", "pipeload"),
+        ("min", "none"),
+        ("warm", "sd:1c:200MB"),
+        repeats=2,
+        passes=3,
+    ),
     # the paper's table: pipeload against pipeswitch and full, loading from storage
-    "paper": _matrix("paper", PAPER_MODELS, ("full", "pipeswitch", "pipeload"),
-                     ("min", "x2min"), ("cold", "emmc"), repeats=3, passes=3),
+    "paper": _matrix(
+        "paper",
+        PAPER_MODELS,
+        ("full", "pipeswitch", "pipeload"),
+        ("min", "x2min"),
+        ("cold", "emmc"),
+        repeats=3,
+        passes=3,
+    ),
     # the full matrix (62 min here): every paper model, strategy and ablation; budgets from the
     # smallest to twice it and the cap; a warm page cache, and an eMMC board with half the model's
     # size in memory (the baselines get killed there: recorded, not fatal). Other storage (cold, sd)
     # and core counts: --profiles.
-    "full": _matrix("full", PAPER_MODELS, ALL_STRATEGIES, ("min", "x2min", "cap"),
-                    ("warm", "emmc:2c:50%"), repeats=3, passes=3),
-}  # fmt: skip
+    "full": _matrix(
+        "full",
+        PAPER_MODELS,
+        ALL_STRATEGIES,
+        ("min", "x2min", "cap"),
+        ("warm", "emmc:2c:50%"),
+        repeats=3,
+        passes=3,
+    ),
+}
 
 
 def build_matrix(
@@ -234,7 +278,12 @@ class Config:
 
     @property
     def key(self) -> tuple[str, str, str, str]:
-        return (self.model, self.strategy.label, self.budget.text if self.budget else "-", self.profile.text)  # fmt: skip
+        return (
+            self.model,
+            self.strategy.label,
+            self.budget.text if self.budget else "-",
+            self.profile.text,
+        )
 
 
 def expand(matrix: Matrix) -> list[Config]:

@@ -50,7 +50,9 @@ def ensure_exported(name: str, model_dir: Path, log=print) -> None:
         return
     if "/" in name or not (REPO_PRESETS / f"{name}.json").is_file() and REPO_PRESETS.is_dir():
         known = sorted(p.stem for p in REPO_PRESETS.glob("*.json"))
-        raise ValueError(f"'{name}' is neither an exported model directory nor a preset ({', '.join(known)})")  # fmt: skip
+        raise ValueError(
+            f"'{name}' is neither an exported model directory nor a preset ({', '.join(known)})"
+        )
     log(f"exporting preset '{name}' into {model_dir} (python -m export) ...")
     cmd = [sys.executable, "-m", "export", "--preset", name, "--out", str(model_dir), "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -68,17 +70,23 @@ def model_files(manifest: Manifest, model_dir: Path, strategy: str | None = None
     return full if strategy in ("full", "full-mmap") else blocks
 
 
-def ensure_profile(model_dir: Path, emulation: Emulation, cores: int | None, timeout_s: float) -> str:  # fmt: skip
+def ensure_profile(
+    model_dir: Path, emulation: Emulation, cores: int | None, timeout_s: float
+) -> str:
     """`hermes-ort profile` pinned to these cores (the stored profile is per core count; it is
     measured again only when it does not match). Returns "" or why it failed."""
     cmd = [sys.executable, "-m", "hermes_ort", "profile", str(model_dir)]
     launch = Launch(Emulation(None, "", None, "", emulation.cpus), cores=cores, tag="profile")
     with launch:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=launch.preexec)  # fmt: skip
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=launch.preexec
+        )
     return "" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["failed"])[-1]
 
 
-def describe(name: str, model_dir: Path, emulation: Emulation, cores: int | None, timeout_s: float) -> ModelFacts:  # fmt: skip
+def describe(
+    name: str, model_dir: Path, emulation: Emulation, cores: int | None, timeout_s: float
+) -> ModelFacts:
     """Sizes and the smallest workable budget, seen by a fresh process pinned to these cores."""
     cmd = [sys.executable, "-m", "hermes_ort.bench.child", "describe", str(model_dir)]
     launch = Launch(Emulation(None, "", None, "", emulation.cpus), cores=cores, tag="describe")
@@ -88,7 +96,15 @@ def describe(name: str, model_dir: Path, emulation: Emulation, cores: int | None
     if code != 0 or not data.get("ok"):
         raise RuntimeError(f"cannot describe '{model_dir}': {data.get('error')}")
     return ModelFacts(
-        name=name, model_dir=model_dir, family=data["family"], model_bytes=data["model_bytes"], full_bytes=data["full_bytes"],
-        min_budget_bytes=data["min_budget_bytes"], resident_peak_bytes=data["resident_peak_bytes"],
-        cost_source=data["cost_source"], profile_compute_s=data["profile_compute_s"], blocks=data["blocks"], layers=data["layers"],
-    )  # fmt: skip
+        name=name,
+        model_dir=model_dir,
+        family=data["family"],
+        model_bytes=data["model_bytes"],
+        full_bytes=data["full_bytes"],
+        min_budget_bytes=data["min_budget_bytes"],
+        resident_peak_bytes=data["resident_peak_bytes"],
+        cost_source=data["cost_source"],
+        profile_compute_s=data["profile_compute_s"],
+        blocks=data["blocks"],
+        layers=data["layers"],
+    )

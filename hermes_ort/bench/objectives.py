@@ -27,15 +27,25 @@ def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:
         for _ in range(rounds):  # alternating: drift hits both alike
             for objective in OBJECTIVES:
                 bytes_or_none = None if budget == "none" else budget
-                samples[objective].append(sample_plan(model_dir, bytes_or_none, None, None, files, objective))  # fmt: skip
+                samples[objective].append(
+                    sample_plan(model_dir, bytes_or_none, None, None, files, objective)
+                )
         rows.append({"budget": budget, "plans": {o: summarise(s) for o, s in samples.items()}})
-    return {"model": str(model_dir), "rounds": rounds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}  # fmt: skip
+    return {
+        "model": str(model_dir),
+        "rounds": rounds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "rows": rows,
+    }
 
 
 def render(result: dict) -> str:
-    lines = [f"### Plan objectives: {Path(result['model']).name} (warm cache, fresh processes, medians of {result['rounds']})", "",
-             "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) | largest peak RSS |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### Plan objectives: {Path(result['model']).name} (warm cache, fresh processes, medians of {result['rounds']})",
+        "",
+        "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) | largest peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         for objective, s in row["plans"].items():
             if "error" in s:
@@ -47,13 +57,16 @@ def render(result: dict) -> str:
                 f"| {s['latency_s'] * 1000:.0f} ms ({plan['predicted_first_latency_s'] * 1000:.0f}) "
                 f"| {s['repeated_latency_s'] * 1000:.0f} ms ({plan['predicted_latency_s'] * 1000:.0f}) "
                 f"| {s['max_peak_rss_bytes'] / 1e6:.1f} MB |"
-            )  # fmt: skip
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hermes_ort.bench.objectives", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m hermes_ort.bench.objectives",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--budgets", default="none", help="comma-separated, e.g. 461MB,none")
     parser.add_argument("--rounds", type=int, default=5)

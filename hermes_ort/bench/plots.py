@@ -49,8 +49,11 @@ def plot_memory(doc: dict[str, Any], model: str, profile: str, path: Path) -> Pa
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="seconds since process start (dotted: first outputs)", ylabel="resident memory (MB)",
-           title=f"{model_name(model)}, profile {profile}: resident memory over time")  # fmt: skip
+    ax.set(
+        xlabel="seconds since process start (dotted: first outputs)",
+        ylabel="resident memory (MB)",
+        title=f"{model_name(model)}, profile {profile}: resident memory over time",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -72,25 +75,50 @@ def plot_latency(doc: dict[str, Any], model: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
     for ax, profile in zip(axes.flat, profiles, strict=False):
         group = [r for r in records if r["profile"] == profile]
-        pipe = sorted((r for r in group if r["label"] == "pipeload" and r["ok_repeats"]),
-                      key=lambda r: r["budget_bytes"] or r["peak_rss_bytes"])  # fmt: skip
+        pipe = sorted(
+            (r for r in group if r["label"] == "pipeload" and r["ok_repeats"]),
+            key=lambda r: r["budget_bytes"] or r["peak_rss_bytes"],
+        )
         if pipe:
             x = [(r["budget_bytes"] or r["peak_rss_bytes"]) / MB for r in pipe]
             ax.plot(x, [r["one_shot_s"] for r in pipe], "o-", color="C0", label="pipeload one-shot")
-            ax.plot(x, [r["steady_s"] for r in pipe], "s--", color="C0", alpha=0.6, label="pipeload steady")  # fmt: skip
+            ax.plot(
+                x,
+                [r["steady_s"] for r in pipe],
+                "s--",
+                color="C0",
+                alpha=0.6,
+                label="pipeload steady",
+            )
             for xi, r in zip(x, pipe, strict=True):
-                ax.annotate(r["budget"], (xi, r["one_shot_s"]), fontsize=7, textcoords="offset points", xytext=(3, 3))  # fmt: skip
+                ax.annotate(
+                    r["budget"],
+                    (xi, r["one_shot_s"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
         for i, r in enumerate(r for r in group if r["label"] != "pipeload"):
             if r["ok_repeats"]:
-                ax.axhline(r["one_shot_s"], color=f"C{i + 1}", linestyle="-", linewidth=1,
-                           label=f"{r['label']} ({r['peak_rss_bytes'] / MB:.0f} MB peak)")  # fmt: skip
+                ax.axhline(
+                    r["one_shot_s"],
+                    color=f"C{i + 1}",
+                    linestyle="-",
+                    linewidth=1,
+                    label=f"{r['label']} ({r['peak_rss_bytes'] / MB:.0f} MB peak)",
+                )
                 if r["steady_s"]:
-                    ax.axhline(r["steady_s"], color=f"C{i + 1}", linestyle="--", linewidth=0.8, alpha=0.6)  # fmt: skip
+                    ax.axhline(
+                        r["steady_s"], color=f"C{i + 1}", linestyle="--", linewidth=0.8, alpha=0.6
+                    )
         floor = next((r["compute_floor_s"] for r in group if r["compute_floor_s"]), None)
         if floor:
             ax.axhline(floor, color="grey", linestyle=":", label="compute floor")
-        ax.set(title=f"profile {profile}", xlabel="pipeload budget (MB; none: its peak)",
-               ylabel="latency (s): one-shot solid, steady dashed")  # fmt: skip
+        ax.set(
+            title=f"profile {profile}",
+            xlabel="pipeload budget (MB; none: its peak)",
+            ylabel="latency (s): one-shot solid, steady dashed",
+        )
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -109,8 +137,14 @@ def plot_paper(doc: dict[str, Any], profile: str, path: Path) -> Path | None:
     from hermes_ort.bench.render import PAPER_HEADLINE, model_families
 
     families = model_families(doc)
-    pipes = [r for r in doc["records"] if r["profile"] == profile and r["label"] == "pipeload"
-             and r["ok_repeats"] and r.get("vs_pipeswitch")]  # fmt: skip
+    pipes = [
+        r
+        for r in doc["records"]
+        if r["profile"] == profile
+        and r["label"] == "pipeload"
+        and r["ok_repeats"]
+        and r.get("vs_pipeswitch")
+    ]
     if not pipes:
         return None
     models = list(dict.fromkeys(r["model"] for r in pipes))
@@ -121,8 +155,18 @@ def plot_paper(doc: dict[str, Any], profile: str, path: Path) -> Path | None:
     for j, budget in enumerate(budgets):
         at = {r["model"]: r["vs_pipeswitch"] for r in pipes if r["budget"] == budget}
         xs = [i + (j - (len(budgets) - 1) / 2) * width for i in range(len(models))]
-        ax_x.bar(xs, [at.get(m, {}).get("one_shot_speedup", 0) for m in models], width, label=f"pipeload @ {budget}")  # fmt: skip
-        ax_m.bar(xs, [100 * at.get(m, {}).get("memory_reduction", 0) for m in models], width, label=f"pipeload @ {budget}")  # fmt: skip
+        ax_x.bar(
+            xs,
+            [at.get(m, {}).get("one_shot_speedup", 0) for m in models],
+            width,
+            label=f"pipeload @ {budget}",
+        )
+        ax_m.bar(
+            xs,
+            [100 * at.get(m, {}).get("memory_reduction", 0) for m in models],
+            width,
+            label=f"pipeload @ {budget}",
+        )
     label = "paper (vs PipeSwitch)"  # on the first mark only
     for i, m in enumerate(models):
         head = PAPER_HEADLINE.get(families.get(m, ""))

@@ -36,7 +36,11 @@ class Progress:
             self.bar.update(1)
         elif self.enabled:
             elapsed = time.monotonic() - self.t0
-            print(f"[{self.count}/{self.total} {elapsed:5.0f}s] {what}: {result}", file=self.stream, flush=True)  # fmt: skip
+            print(
+                f"[{self.count}/{self.total} {elapsed:5.0f}s] {what}: {result}",
+                file=self.stream,
+                flush=True,
+            )
 
     def note(self, line: str) -> None:
         if self.bar is not None:

@@ -58,26 +58,54 @@ class Sample:
         return median(self.steady_s)
 
 
-_SAMPLE_KEYS = ("one_shot_s", "first_pass_s", "peak_rss_bytes", "read_bytes", "baseline_rss_bytes", "budget_bytes")  # fmt: skip
+_SAMPLE_KEYS = (
+    "one_shot_s",
+    "first_pass_s",
+    "peak_rss_bytes",
+    "read_bytes",
+    "baseline_rss_bytes",
+    "budget_bytes",
+)
 
 
-def sample_from_child(repeat: int, returncode: int, child: dict[str, Any], wall_s: float,
-                      memory=None, blkio_read_bytes: int | None = None, cap_enforced: bool = False) -> Sample:  # fmt: skip
+def sample_from_child(
+    repeat: int,
+    returncode: int,
+    child: dict[str, Any],
+    wall_s: float,
+    memory=None,
+    blkio_read_bytes: int | None = None,
+    cap_enforced: bool = False,
+) -> Sample:
     """A Sample from the child's JSON line (empty if it printed none) and its groups' stats."""
     oom = bool(memory and memory.oom_kills) or (cap_enforced and returncode == -9)
     ok = returncode == 0 and bool(child.get("ok"))
     error = None
     if not ok:
-        error = child.get("error") or ("killed by the memory cap (OOM)" if oom else f"exit status {returncode}")  # fmt: skip
-    rest = {k: v for k, v in child.items() if k not in (*_SAMPLE_KEYS, "ok", "error", "steady_s", "steady_compute_s", "rss_curve")}  # fmt: skip
+        error = child.get("error") or (
+            "killed by the memory cap (OOM)" if oom else f"exit status {returncode}"
+        )
+    rest = {
+        k: v
+        for k, v in child.items()
+        if k not in (*_SAMPLE_KEYS, "ok", "error", "steady_s", "steady_compute_s", "rss_curve")
+    }
     return Sample(
-        repeat=repeat, ok=ok, returncode=returncode, error=error, oom_killed=oom, wall_s=wall_s,
+        repeat=repeat,
+        ok=ok,
+        returncode=returncode,
+        error=error,
+        oom_killed=oom,
+        wall_s=wall_s,
         **{k: child.get(k) for k in _SAMPLE_KEYS},
-        steady_s=tuple(child.get("steady_s", ())), steady_compute_s=tuple(child.get("steady_compute_s", ())),
+        steady_s=tuple(child.get("steady_s", ())),
+        steady_compute_s=tuple(child.get("steady_compute_s", ())),
         cgroup_peak_bytes=memory.peak_bytes if memory else None,
-        cgroup_failcnt=memory.failcnt if memory else None, blkio_read_bytes=blkio_read_bytes,
-        detail=rest, rss_curve=tuple(tuple(p) for p in child.get("rss_curve", ())),
-    )  # fmt: skip
+        cgroup_failcnt=memory.failcnt if memory else None,
+        blkio_read_bytes=blkio_read_bytes,
+        detail=rest,
+        rss_curve=tuple(tuple(p) for p in child.get("rss_curve", ())),
+    )
 
 
 @dataclass(frozen=True)
@@ -89,8 +117,13 @@ class Floors:
     io_steady_s: float | None
 
 
-def io_floors(cold: bool, strategy_bytes: int, model_bytes: int, limit_bytes: int | None,
-              baseline_bytes: int | None) -> tuple[int, int]:  # fmt: skip
+def io_floors(
+    cold: bool,
+    strategy_bytes: int,
+    model_bytes: int,
+    limit_bytes: int | None,
+    baseline_bytes: int | None,
+) -> tuple[int, int]:
     """(bytes a first pass must read, bytes a steady pass must read) (see the module docstring)."""
     if not cold:
         return 0, 0
@@ -159,18 +192,25 @@ def aggregate(config_fields: dict[str, Any], samples: list[Sample], floors: Floo
     peak = median(s.cgroup_peak_bytes for s in use)
     return Record(
         **config_fields,
-        repeats=len(samples), ok_repeats=len(ok), killed_repeats=sum(s.oom_killed for s in samples),
+        repeats=len(samples),
+        ok_repeats=len(ok),
+        killed_repeats=sum(s.oom_killed for s in samples),
         error=next((s.error for s in samples if s.error), None),
-        one_shot_s=median(s.one_shot_s for s in ok), startup_s=median(s.detail.get("import_s") for s in ok),
+        one_shot_s=median(s.one_shot_s for s in ok),
+        startup_s=median(s.detail.get("import_s") for s in ok),
         first_pass_s=median(s.first_pass_s for s in ok),
         steady_s=median(s.steady_median_s for s in ok),
-        peak_rss_bytes=_int(median(s.peak_rss_bytes for s in ok)), cgroup_peak_bytes=_int(peak),
+        peak_rss_bytes=_int(median(s.peak_rss_bytes for s in ok)),
+        cgroup_peak_bytes=_int(peak),
         read_bytes=_int(median(s.read_bytes for s in ok)),
         budget_bytes=_int(median(s.budget_bytes for s in use)) if config_fields["budget"] else None,
-        compute_floor_s=floors.compute_s, io_floor_bytes=floors.io_first_bytes, io_floor_s=floors.io_first_s,
-        steady_io_floor_bytes=floors.io_steady_bytes, steady_io_floor_s=floors.io_steady_s,
+        compute_floor_s=floors.compute_s,
+        io_floor_bytes=floors.io_first_bytes,
+        io_floor_s=floors.io_first_s,
+        steady_io_floor_bytes=floors.io_steady_bytes,
+        steady_io_floor_s=floors.io_steady_s,
         samples=tuple(samples),
-    )  # fmt: skip
+    )
 
 
 def _int(v: float | None) -> int | None:
@@ -199,10 +239,13 @@ def add_ratios(records: list[Record]) -> list[Record]:
     """Each record compared with `full` and `pipeswitch` of its model and device profile."""
     by_key = {(r.model, r.profile, r.label): r for r in records}
     return [
-        replace(r, vs_full=ratios(r, by_key.get((r.model, r.profile, "full"))),
-                vs_pipeswitch=ratios(r, by_key.get((r.model, r.profile, "pipeswitch"))))
+        replace(
+            r,
+            vs_full=ratios(r, by_key.get((r.model, r.profile, "full"))),
+            vs_pipeswitch=ratios(r, by_key.get((r.model, r.profile, "pipeswitch"))),
+        )
         for r in records
-    ]  # fmt: skip
+    ]
 
 
 def killed_count(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -226,10 +269,14 @@ def machine_info() -> dict[str, Any]:
     from hermes_ort.profiler import _cpu_name
 
     return {
-        "hostname": platform.node(), "machine": platform.machine(), "cpu": _cpu_name(),
-        "cores": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
-        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-    }  # fmt: skip
+        "hostname": platform.node(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict[str, Any]:
@@ -238,11 +285,25 @@ def versions() -> dict[str, Any]:
 
     import hermes_ort
 
-    out = {"hermes_ort": hermes_ort.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}  # fmt: skip
+    out = {
+        "hermes_ort": hermes_ort.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
     try:
         repo = Path(hermes_ort.__file__).resolve().parents[1]
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if commit.returncode == 0:
             out["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -277,6 +338,8 @@ def load_document(path: Path) -> dict[str, Any]:
     """A bench JSON file, refusing other kinds and schema versions."""
     data = json.loads(Path(path).read_text())
     if data.get("kind") != KIND or data.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"'{path}' is not a hermes-ort bench file of schema {SCHEMA_VERSION} "
-                         f"(kind {data.get('kind')!r}, schema {data.get('schema_version')!r})")  # fmt: skip
+        raise ValueError(
+            f"'{path}' is not a hermes-ort bench file of schema {SCHEMA_VERSION} "
+            f"(kind {data.get('kind')!r}, schema {data.get('schema_version')!r})"
+        )
     return data

@@ -80,7 +80,10 @@ def _profile_title(doc: dict[str, Any], r: dict[str, Any]) -> str:
         parts.append("throttle NOT emulated")
     parts.append(f"{r['cores']} core(s)")
     if r["memory_cap_bytes"] is not None:
-        parts.append(f"memory cap {fmt_bytes(r['memory_cap_bytes'])}" + ("" if r["cap_enforced"] else " (NOT emulated)"))  # fmt: skip
+        parts.append(
+            f"memory cap {fmt_bytes(r['memory_cap_bytes'])}"
+            + ("" if r["cap_enforced"] else " (NOT emulated)")
+        )
     return f"### Profile `{r['profile']}`: " + ", ".join(parts)
 
 
@@ -89,17 +92,43 @@ def profile_tables(doc: dict[str, Any]) -> list[str]:
     profiles: dict[str, list[dict]] = {}
     for r in doc["records"]:
         profiles.setdefault(r["profile"], []).append(r)
-    header = ["model", "strategy", "budget", "one-shot", "steady pass", "peak RSS", "cgroup peak", "read",
-              "compute floor", "I/O floor (1st / steady)", "vs full", "vs pipeswitch", "runs"]  # fmt: skip
+    header = [
+        "model",
+        "strategy",
+        "budget",
+        "one-shot",
+        "steady pass",
+        "peak RSS",
+        "cgroup peak",
+        "read",
+        "compute floor",
+        "I/O floor (1st / steady)",
+        "vs full",
+        "vs pipeswitch",
+        "runs",
+    ]
     for records in profiles.values():
         # the title names the profile's own cap, not one a budget set (--cap-at-budget)
         own = next((r for r in records if not r.get("cap_from_budget")), records[0])
         lines += ["", _profile_title(doc, own), ""]
-        rows = [[model_name(r["model"]), r["label"], _budget(r), fmt_time(r["one_shot_s"]), fmt_time(r["steady_s"]),
-                 fmt_bytes(r["peak_rss_bytes"]), fmt_bytes(r["cgroup_peak_bytes"]), fmt_bytes(r["read_bytes"]),
-                 fmt_time(r["compute_floor_s"]), f"{fmt_time(r['io_floor_s'])} / {fmt_time(r['steady_io_floor_s'])}",
-                 fmt_ratio(r["vs_full"]), fmt_ratio(r["vs_pipeswitch"]), fmt_status(r)]
-                for r in records]  # fmt: skip
+        rows = [
+            [
+                model_name(r["model"]),
+                r["label"],
+                _budget(r),
+                fmt_time(r["one_shot_s"]),
+                fmt_time(r["steady_s"]),
+                fmt_bytes(r["peak_rss_bytes"]),
+                fmt_bytes(r["cgroup_peak_bytes"]),
+                fmt_bytes(r["read_bytes"]),
+                fmt_time(r["compute_floor_s"]),
+                f"{fmt_time(r['io_floor_s'])} / {fmt_time(r['steady_io_floor_s'])}",
+                fmt_ratio(r["vs_full"]),
+                fmt_ratio(r["vs_pipeswitch"]),
+                fmt_status(r),
+            ]
+            for r in records
+        ]
         lines += _table(header, rows)
     return lines
 
@@ -116,7 +145,10 @@ def paper_table(doc: dict[str, Any]) -> list[str]:
     for r in doc["records"]:
         if r["label"] != "pipeload" or not r["ok_repeats"]:
             continue
-        ps, full = by.get((r["model"], r["profile"], "pipeswitch")), by.get((r["model"], r["profile"], "full"))  # fmt: skip
+        ps, full = (
+            by.get((r["model"], r["profile"], "pipeswitch")),
+            by.get((r["model"], r["profile"], "full")),
+        )
         vs_ps, vs_full = r.get("vs_pipeswitch") or {}, r.get("vs_full") or {}
         head = PAPER_HEADLINE.get(families.get(r["model"], ""))
 
@@ -127,20 +159,46 @@ def paper_table(doc: dict[str, Any]) -> list[str]:
                 return "killed" if x["killed_repeats"] else "failed"
             return f"{fmt_time(x['one_shot_s'])} / {fmt_bytes(x['peak_rss_bytes'])}"
 
-        rows.append([model_name(r["model"]), r["profile"], _budget(r), cell(r), cell(ps), cell(full),
-                     _x(vs_ps.get("one_shot_speedup")), _pct(vs_ps.get("memory_reduction")),
-                     _x(vs_full.get("one_shot_speedup")), _pct(vs_full.get("memory_reduction")),
-                     f"{head[0]}x / {head[1]:.1%}" if head else "-"])  # fmt: skip
+        rows.append(
+            [
+                model_name(r["model"]),
+                r["profile"],
+                _budget(r),
+                cell(r),
+                cell(ps),
+                cell(full),
+                _x(vs_ps.get("one_shot_speedup")),
+                _pct(vs_ps.get("memory_reduction")),
+                _x(vs_full.get("one_shot_speedup")),
+                _pct(vs_full.get("memory_reduction")),
+                f"{head[0]}x / {head[1]:.1%}" if head else "-",
+            ]
+        )
     if not rows:
         return []
-    header = ["model", "profile", "pipeload budget", "pipeload one-shot / peak", "pipeswitch", "full",
-              "speedup vs pipeswitch", "memory reduction vs pipeswitch", "speedup vs full",
-              "memory reduction vs full", "paper (vs PipeSwitch)"]  # fmt: skip
-    return ["", "## The paper's comparison", "",
-            "Hermes (arXiv 2409.04249) reports up to 4.24x faster and 86.7% less memory than PipeSwitch "
-            "for BERT and ViT, 2.58x and 90.3% for GPT-style models. Here: one-shot latency (process "
-            "start to outputs, loading included) and peak RSS, medians.", "",
-            *_table(header, rows)]  # fmt: skip
+    header = [
+        "model",
+        "profile",
+        "pipeload budget",
+        "pipeload one-shot / peak",
+        "pipeswitch",
+        "full",
+        "speedup vs pipeswitch",
+        "memory reduction vs pipeswitch",
+        "speedup vs full",
+        "memory reduction vs full",
+        "paper (vs PipeSwitch)",
+    ]
+    return [
+        "",
+        "## The paper's comparison",
+        "",
+        "Hermes (arXiv 2409.04249) reports up to 4.24x faster and 86.7% less memory than PipeSwitch "
+        "for BERT and ViT, 2.58x and 90.3% for GPT-style models. Here: one-shot latency (process "
+        "start to outputs, loading included) and peak RSS, medians.",
+        "",
+        *_table(header, rows),
+    ]
 
 
 def _x(v: float | None) -> str:
@@ -160,29 +218,60 @@ def ablation_table(doc: dict[str, Any]) -> list[str]:
         if r["load_path"] != "stream":
             continue
         base = by.get((r["model"], r["profile"], r["strategy"]))
-        pipes = [p for p in doc["records"] if p["label"] == "pipeload" and (p["model"], p["profile"]) == (r["model"], r["profile"]) and p["ok_repeats"]]  # fmt: skip
-        pipe = next((p for p in pipes if p["budget"] == "none"), None) or min(pipes, key=lambda p: p["one_shot_s"], default=None)  # fmt: skip
+        pipes = [
+            p
+            for p in doc["records"]
+            if p["label"] == "pipeload"
+            and (p["model"], p["profile"]) == (r["model"], r["profile"])
+            and p["ok_repeats"]
+        ]
+        pipe = next((p for p in pipes if p["budget"] == "none"), None) or min(
+            pipes, key=lambda p: p["one_shot_s"], default=None
+        )
 
         def ok(x):
             return x is not None and x["ok_repeats"] and x["one_shot_s"]
 
         storage_gain = base["one_shot_s"] / r["one_shot_s"] if ok(base) and ok(r) else None
         mech_gain = r["one_shot_s"] / pipe["one_shot_s"] if ok(r) and pipe else None
-        rows.append([model_name(r["model"]), r["profile"], r["strategy"],
-                     f"{fmt_time(base['one_shot_s'])} / {fmt_bytes(base['peak_rss_bytes'])}" if ok(base) else "-",
-                     f"{fmt_time(r['one_shot_s'])} / {fmt_bytes(r['peak_rss_bytes'])}" if ok(r) else "-",
-                     _x(storage_gain),
-                     f"{_budget(pipe)}: {fmt_time(pipe['one_shot_s'])} / {fmt_bytes(pipe['peak_rss_bytes'])}" if pipe else "-",
-                     _x(mech_gain)])  # fmt: skip
+        rows.append(
+            [
+                model_name(r["model"]),
+                r["profile"],
+                r["strategy"],
+                f"{fmt_time(base['one_shot_s'])} / {fmt_bytes(base['peak_rss_bytes'])}"
+                if ok(base)
+                else "-",
+                f"{fmt_time(r['one_shot_s'])} / {fmt_bytes(r['peak_rss_bytes'])}" if ok(r) else "-",
+                _x(storage_gain),
+                f"{_budget(pipe)}: {fmt_time(pipe['one_shot_s'])} / {fmt_bytes(pipe['peak_rss_bytes'])}"
+                if pipe
+                else "-",
+                _x(mech_gain),
+            ]
+        )
     if not rows:
         return []
-    header = ["model", "profile", "baseline", "default load path", "pipeload's load path (+stream)",
-              "storage gain", "pipeload", "mechanism gain"]  # fmt: skip
-    return ["", "## Ablation: storage and load path vs mechanism", "",
-            "One-shot latency / peak RSS. Storage gain: the baseline on its default load path / on "
-            "pipeload's (mmapped weights, no prepacking, read-ahead). Mechanism gain: the baseline on "
-            "pipeload's load path / pipeload (budget none if run, else its fastest budget).", "",
-            *_table(header, rows)]  # fmt: skip
+    header = [
+        "model",
+        "profile",
+        "baseline",
+        "default load path",
+        "pipeload's load path (+stream)",
+        "storage gain",
+        "pipeload",
+        "mechanism gain",
+    ]
+    return [
+        "",
+        "## Ablation: storage and load path vs mechanism",
+        "",
+        "One-shot latency / peak RSS. Storage gain: the baseline on its default load path / on "
+        "pipeload's (mmapped weights, no prepacking, read-ahead). Mechanism gain: the baseline on "
+        "pipeload's load path / pipeload (budget none if run, else its fastest budget).",
+        "",
+        *_table(header, rows),
+    ]
 
 
 def _status(x: dict[str, Any] | None) -> str:
@@ -206,46 +295,87 @@ def goals_table(doc: dict[str, Any]) -> list[str]:
         head = PAPER_HEADLINE.get(families.get(model, ""))
         if head and group[0]["cache"] == "warm" and group[0]["memory_cap_bytes"] is None:
             vs = [(r.get("vs_pipeswitch") or {}, _budget(r)) for r in pipes if r["ok_repeats"]]
-            points = [(v["one_shot_speedup"], v["memory_reduction"], b) for v, b in vs
-                      if "one_shot_speedup" in v and "memory_reduction" in v]  # fmt: skip
+            points = [
+                (v["one_shot_speedup"], v["memory_reduction"], b)
+                for v, b in vs
+                if "one_shot_speedup" in v and "memory_reduction" in v
+            ]
             met = any(x >= head[0] and m >= head[1] for x, m, _ in points)
             cells = ", ".join(f"{b}: {_x(x)} / {_pct(m)}" for x, m, b in points) or "-"
-            ratios.append([model_name(model), f"{head[0]}x / {head[1]:.1%}", cells, "**met**" if met else "not met"])  # fmt: skip
+            ratios.append(
+                [
+                    model_name(model),
+                    f"{head[0]}x / {head[1]:.1%}",
+                    cells,
+                    "**met**" if met else "not met",
+                ]
+            )
         if group[0]["cap_enforced"] and by.get((model, profile, "full")):
             full = by[(model, profile, "full")]
             done = [r for r in pipes if r["ok_repeats"]]
             verdict = "full fits" if full["ok_repeats"] else "**met**" if done else "not met"
-            capped.append([model_name(model), profile, _status(full), _status(by.get((model, profile, "pipeswitch"))),
-                           ", ".join(f"{_budget(r)} {fmt_time(r['one_shot_s'])}" for r in done) or "none finished",
-                           verdict])  # fmt: skip
+            capped.append(
+                [
+                    model_name(model),
+                    profile,
+                    _status(full),
+                    _status(by.get((model, profile, "pipeswitch"))),
+                    ", ".join(f"{_budget(r)} {fmt_time(r['one_shot_s'])}" for r in done)
+                    or "none finished",
+                    verdict,
+                ]
+            )
     if not ratios and not capped:
         return []
     lines = ["", "## Goals", ""]
     if ratios:
-        lines += ["The paper's ratios on a warm page cache: pipeload's one-shot speedup / memory reduction "
-                  "against pipeswitch at each budget; met where one budget reaches both.", "",
-                  *_table(["model", "paper", "pipeload vs pipeswitch", "goal"], ratios), ""]  # fmt: skip
+        lines += [
+            "The paper's ratios on a warm page cache: pipeload's one-shot speedup / memory reduction "
+            "against pipeswitch at each budget; met where one budget reaches both.",
+            "",
+            *_table(["model", "paper", "pipeload vs pipeswitch", "goal"], ratios),
+            "",
+        ]
     if capped:
-        lines += ["Under a memory cap: pipeload finishes where full is killed.", "",
-                  *_table(["model", "profile", "full", "pipeswitch", "pipeload finished (budget one-shot)", "goal"], capped)]  # fmt: skip
+        lines += [
+            "Under a memory cap: pipeload finishes where full is killed.",
+            "",
+            *_table(
+                [
+                    "model",
+                    "profile",
+                    "full",
+                    "pipeswitch",
+                    "pipeload finished (budget one-shot)",
+                    "goal",
+                ],
+                capped,
+            ),
+        ]
     return lines
 
 
 def header(doc: dict[str, Any]) -> list[str]:
     m, mach, v, em = doc["matrix"], doc["machine"], doc["versions"], doc["emulation"]
-    lines = [f"# hermes-ort bench `{m['name']}` ({doc['created']})", "",
-             f"Machine: {mach['cpu']} ({mach['machine']}), {mach['cores']} cores, "
-             f"{fmt_bytes(mach['memory_bytes'])} RAM, {mach['os']}, Python {mach['python']}; "
-             + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-             f"Matrix: {m['repeats']} fresh process(es) per configuration, {m['passes']} pass(es) each "
-             "(the first is the one-shot, the others steady); medians. "
-             f"pipeload's plans optimise the {doc.get('objective', 'repeated')} pass. "
-             f"Emulation: memory cgroup {'yes' if em['memory_cgroup'] else 'no (' + str(em['memory_cgroup_missing']) + ')'}, "
-             f"blkio throttle {'yes' if em['blkio_cgroup'] else 'no (' + str(em['blkio_cgroup_missing']) + ')'}."]  # fmt: skip
+    lines = [
+        f"# hermes-ort bench `{m['name']}` ({doc['created']})",
+        "",
+        f"Machine: {mach['cpu']} ({mach['machine']}), {mach['cores']} cores, "
+        f"{fmt_bytes(mach['memory_bytes'])} RAM, {mach['os']}, Python {mach['python']}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + ".",
+        f"Matrix: {m['repeats']} fresh process(es) per configuration, {m['passes']} pass(es) each "
+        "(the first is the one-shot, the others steady); medians. "
+        f"pipeload's plans optimise the {doc.get('objective', 'repeated')} pass. "
+        f"Emulation: memory cgroup {'yes' if em['memory_cgroup'] else 'no (' + str(em['memory_cgroup_missing']) + ')'}, "
+        f"blkio throttle {'yes' if em['blkio_cgroup'] else 'no (' + str(em['blkio_cgroup_missing']) + ')'}.",
+    ]
     startup = [r["startup_s"] for r in doc["records"] if r.get("startup_s")]
     if startup:
         startup.sort()
-        lines.append(f"Every one-shot includes starting Python and ONNX Runtime: {fmt_time(startup[len(startup) // 2])} (median here).")  # fmt: skip
+        lines.append(
+            f"Every one-shot includes starting Python and ONNX Runtime: {fmt_time(startup[len(startup) // 2])} (median here)."
+        )
     if doc.get("interrupted"):
         lines.append("**Interrupted**: only the configurations run so far are shown.")
     lines += killed_lines(doc)
@@ -260,12 +390,16 @@ def killed_lines(doc: dict[str, Any]) -> list[str]:
         return []
     how = ""
     if doc.get("budget_cap_margin"):
-        how = (f"Every configuration with a budget ran in a memory cgroup capped at its budget + "
-               f"{doc['budget_cap_margin']} (or its profile's cap, if lower): "
-               f"{k.get('budget_capped_killed', 0)} of {k.get('budget_capped_configurations', 0)} "
-               "capped so were killed. ")  # fmt: skip
-    return [f"{how}**Killed for memory: {k['configurations']} of {k['capped_configurations']} capped "
-            f"configurations** ({k['processes']} of {k['capped_processes']} processes)."]  # fmt: skip
+        how = (
+            f"Every configuration with a budget ran in a memory cgroup capped at its budget + "
+            f"{doc['budget_cap_margin']} (or its profile's cap, if lower): "
+            f"{k.get('budget_capped_killed', 0)} of {k.get('budget_capped_configurations', 0)} "
+            "capped so were killed. "
+        )
+    return [
+        f"{how}**Killed for memory: {k['configurations']} of {k['capped_configurations']} capped "
+        f"configurations** ({k['processes']} of {k['capped_processes']} processes)."
+    ]
 
 
 LEGEND = [
@@ -283,4 +417,14 @@ LEGEND = [
 
 def render_markdown(doc: dict[str, Any]) -> str:
     """The whole report of a bench document."""
-    return "\n".join(header(doc) + goals_table(doc) + profile_tables(doc) + paper_table(doc) + ablation_table(doc) + LEGEND) + "\n"  # fmt: skip
+    return (
+        "\n".join(
+            header(doc)
+            + goals_table(doc)
+            + profile_tables(doc)
+            + paper_table(doc)
+            + ablation_table(doc)
+            + LEGEND
+        )
+        + "\n"
+    )

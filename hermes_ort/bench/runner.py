@@ -108,7 +108,9 @@ class Runner:
         for name in self.matrix.models:
             model_dir = model_dir_for(name, self.options.models_dir)
             ensure_exported(name, model_dir, log=_log)
-            self.models[name] = _Model(name, model_dir, load_manifest(model_dir), disk_of(model_dir))  # fmt: skip
+            self.models[name] = _Model(
+                name, model_dir, load_manifest(model_dir), disk_of(model_dir)
+            )
         first = next(iter(self.models.values()))
         self.warnings += self.emulation.warnings(self.matrix.profiles, first.disk)
         for w in self.warnings:
@@ -122,8 +124,12 @@ class Runner:
             except (OSError, RuntimeError) as e:
                 bw = {"read_bytes_per_s": None, "error": str(e)}
                 self.warnings.append(f"storage '{storage.name}': bandwidth not measured: {e}")
-            self.bandwidth[storage.name] = {"cache": storage.cache, "about": storage.about,
-                                            "throttle_bytes_per_s": storage.read_bytes_per_s, **bw}  # fmt: skip
+            self.bandwidth[storage.name] = {
+                "cache": storage.cache,
+                "about": storage.about,
+                "throttle_bytes_per_s": storage.read_bytes_per_s,
+                **bw,
+            }
 
     def prepare_cores(self, cores: int, progress: Progress) -> None:
         """Profile (if asked), describe, and measure the compute floor of every model at `cores`."""
@@ -133,24 +139,57 @@ class Runner:
             if self.options.profile:
                 why = ensure_profile(m.model_dir, self.emulation, pin, self.options.timeout_s)
                 if why:
-                    self.warnings.append(f"{m.name}: `hermes-ort profile` failed at {cores} core(s) ({why}): the planner estimates")  # fmt: skip
-            self.facts[(m.name, cores)] = describe(m.name, m.model_dir, self.emulation, pin, self.options.timeout_s)  # fmt: skip
+                    self.warnings.append(
+                        f"{m.name}: `hermes-ort profile` failed at {cores} core(s) ({why}): the planner estimates"
+                    )
+            self.facts[(m.name, cores)] = describe(
+                m.name, m.model_dir, self.emulation, pin, self.options.timeout_s
+            )
             prepare_cache(STORAGE["warm"], model_files(m.manifest, m.model_dir, "pipeswitch"), [])
             launch = Launch(
                 Emulation(None, "", None, "", self.emulation.cpus), cores=pin, tag="floor"
             )
-            sample = self._spawn(launch, self._child_cmd(m, "pipeswitch", "default", None, None, max(FLOOR_PASSES, self.matrix.passes)), 0)  # fmt: skip
+            sample = self._spawn(
+                launch,
+                self._child_cmd(
+                    m, "pipeswitch", "default", None, None, max(FLOOR_PASSES, self.matrix.passes)
+                ),
+                0,
+            )
             self.floors[(m.name, cores)] = sample
             floor = median(sample.steady_compute_s)
-            progress.done(f"{m.name} floor at {cores} core(s)",
-                          f"compute floor {floor * 1000:.1f} ms" if floor else f"failed: {sample.error}")  # fmt: skip
+            progress.done(
+                f"{m.name} floor at {cores} core(s)",
+                f"compute floor {floor * 1000:.1f} ms" if floor else f"failed: {sample.error}",
+            )
 
     # -- one configuration -------------------------------------------------------------------
-    def _child_cmd(self, m: _Model, strategy: str, load_path: str, budget: int | None,
-                   min_factor: float | None, passes: int) -> list[str]:  # fmt: skip
-        cmd = [sys.executable, "-m", "hermes_ort.bench.child", "run", str(m.model_dir), "--strategy", strategy,
-               "--load-path", load_path, "--passes", str(passes), "--sample-interval", str(self.options.sample_interval_s),
-               "--objective", self.options.objective]  # fmt: skip
+    def _child_cmd(
+        self,
+        m: _Model,
+        strategy: str,
+        load_path: str,
+        budget: int | None,
+        min_factor: float | None,
+        passes: int,
+    ) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "hermes_ort.bench.child",
+            "run",
+            str(m.model_dir),
+            "--strategy",
+            strategy,
+            "--load-path",
+            load_path,
+            "--passes",
+            str(passes),
+            "--sample-interval",
+            str(self.options.sample_interval_s),
+            "--objective",
+            self.options.objective,
+        ]
         if min_factor is not None:
             cmd += ["--budget-min-factor", repr(min_factor)]
         elif budget is not None:
@@ -160,8 +199,15 @@ class Runner:
     def _spawn(self, launch: Launch, cmd: list[str], repeat: int) -> Sample:
         code, out, err, t0 = run_under(launch, cmd, self.options.timeout_s)
         wall = time.time() - t0
-        return sample_from_child(repeat, code, child_json(out, err), wall, launch.memory,
-                                 launch.blkio_read_bytes, launch.cap_enforced)  # fmt: skip
+        return sample_from_child(
+            repeat,
+            code,
+            child_json(out, err),
+            wall,
+            launch.memory,
+            launch.blkio_read_bytes,
+            launch.cap_enforced,
+        )
 
     def cap_bytes(self, config: Config) -> int | None:
         """The memory cap of a configuration's cgroup: its profile's, and with budget caps on,
@@ -190,7 +236,9 @@ class Runner:
         if config.budget.kind == "min":
             return min_budget_at(config.budget.value, f.min_budget_bytes)
         # "cap": the profile's cap, never one derived from the budget itself
-        return config.budget.resolve(f.model_bytes, f.min_budget_bytes, self.profile_cap_bytes(config))  # fmt: skip
+        return config.budget.resolve(
+            f.model_bytes, f.min_budget_bytes, self.profile_cap_bytes(config)
+        )
 
     def run_config(self, config: Config, repeat: int) -> Sample:
         m = self.models[config.model]
@@ -201,12 +249,23 @@ class Runner:
                 factor = config.budget.value
             else:
                 budget = self.budget_bytes(config)
-        cmd = self._child_cmd(m, config.strategy.name, config.strategy.load_path, budget, factor, self.matrix.passes)  # fmt: skip
+        cmd = self._child_cmd(
+            m, config.strategy.name, config.strategy.load_path, budget, factor, self.matrix.passes
+        )
         storage = config.profile.storage
-        prepare_cache(storage, model_files(m.manifest, m.model_dir, config.strategy.name), model_files(m.manifest, m.model_dir))  # fmt: skip
-        launch = Launch(self.emulation, cores=config.profile.cores and self.cores_of(config),
-                        cap_bytes=cap, disk=m.disk, read_bytes_per_s=storage.read_bytes_per_s,
-                        tag=config.model.replace("/", "_")[-24:])  # fmt: skip
+        prepare_cache(
+            storage,
+            model_files(m.manifest, m.model_dir, config.strategy.name),
+            model_files(m.manifest, m.model_dir),
+        )
+        launch = Launch(
+            self.emulation,
+            cores=config.profile.cores and self.cores_of(config),
+            cap_bytes=cap,
+            disk=m.disk,
+            read_bytes_per_s=storage.read_bytes_per_s,
+            tag=config.model.replace("/", "_")[-24:],
+        )
         return self._spawn(launch, cmd, repeat)
 
     # -- the whole matrix --------------------------------------------------------------------
@@ -246,43 +305,91 @@ class Runner:
         storage = config.profile.storage
         cap = self.cap_bytes(config)
         floor = self.floors.get((config.model, cores))
-        strategy_bytes = (f.full_bytes or f.model_bytes) if config.strategy.name in ("full", "full-mmap") else f.model_bytes  # fmt: skip
+        strategy_bytes = (
+            (f.full_bytes or f.model_bytes)
+            if config.strategy.name in ("full", "full-mmap")
+            else f.model_bytes
+        )
         budget = median(s.budget_bytes for s in samples)
         limit = min([b for b in (cap, budget) if b is not None], default=None)
-        first, steady = io_floors(storage.cache == "cold", strategy_bytes, f.model_bytes, limit,
-                                  median(s.baseline_rss_bytes for s in samples))  # fmt: skip
+        first, steady = io_floors(
+            storage.cache == "cold",
+            strategy_bytes,
+            f.model_bytes,
+            limit,
+            median(s.baseline_rss_bytes for s in samples),
+        )
         bw = self.bandwidth.get(storage.name, {}).get("read_bytes_per_s")
-        floors = Floors(median(floor.steady_compute_s) if floor else None, first, seconds(first, bw), steady, seconds(steady, bw))  # fmt: skip
-        launch = Launch(self.emulation, cap_bytes=cap, disk=self.models[config.model].disk, read_bytes_per_s=storage.read_bytes_per_s)  # fmt: skip
+        floors = Floors(
+            median(floor.steady_compute_s) if floor else None,
+            first,
+            seconds(first, bw),
+            steady,
+            seconds(steady, bw),
+        )
+        launch = Launch(
+            self.emulation,
+            cap_bytes=cap,
+            disk=self.models[config.model].disk,
+            read_bytes_per_s=storage.read_bytes_per_s,
+        )
         fields = dict(
-            model=config.model, label=config.strategy.label, strategy=config.strategy.name,
-            load_path=config.strategy.load_path, budget=config.budget.text if config.budget else None,
-            profile=config.profile.text, storage=storage.name, cache=storage.cache, cores=cores,
-            memory_cap_bytes=cap, read_limit_bytes_per_s=storage.read_bytes_per_s,
-            cap_enforced=launch.cap_enforced, throttle_enforced=launch.throttle_enforced,
+            model=config.model,
+            label=config.strategy.label,
+            strategy=config.strategy.name,
+            load_path=config.strategy.load_path,
+            budget=config.budget.text if config.budget else None,
+            profile=config.profile.text,
+            storage=storage.name,
+            cache=storage.cache,
+            cores=cores,
+            memory_cap_bytes=cap,
+            read_limit_bytes_per_s=storage.read_bytes_per_s,
+            cap_enforced=launch.cap_enforced,
+            throttle_enforced=launch.throttle_enforced,
             cap_from_budget=cap is not None and cap != self.profile_cap_bytes(config),
-        )  # fmt: skip
+        )
         return aggregate(fields, samples, floors)
 
     def document(self, configs: list[Config], started: str, interrupted: bool) -> dict[str, Any]:
         m = self.matrix
         records = add_ratios([self.record(c) for c in configs if c.key in self.samples])
         return {
-            "kind": KIND, "schema_version": SCHEMA_VERSION, "created": started,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "interrupted": interrupted,
+            "kind": KIND,
+            "schema_version": SCHEMA_VERSION,
+            "created": started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "interrupted": interrupted,
             "command": sys.argv,
-            "matrix": {"name": m.name, "models": list(m.models), "strategies": [s.label for s in m.strategies],
-                       "budgets": [b.text for b in m.budgets], "profiles": [p.text for p in m.profiles],
-                       "repeats": m.repeats, "passes": m.passes},
-            "machine": machine_info(), "versions": versions(), "emulation": self.emulation.to_json(),
-            "budget_cap_margin": self.options.budget_cap_margin, "objective": self.options.objective,
-            "warnings": self.warnings, "storage": self.bandwidth,
+            "matrix": {
+                "name": m.name,
+                "models": list(m.models),
+                "strategies": [s.label for s in m.strategies],
+                "budgets": [b.text for b in m.budgets],
+                "profiles": [p.text for p in m.profiles],
+                "repeats": m.repeats,
+                "passes": m.passes,
+            },
+            "machine": machine_info(),
+            "versions": versions(),
+            "emulation": self.emulation.to_json(),
+            "budget_cap_margin": self.options.budget_cap_margin,
+            "objective": self.options.objective,
+            "warnings": self.warnings,
+            "storage": self.bandwidth,
             "models": [{**f.to_json(), "cores": cores} for (_, cores), f in self.facts.items()],
-            "floors": [{"model": name, "cores": cores, "compute_floor_s": median(s.steady_compute_s),
-                        "pipeswitch_steady_s": s.steady_median_s, "sample": s}
-                       for (name, cores), s in self.floors.items()],
+            "floors": [
+                {
+                    "model": name,
+                    "cores": cores,
+                    "compute_floor_s": median(s.steady_compute_s),
+                    "pipeswitch_steady_s": s.steady_median_s,
+                    "sample": s,
+                }
+                for (name, cores), s in self.floors.items()
+            ],
             "records": records,
-        }  # fmt: skip
+        }
 
 
 def _summary(s: Sample) -> str:

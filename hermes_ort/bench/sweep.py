@@ -28,8 +28,13 @@ REPEATED_PASSES = 2  # after the first, in the same process
 
 
 def sample_plan(
-    model_dir: Path, budget: int | str | None, loaders: int | None, window: int | None, files: list[Path], objective: str
-) -> dict:  # fmt: skip
+    model_dir: Path,
+    budget: int | str | None,
+    loaders: int | None,
+    window: int | None,
+    files: list[Path],
+    objective: str,
+) -> dict:
     """One fresh process: a first pass and the repeated ones, from a warm page cache."""
     extra = ("--objective", objective)
     extra += ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
@@ -62,7 +67,9 @@ def sweep(model_dir: Path, points: int, repeats: int, objective: str = "repeated
     low = run_fresh(model_dir, "pipeload", "min", extra=extra)["budget_bytes"] + (
         1 << 20
     )  # + RSS jitter
-    high = int(run_fresh(model_dir, "pipeload", None, extra=extra)["plan"]["predicted_peak_bytes"] * 1.02)  # all kept  # fmt: skip
+    high = int(
+        run_fresh(model_dir, "pipeload", None, extra=extra)["plan"]["predicted_peak_bytes"] * 1.02
+    )  # all kept
     budgets = [int(low + (high - low) * i / (points - 1)) for i in range(points)]
     rows = []
     for budget in budgets:
@@ -77,8 +84,12 @@ def sweep(model_dir: Path, points: int, repeats: int, objective: str = "repeated
             for name, (k, w, goal) in configs.items():
                 samples[name].append(sample_plan(model_dir, budget, k, w, files, goal))
         summaries = {name: summarise(s) for name, s in samples.items()}
-        row = {"budget_bytes": budget, "planner": summaries.pop("planner"),
-               "repeated_planner": summaries.pop("planner (repeated)", None), "grid": summaries}  # fmt: skip
+        row = {
+            "budget_bytes": budget,
+            "planner": summaries.pop("planner"),
+            "repeated_planner": summaries.pop("planner (repeated)", None),
+            "grid": summaries,
+        }
         rows.append(row)
         print(render_row(row), file=sys.stderr, flush=True)
     return {
@@ -112,8 +123,10 @@ def render_row(row: dict) -> str:
         f"{format_bytes(p['max_peak_rss_bytes'])} ({'yes' if p['max_peak_rss_bytes'] <= row['budget_bytes'] else 'NO'})",
         f"{format_bytes(pred_peak)} ({pred_peak / p['max_peak_rss_bytes'] - 1:+.0%})",
     ]
-    for measured, predicted, key in ((p["latency_s"], first_lat, "latency_s"),
-                                     (p.get("repeated_latency_s"), rep_lat, "repeated_latency_s")):  # fmt: skip
+    for measured, predicted, key in (
+        (p["latency_s"], first_lat, "latency_s"),
+        (p.get("repeated_latency_s"), rep_lat, "repeated_latency_s"),
+    ):
         best = _best({g: r for g, r in ok.items() if r.get(key)}, key)
         if measured is None:
             cells += ["-", "-"]
@@ -135,9 +148,16 @@ def render_row(row: dict) -> str:
 
 
 def header(objective: str) -> str:
-    cells = ["budget", "planner's plan", "max peak RSS (within)", "predicted peak (error vs max)",
-             "first pass (prediction error)", "best fixed grid, first pass",
-             "repeated pass (prediction error)", "best fixed grid, repeated pass"]  # fmt: skip
+    cells = [
+        "budget",
+        "planner's plan",
+        "max peak RSS (within)",
+        "predicted peak (error vs max)",
+        "first pass (prediction error)",
+        "best fixed grid, first pass",
+        "repeated pass (prediction error)",
+        "best fixed grid, repeated pass",
+    ]
     if objective != "repeated":
         cells.append("plan for repeated passes: first / repeated pass")
     return "| " + " | ".join(cells) + " |\n" + "|---" * len(cells) + "|"
@@ -149,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
-    parser.add_argument("--objective", default="repeated", choices=OBJECTIVES,
-                        help="the plans' objective (every configuration's; the grid fixes only loaders x window)")  # fmt: skip
+    parser.add_argument(
+        "--objective",
+        default="repeated",
+        choices=OBJECTIVES,
+        help="the plans' objective (every configuration's; the grid fixes only loaders x window)",
+    )
     parser.add_argument("--render", action="store_true", help="render OUT/sweep-MODEL.json again")
     args = parser.parse_args(argv)
     name = args.model_dir.name + ("" if args.objective == "repeated" else f"-{args.objective}")
@@ -162,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
     title = f"{args.model_dir.name}, objective {result.get('objective', 'repeated')}"
-    table = "\n".join([f"### Planner sweep: {title} (warm cache, fresh processes, medians of {result['repeats']})", "", header(result.get("objective", "repeated")),
-                       *[render_row(r) for r in result["rows"]]])  # fmt: skip
+    table = "\n".join(
+        [
+            f"### Planner sweep: {title} (warm cache, fresh processes, medians of {result['repeats']})",
+            "",
+            header(result.get("objective", "repeated")),
+            *[render_row(r) for r in result["rows"]],
+        ]
+    )
     (args.out / f"sweep-{name}.md").write_text(table + "\n")
     print(table)
     return 0

@@ -78,14 +78,19 @@ def markdown(rows: list[dict]) -> str:
     base = rows[0]["load_s"]
     lines = ["| case | load() | vs size only | first pass |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['load_s'] * 1000:.0f} ms | {(r['load_s'] - base) * 1000:+.0f} ms "
-                     f"| {r['first_pass_s'] * 1000:.0f} ms |")  # fmt: skip
+        lines.append(
+            f"| {r['case']} | {r['load_s'] * 1000:.0f} ms | {(r['load_s'] - base) * 1000:+.0f} ms "
+            f"| {r['first_pass_s'] * 1000:.0f} ms |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hermes_ort.bench.verify_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m hermes_ort.bench.verify_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model_dir", type=Path)
     p.add_argument("--strategy", default="pipeload")
     p.add_argument("--repeats", type=int, default=3)

@@ -124,8 +124,12 @@ print(json.dumps(sorted(t for t in tops if not t.startswith("_"))))
 
 def test_runtime_imports_only_its_wheels():
     # a fresh interpreter: pytest's own imports must not hide or add anything
-    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(model_dir("toy"))],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, str(model_dir("toy"))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     imported = set(json.loads(proc.stdout.strip().splitlines()[-1]))
     report({"imported_top_level": sorted(imported)})
