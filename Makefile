@@ -18,27 +18,30 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m hermes_ort demo
 
+LINTED := hermes_ort export bench tests arm
+
 test: setup
-	$(PY) -m ruff check hermes_ort export tests
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m pytest -q
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(PY) -m ruff check hermes_ort export tests
-	$(PY) -m ruff format --check hermes_ort export tests
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 
 format: setup
-	$(PY) -m ruff format hermes_ort export tests
-	$(PY) -m ruff check --fix hermes_ort export tests
+	$(PY) -m ruff format $(LINTED)
+	$(PY) -m ruff check --fix $(LINTED)
 
 # The full benchmark matrix (62 min on 2 cores here); results in bench/results/. `make bench-smoke` is what CI runs.
 bench: setup
-	$(PY) -m hermes_ort.bench --matrix full
+	$(PY) -m bench matrix --matrix full
 
 bench-smoke: setup
-	$(PY) -m hermes_ort.bench --matrix smoke --out bench/results/ci --fail-on-error
+	$(PY) -m bench matrix --matrix smoke --out bench/results/ci --fail-on-error
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

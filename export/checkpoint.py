@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 
 HUB_TIMEOUT_S = 3.0
 

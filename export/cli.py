@@ -8,7 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from hermes_ort.errors import ExportError, interrupted_status
+from export.errors import ExportError
+from hermes_ort.errors import interrupted_status
 from hermes_ort.units import format_bytes
 
 

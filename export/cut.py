@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from export.errors import ExportError
 from export.rewrite import MS_DOMAIN, node_inputs
 from export.stack import LayerStack
-from hermes_ort.errors import ExportError
 
 # Ops with no inputs that are not constants.
 _RANDOM_OPS = {

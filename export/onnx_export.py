@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import onnx
 
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 from hermes_ort.manifest import TensorSpec
 
 DEFAULT_OPSET = 17  # optimum's legacy (TorchScript) exporter keeps module scopes in node names

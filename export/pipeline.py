@@ -25,8 +25,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from export.errors import ExportError
 from hermes_ort.decoder import dim_sizes
-from hermes_ort.errors import ExportError
 from hermes_ort.manifest import MANIFEST_NAME, BlockSpec, FullModelSpec, Manifest, check_dataflow
 
 DEFAULT_SEQ_LEN = 128

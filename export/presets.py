@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import export
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 
 PRESETS_DIR = Path(export.__file__).resolve().parents[1] / "models" / "presets"
 NOISE_STD = 0.02  # added to every parameter, so no two initializers are equal

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 
 
 @dataclass(frozen=True)

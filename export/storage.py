@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 from hermes_ort.manifest import FileSpec
 
 ALIGN_BYTES = 64 * 1024

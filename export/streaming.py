@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 from hermes_ort.manifest import BlockSpec, Manifest, TensorSpec, check_dataflow
 
 TEMPLATE_LAYERS = 3

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from hermes_ort.errors import ExportError
-from hermes_ort.manifest import Manifest, TensorSpec, last_consumers
+from export.errors import ExportError
+from hermes_ort.dataflow import Tensors
+from hermes_ort.manifest import Manifest, TensorSpec
 
 TOLERANCE_FP32 = 1e-4
 SAMPLE_SEED = 0
@@ -88,25 +89,22 @@ def run_blocks(
     feed: dict[str, np.ndarray],
     step: Callable[[str], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Chain the blocks one session at a time, routing tensors by name; each intermediate tensor is
-    dropped after its last consumer."""
-    env = dict(feed)
-    last = last_consumers(manifest)
+    """Chain the blocks one session at a time, routing tensors by name (the runtime's dataflow);
+    each intermediate tensor is dropped after its last consumer."""
+    tensors = Tensors(manifest, feed)
     for i, block in enumerate(manifest.blocks):
         try:
             session = ort.InferenceSession(
                 str(model_dir / block.path), session_options(), providers=["CPUExecutionProvider"]
             )
-            values = session.run(list(block.outputs), {name: env[name] for name in block.inputs})
+            values = session.run(list(block.outputs), tensors.inputs_of(i))
         except Exception as e:  # onnxruntime's Fail/InvalidArgument/... types
             raise ExportError(f"verification failed: block '{block.name}' does not run: {e}") from e
         del session
-        env.update(zip(block.outputs, values, strict=True))
-        for name in [n for n in env if last.get(n, -1) <= i]:
-            del env[name]
+        tensors.put(i, values)
         if step:
             step(block.name)
-    return {name: env[name] for name in manifest.output_names}
+    return tensors.outputs()
 
 
 def run_full(

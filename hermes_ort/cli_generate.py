@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from hermes_ort.errors import InputError
+from hermes_ort.errors import InputError, OptionError
 from hermes_ort.units import format_bytes
 
 
 def add_generate(sub) -> None:
-    from hermes_ort.planner import STRATEGIES
+    from hermes_ort.strategies import STRATEGIES
 
     p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")
     p.add_argument("model_dir", type=Path)
@@ -21,7 +21,10 @@ def add_generate(sub) -> None:
     source.add_argument("--ids", help="prompt token ids, comma-separated (no tokenizer needed)")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default 32")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 1GB, 'min' (default: none)")
-    p.add_argument("--strategy", default="pipeload", choices=(*STRATEGIES, "auto"))
+    p.add_argument("--strategy", default="pipeload", choices=tuple(STRATEGIES))
+    p.add_argument(
+        "--profile", action="store_true", help="measure a layer profile first if none is stored"
+    )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -77,9 +80,15 @@ class _TextStream:
 def cmd_generate(args) -> int:
     import hermes_ort
 
+    hermes_ort.load_manifest(args.model_dir)  # a missing model is named as such, first
     ids, tokenizer = _prompt(args, args.model_dir)
+    if args.max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     with hermes_ort.load(
-        args.model_dir, memory_budget=args.budget, strategy=args.strategy
+        args.model_dir,
+        memory_budget=args.budget,
+        strategy=args.strategy,
+        profile=True if args.profile else None,
     ) as model:
         stream = None
         if not args.json:

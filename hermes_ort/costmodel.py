@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from hermes_ort.manifest import Manifest, last_consumers
-from hermes_ort.profiler import Profile
-from hermes_ort.sessions import session_created_in_process
+from hermes_ort.profile import Profile
 from hermes_ort.timeline import BlockTimes, simulate
 
 SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
@@ -119,11 +120,15 @@ class CostModel:
         return simulated * (self.stream_pass_scale if len(keep) < self.blocks else 1.0)
 
     @classmethod
-    def estimate(cls, manifest: Manifest, baseline_bytes: int, output_bytes: int = 0) -> CostModel:
-        """Upper bounds from file sizes (every weight page may become resident); rough times."""
+    def estimate(
+        cls, manifest: Manifest, baseline_bytes: int, warmup_pending: bool = False
+    ) -> CostModel:
+        """Upper bounds from file sizes (every weight page may become resident); rough times.
+        `warmup_pending`: this process has opened no session yet (the first one adds ONNX
+        Runtime's code and buffers to the baseline)."""
         sizes = [b.bytes for b in manifest.blocks]
         sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
-        if not session_created_in_process():
+        if warmup_pending:
             baseline_bytes += ESTIMATE_WARMUP_BYTES
         live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
         times = tuple(
@@ -137,7 +142,7 @@ class CostModel:
             resident_bytes=live,
             resident_prepack=(False,) * len(sizes),
             sparse=sparse,
-            activation_bytes=2 * output_bytes + ACTIVATION_RESERVE_BYTES,
+            activation_bytes=2 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
             stream_times=times,
             resident_times=times,
             source="estimate",
@@ -151,10 +156,12 @@ class CostModel:
         baseline_bytes: int,
         cold: bool,
         cached: tuple[bool, ...] | None = None,
+        warmup_pending: bool = False,
     ) -> CostModel:
         """Measured costs. `cold`: streamed blocks are re-read from storage every pass (the
         daemon drops their pages). `cached`: per block, whether its files are in the page cache
-        now, for the first pass (None: as later passes)."""
+        now, for the first pass (None: as later passes). `warmup_pending`: this process has
+        opened no session yet (the first adds the profile's warm-up bytes and start-up time)."""
         blocks = profile.blocks
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
         sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
@@ -190,7 +197,7 @@ class CostModel:
             for b, p, q, c in zip(blocks, prepack, plain, now, strict=True)
         )
         first_extra = 0.0
-        if not session_created_in_process():
+        if warmup_pending:
             baseline_bytes += profile.warmup_bytes
             first_extra = profile.first_pass_extra_s
         return cls(
@@ -237,3 +244,15 @@ def activation_peak(manifest: Manifest, profile: Profile) -> int:
         )
         worst = max(worst, block.transient_bytes + in_flight)
     return worst
+
+
+def output_bytes(manifest: Manifest) -> int:
+    """Bytes of the model's outputs at the manifest's sample shape."""
+    sizes = {"batch_size": 1, **manifest.sample}
+    total = 0
+    for spec in manifest.outputs:
+        count = 1
+        for d in spec.shape:
+            count *= d if isinstance(d, int) and d > 0 else int(sizes.get(str(d), 1))
+        total += count * np.dtype(spec.dtype).itemsize
+    return total

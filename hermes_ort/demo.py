@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hermes_ort.fresh import run_fresh
+from hermes_ort.fresh import run_child
 from hermes_ort.manifest import load_manifest
 from hermes_ort.readahead import warm_files
 from hermes_ort.units import format_bytes
@@ -51,11 +51,13 @@ def main(
     rows = []
     for strategy, b in (("full", None), ("pipeload", budget or "min")):
         warm_files(files)  # both start from a warm page cache
-        record = run_fresh(model_dir, strategy, b)
-        if record["returncode"] != 0:
-            print(f"{strategy}: failed: {record['error']}")
+        cmd = [sys.executable, "-m", "hermes_ort", "run", str(model_dir), "--json"]
+        cmd += ["--strategy", strategy] + (["--budget", b] if b else [])
+        result = run_child(cmd)
+        if not result.ok:
+            print(f"{strategy}: failed: {result.error}")
             return 1
-        rows.append((strategy, record))
+        rows.append((strategy, result.record))
     print(f"\n{preset}: one pass (batch 1), each strategy in a fresh process, loading included\n")
     print("| strategy | budget | latency (load + run) | peak RSS | read from storage |")
     print("|---|---|---|---|---|")

@@ -1,9 +1,10 @@
-"""The execution engine: runs a plan.
+"""The execution engine: runs a plan of per-block sessions.
 
 BlockEngine is the inference agent of PIPELOAD: it runs blocks in order while the loading agents
 open the sessions of the next ones (at most `window` streamed sessions alive at once) and the daemon
-destroys each executed one. Tensors are routed by name and freed after their last consumer.
-FullEngine runs the whole-model file in one session (the `full` and `full-mmap` baselines)."""
+destroys each executed one. Tensors are routed by name and freed after their last consumer
+(dataflow.py). What each block's session is (kept or streamed, prepacked or mapped, read ahead,
+its pages dropped after use) is the plan's (plan.py); the engine only carries it out."""
 
 from __future__ import annotations
 
@@ -12,41 +13,18 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import numpy as np
 
 from hermes_ort.daemon import Daemon, destroy
-from hermes_ort.errors import HermesError
-from hermes_ort.integrity import check_file
+from hermes_ort.dataflow import Tensors
+from hermes_ort.integrity import Verifier
 from hermes_ort.loader import LiveBlock, LoadingAgents
-from hermes_ort.manifest import Manifest, last_consumers
-from hermes_ort.memory import (
-    peak_rss_bytes,
-    reset_peak_rss,
-    rss_bytes,
-    storage_read_bytes,
-    trim_heap,
-)
-from hermes_ort.planner import Plan
-from hermes_ort.sessions import SessionSettings, create_session, run_session
+from hermes_ort.manifest import Manifest
+from hermes_ort.memory import PassMeasure, rss_bytes, trim_heap
+from hermes_ort.plan import Plan
+from hermes_ort.sessions import run_session
 from hermes_ort.stats import BlockStats, RunStats
-
-
-class _Measure:
-    """Latency, peak RSS, and storage reads of one run."""
-
-    def __enter__(self) -> _Measure:
-        reset_peak_rss()
-        self.rss_before = rss_bytes()
-        self.read_before = storage_read_bytes()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.latency_s = time.perf_counter() - self.t0
-        self.peak = max(peak_rss_bytes(), self.rss_before)
-        self.bytes_read = storage_read_bytes() - self.read_before
 
 
 @contextlib.contextmanager
@@ -86,8 +64,9 @@ class _Slots:
                     break
                 self.live += 1
                 self.max_live = max(self.max_live, self.live + len(e.resident))
+                how = e.plan.blocks[i]
                 self.futures[i] = e.loaders.submit(
-                    i, e.manifest.blocks[i], e.plan.settings_for(i), e.plan.reads_ahead(i)
+                    i, e.manifest.blocks[i], how.settings, how.readahead
                 )
                 self.next += 1
             self.cond.notify_all()
@@ -126,28 +105,14 @@ class _Slots:
 
 
 class BlockEngine:
-    def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
-        self.model_dir = model_dir
+    def __init__(self, manifest: Manifest, plan: Plan, verifier: Verifier):
+        self.model_dir = verifier.model_dir
         self.manifest = manifest
         self.plan = plan
         self.resident: dict[int, LiveBlock] = {}
-        self.loaders = LoadingAgents(model_dir, max(1, plan.loaders))
-        self.daemon = Daemon(model_dir)
-        self.last_use = last_consumers(manifest)
-        # files each block's successors still need this run: the daemon keeps those cached
-        self.files_after: list[set[str]] = []
-        later: set[str] = set()
-        for block in reversed(manifest.blocks):
-            self.files_after.append(set(later))
-            later |= {f.path for f in block.files}
-        self.files_after.reverse()
-        # kept blocks' files, and those of sparse ones (embedding lookups, not read ahead): the
-        # few pages a lookup touches would otherwise fault in from storage, one by one, on the
-        # inference agent, every run (bert-base's prologue: 186 ms a pass instead of 0.5 ms)
-        for i in (*plan.resident, *plan.no_readahead):
-            self.files_after = [
-                s | {f.path for f in manifest.blocks[i].files} for s in self.files_after
-            ]
+        self.loaders = LoadingAgents(verifier, max(1, plan.loaders))
+        self.daemon = Daemon(self.model_dir)
+        self.keep_cached = _keep_cached(manifest, plan)
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
         with _quick_gil_handoff():
@@ -156,66 +121,51 @@ class BlockEngine:
     def _run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
         slots = _Slots(self)
         block_stats: list[BlockStats] = []
-        env = dict(feeds)
-        outputs_wanted = set(self.manifest.output_names)
+        tensors = Tensors(self.manifest, feeds)
         block = None
-        with _Measure() as m:
+        with PassMeasure() as m:
             try:
                 slots.fill()
                 for i, spec in enumerate(self.manifest.blocks):
+                    how = self.plan.blocks[i]
                     t_wait = time.perf_counter()
                     kept = i in self.resident
                     block = self.resident[i] if kept else slots.take(i).result()
                     slots.wait_daemon_lag(self.plan.lag)
                     wait_s = time.perf_counter() - t_wait
                     t_run = time.perf_counter()
-                    names = list(spec.outputs)
+                    what = f"block '{spec.name}'"
                     values = run_session(
-                        block.session,
-                        names,
-                        {n: env[n] for n in spec.inputs},
-                        f"block '{spec.name}'",
+                        block.session, list(spec.outputs), tensors.inputs_of(i), what
                     )
                     run_s = time.perf_counter() - t_run
-                    env.update(zip(names, values, strict=True))
-                    for name in [
-                        n for n in env if self.last_use.get(n, -1) <= i and n not in outputs_wanted
-                    ]:
-                        del env[name]
-                    block_stats.append(
-                        BlockStats(
-                            spec.name,
-                            kept,
-                            wait_s,
-                            0.0 if kept else block.readahead_s,
-                            0.0 if kept else block.create_s,
-                            run_s,
-                        )
-                    )
+                    tensors.put(i, values)
+                    load = (0.0, 0.0) if kept else (block.readahead_s, block.create_s)
+                    block_stats.append(BlockStats(spec.name, kept, wait_s, *load, run_s))
                     if kept:
                         continue
-                    if i in self.plan.resident:
+                    if how.resident:
                         self.resident[i] = block
                         slots.free_one()
-                        if self.plan.drop_cache and i in self.plan.prepack_resident:
+                        if how.drop_pages:
                             # its weights now live in prepacked copies: under a budget, its file
                             # pages would only push out the mapped pages of other kept blocks
                             self.daemon.drop_own_files(spec)
+                        continue
+                    if self.plan.lag == 0:
+                        # unmap now, in this thread: nothing to wait for on the critical path;
+                        # the daemon still trims the heap and drops the page cache
+                        block.session = None
+                        done = slots.free_one
                     else:
-                        if self.plan.lag == 0:
-                            # unmap now, in this thread: nothing to wait for on the critical path;
-                            # the daemon still trims the heap and drops the page cache
-                            block.session = None
-                            done = slots.free_one
-                        else:
-                            slots.destroying()
-                            done = slots.destroyed
-                        self.daemon.release(block, self.plan.drop_cache, self.files_after[i], done)
+                        slots.destroying()
+                        done = slots.destroyed
+                    self.daemon.release(block, how.drop_pages, self.keep_cached[i], done)
             except BaseException:  # Ctrl-C or a failure: whoever keeps the traceback keeps this
                 # frame; it must not keep a streamed block's session or the activations
                 if block is not None and all(b is not block for b in self.resident.values()):
                     block.session = None
-                env.clear()
+                tensors.clear()
                 raise
             finally:
                 self._drain(slots)
@@ -231,7 +181,7 @@ class BlockEngine:
             max_live_sessions=max(slots.max_live, len(self.resident)),
             blocks=tuple(block_stats),
         )
-        return {n: env[n] for n in self.manifest.output_names}, stats
+        return tensors.outputs(), stats
 
     def _drain(self, slots: _Slots) -> None:
         """After a run (or its failure): no load pending, every streamed session destroyed."""
@@ -264,51 +214,20 @@ class BlockEngine:
         trim_heap()
 
 
-class FullEngine:
-    """One session of the whole model, opened on the first run and kept."""
-
-    def __init__(self, model_dir: Path, manifest: Manifest, plan: Plan):
-        # `full` opens the file as users get it; `full-mmap` needs its weights in a data file
-        mmap = manifest.full_model_mmap if plan.strategy == "full-mmap" else None
-        self.spec = mmap or manifest.full_model
-        if self.spec is None:
-            raise HermesError(
-                f"'{model_dir}' has no whole-model file: strategy '{plan.strategy}' needs one"
-            )
-        self.model_dir = model_dir
-        self.manifest = manifest
-        self.plan = plan
-        self.settings = SessionSettings(prepack=plan.prepack, optimization="all")
-        self.session = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
-        names = list(self.manifest.output_names)
-        create_s = 0.0
-        with _Measure() as m:
-            if self.session is None:
-                t0 = time.perf_counter()
-                paths = [check_file(self.model_dir, f) for f in self.spec.files]
-                self.session = create_session(
-                    self.model_dir / self.spec.path, self.settings, "the whole model", paths
-                )
-                create_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            values = run_session(self.session, names, feeds, "the whole model")
-            run_s = time.perf_counter() - t1
-        stats = RunStats(
-            strategy=self.plan.strategy,
-            loaders=0,
-            window=1,
-            latency_s=m.latency_s,
-            peak_rss_bytes=m.peak,
-            rss_before_bytes=m.rss_before,
-            rss_after_bytes=rss_bytes(),
-            bytes_read=m.bytes_read,
-            max_live_sessions=1,
-            blocks=(BlockStats("full", create_s == 0.0, 0.0, 0.0, create_s, run_s),),
-        )
-        return dict(zip(names, values, strict=True)), stats
-
-    def close(self) -> None:
-        self.session = None
-        trim_heap()
+def _keep_cached(manifest: Manifest, plan: Plan) -> list[set[str]]:
+    """Per block: the files whose pages the daemon must keep when it drops that block's: those
+    later blocks of the pass read, every file of a block whose pages are never dropped (a sparse
+    embedding lookup would fault them in from storage, one by one, on every run: bert-base's
+    prologue 186 ms a pass instead of 0.5 ms) and the shared files of resident blocks."""
+    always: set[str] = set()
+    for spec, how in zip(manifest.blocks, plan.blocks, strict=True):
+        if not how.drop_pages:
+            always |= {f.path for f in spec.files}
+        elif how.resident:
+            always |= {f.path for f in spec.files if not spec.is_own(f)}
+    keep: list[set[str]] = []
+    later: set[str] = set()
+    for spec in reversed(manifest.blocks):
+        keep.append(later | always)
+        later = later | {f.path for f in spec.files}
+    return keep[::-1]

@@ -1,11 +1,16 @@
-"""Every error hermes-ort raises on purpose derives from HermesError, and its message names the
-file, tensor, block or budget at fault."""
+"""The error contract: everything a user can trigger raises a HermesError subclass whose message
+names the file, tensor, block or budget at fault. Nothing else is raised on purpose."""
 
 import ctypes
 
 
 class HermesError(Exception):
     """Base of all hermes-ort errors."""
+
+
+class OptionError(HermesError, ValueError):
+    """An option has a value the runtime does not know: a budget string, a strategy, an objective,
+    a verify mode, a load path."""
 
 
 class ManifestError(HermesError):
@@ -17,7 +22,8 @@ class IntegrityError(HermesError):
 
 
 class InputError(HermesError, ValueError):
-    """An input to run/generate has the wrong name, dtype, rank or shape."""
+    """An input to run/generate has the wrong name, dtype, rank or shape, or an input file is not
+    what was expected."""
 
 
 class BudgetError(HermesError):
@@ -28,12 +34,20 @@ class LoadError(HermesError):
     """A loading agent failed to create a block's session."""
 
 
-class ExportError(HermesError):
-    """The exporter could not export, cut or verify a model."""
-
-
 class RunFailed(HermesError):
     """ONNX Runtime failed while running a block (named)."""
+
+
+class ProfileError(HermesError):
+    """Profiling or calibrating a model on this machine failed (the step is named)."""
+
+
+class ChildFailed(HermesError):
+    """A fresh Python process (calibration, a benchmark's child) failed or timed out."""
+
+
+class TokenizerError(HermesError):
+    """No tokenizer could be found or loaded for a model."""
 
 
 def interrupted_status() -> int:

@@ -1,9 +1,9 @@
 """Integrity of a model directory: every file a block opens is where the manifest says, inside the
 model directory, of the size it says (checked before every load) and, with verify="once" (the
 default), has the sha256 it says: hashed once, before its first use, then trusted while its
-size, times and inode stay the same (per process, and across processes through `verified.json`
-beside the manifest, or in the user's cache directory when the model directory is read-only).
-A file whose stat changes after it was verified is hashed again before its next use.
+size, times and inode stay the same (by the model's Verifier, and across processes through
+`verified.json` beside the manifest, or in the user's cache directory when the model directory is
+read-only). A file whose stat changes after it was verified is hashed again before its next use.
 
 The stat key has the ctime (set by the kernel on any write or utime, so `touch -r` after an edit
 does not fool it) and the inode (a file replaced by another). Like git's index, a file changed
@@ -24,9 +24,9 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hermes_ort.errors import IntegrityError
+from hermes_ort.errors import IntegrityError, OptionError
 from hermes_ort.external_data import WireError, external_locations
-from hermes_ort.manifest import MANIFEST_NAME, FileSpec, Manifest
+from hermes_ort.manifest import MANIFEST_NAME, FileSpec
 
 VERIFY_MODES = ("once", "size")
 CACHE_NAME = "verified.json"
@@ -34,6 +34,7 @@ CACHE_KIND = "hermes-ort-verified"
 CACHE_SCHEMA = 1
 RACY_NS = 2_000_000_000  # file-system clocks tick coarsely (a jiffy on ext4; 2 s on FAT)
 _HASH_CHUNK = 1 << 20
+_MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"  # ORT reads such a "location" from a memory address
 
 
 @dataclass(frozen=True)
@@ -48,24 +49,20 @@ class Verified:
     dev: int
     hashed_at_ns: int  # wall clock when hashing began
 
-    def trusted(self, st: os.stat_result, sha256: str) -> bool:
+    def trusted(self, st: os.stat_result, sha256: str, racy_ns: int = RACY_NS) -> bool:
         return (
             self.sha256 == sha256
             and (self.bytes, self.mtime_ns, self.ctime_ns, self.ino, self.dev)
             == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
             # the ctime, not the mtime: the kernel sets it from this machine's clock on every
             # write; an mtime may come from another machine (tar, cp -p), even from the future
-            and self.hashed_at_ns - st.st_ctime_ns >= RACY_NS
+            and self.hashed_at_ns - st.st_ctime_ns >= racy_ns
         )
-
-
-_lock = threading.Lock()
-_verified: dict[str, Verified] = {}  # resolved path -> what this process saw hashed
 
 
 def check_verify_mode(verify: str) -> str:
     if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        raise OptionError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     return verify
 
 
@@ -90,7 +87,8 @@ def _stat(model_dir: Path, spec: FileSpec) -> tuple[Path, os.stat_result]:
         raise IntegrityError(f"model file '{spec.path}' in '{model_dir}' is not a regular file")
     if st.st_size != spec.bytes:
         raise IntegrityError(
-            f"model file '{spec.path}' has {st.st_size} bytes, the manifest says {spec.bytes} (truncated or replaced?)"
+            f"model file '{spec.path}' has {st.st_size} bytes, the manifest says {spec.bytes} "
+            f"(truncated or replaced?)"
         )
     return path, st
 
@@ -98,16 +96,6 @@ def _stat(model_dir: Path, spec: FileSpec) -> tuple[Path, os.stat_result]:
 def check_size(model_dir: Path, spec: FileSpec) -> Path:
     """Cheap check done before every load: the file exists and has the manifest's size."""
     return _stat(model_dir, spec)[0]
-
-
-def check_file(model_dir: Path, spec: FileSpec) -> Path:
-    """Before every load: the size, and the sha256 again if this process verified the file and
-    it has changed since (a file verified once is trusted only while it stays the same)."""
-    path, st = _stat(model_dir, spec)
-    seen = _verified.get(str(path))
-    if seen is not None and not seen.trusted(st, spec.sha256):
-        _hash_and_record(path, st, spec)
-    return path
 
 
 def sha256_file(path: str | Path) -> str:
@@ -122,79 +110,6 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _hash_and_record(path: Path, st: os.stat_result, spec: FileSpec) -> Verified:
-    started = time.time_ns()
-    if sha256_file(path) != spec.sha256:
-        with _lock:
-            _verified.pop(str(path), None)
-        raise IntegrityError(
-            f"model file '{spec.path}' does not match its sha256 in the manifest (bytes changed or file swapped)"
-        )
-    entry = Verified(
-        spec.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, started
-    )
-    with _lock:
-        _verified[str(path)] = entry
-    return entry
-
-
-def check_hash(model_dir: Path, spec: FileSpec) -> None:
-    """Hash the file now, whatever any cache says (`hermes-ort info --verify`)."""
-    path, st = _stat(model_dir, spec)
-    _hash_and_record(path, st, spec)
-
-
-def verify_files(model_dir: Path, specs: list[FileSpec], verify: str = "once") -> None:
-    """Before a model's first use: sizes always; with "once", the sha256 of every file not
-    already verified (in this process, or in the persisted cache) with its current stat."""
-    check_verify_mode(verify)
-    stats = [(spec, *_stat(model_dir, spec)) for spec in specs]
-    if verify == "size":
-        return
-    stored = _read_cache(model_dir)
-    new = False
-    for spec, path, st in stats:
-        seen = _verified.get(str(path))
-        if seen is not None and seen.trusted(st, spec.sha256):
-            continue
-        entry = stored.get(spec.path)
-        if entry is not None and entry.trusted(st, spec.sha256):
-            with _lock:
-                _verified[str(path)] = entry
-            continue
-        entry = _hash_and_record(path, st, spec)
-        if entry.trusted(st, spec.sha256):  # not within RACY_NS of a write: worth keeping
-            stored[spec.path] = entry
-            new = True
-    if new:
-        _write_cache(model_dir, stored)
-
-
-def strategy_graphs(manifest: Manifest, strategy: str) -> list[tuple[str, tuple[FileSpec, ...]]]:
-    """(.onnx path, the files it opens) of what a strategy opens: the whole-model file for
-    full/full-mmap, else every block."""
-    if strategy in ("full", "full-mmap"):
-        spec = (
-            manifest.full_model_mmap if strategy == "full-mmap" else None
-        ) or manifest.full_model
-        return [(spec.path, spec.files)] if spec else []
-    return [(b.path, b.files) for b in manifest.blocks]
-
-
-def verify_model(model_dir: Path, manifest: Manifest, strategy: str, verify: str = "once") -> None:
-    """Everything `load` checks before it returns: the files' sizes (and sha256, see
-    verify_files), then every .onnx's external data against the files the manifest lists for it."""
-    graphs = strategy_graphs(manifest, strategy)
-    verify_files(model_dir, list({f.path: f for _, fs in graphs for f in fs}.values()), verify)
-    for path, files in graphs:
-        allowed = [resolve_inside(model_dir, f.path) for f in files]
-        check_external_data(resolve_inside(model_dir, path), allowed)
-
-
-_MEMORY_TAG = "*/_ORT_MEM_ADDR_/*"  # ORT reads such a "location" from a memory address
-_passed: set[tuple] = set()  # (.onnx path and stat, files allowed) that passed: once per process
-
-
 def model_root(onnx_path: Path) -> Path:
     """The model directory holding an ONNX file: its nearest ancestor with a manifest (else its own
     directory, where ORT itself confines external data)."""
@@ -207,15 +122,9 @@ def model_root(onnx_path: Path) -> Path:
 def check_external_data(onnx_path: Path, allowed: list[Path] | None = None) -> None:
     """Refuse, before ORT opens it, an ONNX file whose tensors' external data `location`s point
     outside its model directory, at anything but a regular file, or (given `allowed`, the files
-    the manifest lists for it) at a file the manifest does not list, so hashes cover all ORT reads.
-    Parsed once per process and file version, however the paths are spelled; a streamed block's
-    next opening costs a stat."""
+    the manifest lists for it) at a file the manifest does not list, so hashes cover all ORT reads."""
     onnx_path = Path(onnx_path)
-    st = os.stat(onnx_path)
     resolved = None if allowed is None else frozenset(Path(p).resolve() for p in allowed)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, resolved)
-    if key in _passed:
-        return
     try:
         locations = external_locations(onnx_path)
     except (WireError, ValueError) as e:
@@ -236,8 +145,95 @@ def check_external_data(onnx_path: Path, allowed: list[Path] | None = None) -> N
             raise IntegrityError(
                 f"{where}, which the manifest does not list among its files; refused"
             )
-    with _lock:
-        _passed.add(key)
+
+
+class Verifier:
+    """What one opened model has verified: the hashes it saw (by resolved path) and the .onnx
+    files whose external data passed, each keyed by the file's stat, so a streamed block's next
+    opening costs a stat. Thread-safe (the loading agents share it)."""
+
+    def __init__(self, model_dir: str | Path, mode: str = "once", racy_ns: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.mode = check_verify_mode(mode)
+        self.racy_ns = RACY_NS if racy_ns is None else racy_ns
+        self.hashed: list[str] = []  # manifest paths hashed by this verifier, in order
+        self._seen: dict[str, Verified] = {}
+        self._passed: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def verify(self, specs: list[FileSpec]) -> None:
+        """Before a model's first use: sizes always; with "once", the sha256 of every file not
+        already verified (here, or in the persisted cache) with its current stat."""
+        stats = [(spec, *_stat(self.model_dir, spec)) for spec in specs]
+        if self.mode == "size":
+            return
+        stored = _read_cache(self.model_dir)
+        new = False
+        for spec, path, st in stats:
+            seen = self._seen.get(str(path))
+            if seen is not None and seen.trusted(st, spec.sha256, self.racy_ns):
+                continue
+            entry = stored.get(spec.path)
+            if entry is not None and entry.trusted(st, spec.sha256, self.racy_ns):
+                with self._lock:
+                    self._seen[str(path)] = entry
+                continue
+            entry = self._hash_and_record(path, st, spec)
+            if entry.trusted(st, spec.sha256, self.racy_ns):  # not within RACY_NS of a write
+                stored[spec.path] = entry
+                new = True
+        if new:
+            _write_cache(self.model_dir, stored)
+
+    def check(self, spec: FileSpec) -> Path:
+        """Before every load: the size, and the sha256 again if this verifier verified the file
+        and it has changed since (a file verified once is trusted only while it stays the same)."""
+        path, st = _stat(self.model_dir, spec)
+        seen = self._seen.get(str(path))
+        if seen is not None and not seen.trusted(st, spec.sha256, self.racy_ns):
+            self._hash_and_record(path, st, spec)
+        return path
+
+    def hash_now(self, spec: FileSpec) -> None:
+        """Hash the file now, whatever any cache says (`hermes-ort info --verify`)."""
+        path, st = _stat(self.model_dir, spec)
+        self._hash_and_record(path, st, spec)
+
+    def check_graph(self, onnx_path: Path, allowed: list[Path] | None = None) -> None:
+        """check_external_data, once per file version however its paths are spelled."""
+        st = os.stat(onnx_path)
+        resolved = None if allowed is None else frozenset(Path(p).resolve() for p in allowed)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, resolved)
+        if key in self._passed:
+            return
+        check_external_data(onnx_path, allowed)
+        with self._lock:
+            self._passed.add(key)
+
+    def check_graphs(self, graphs: list[tuple[str, tuple[FileSpec, ...]]]) -> None:
+        """Every (.onnx, its files) of a plan: files verified, then each graph's external data."""
+        self.verify(list({f.path: f for _, files in graphs for f in files}.values()))
+        for path, files in graphs:
+            allowed = [resolve_inside(self.model_dir, f.path) for f in files]
+            self.check_graph(resolve_inside(self.model_dir, path), allowed)
+
+    def _hash_and_record(self, path: Path, st: os.stat_result, spec: FileSpec) -> Verified:
+        started = time.time_ns()
+        with self._lock:
+            self.hashed.append(spec.path)
+        if sha256_file(path) != spec.sha256:
+            with self._lock:
+                self._seen.pop(str(path), None)
+            raise IntegrityError(
+                f"model file '{spec.path}' does not match its sha256 in the manifest "
+                f"(bytes changed or file swapped)"
+            )
+        entry = Verified(
+            spec.sha256, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, started
+        )
+        with self._lock:
+            self._seen[str(path)] = entry
+        return entry
 
 
 # -- the persisted cache ---------------------------------------------------------------------------
@@ -266,11 +262,8 @@ def _write_cache(model_dir: Path, entries: dict[str, Verified]) -> None:
     atomically; a read-only or full disk only costs hashing again next time."""
     path = cache_path(model_dir)
     merged = {**_read_cache(model_dir), **entries}
-    doc = {
-        "kind": CACHE_KIND,
-        "schema_version": CACHE_SCHEMA,
-        "files": {k: asdict(v) for k, v in sorted(merged.items())},
-    }
+    files = {k: asdict(v) for k, v in sorted(merged.items())}
+    doc = {"kind": CACHE_KIND, "schema_version": CACHE_SCHEMA, "files": files}
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_NAME}.", dir=path.parent)

@@ -12,10 +12,11 @@ from pathlib import Path
 import onnxruntime as ort
 
 from hermes_ort.errors import HermesError, LoadError
-from hermes_ort.integrity import check_file
+from hermes_ort.integrity import Verifier
 from hermes_ort.manifest import BlockSpec
 from hermes_ort.readahead import read_ahead
-from hermes_ort.sessions import SessionSettings, create_session
+from hermes_ort.sessions import create_session
+from hermes_ort.settings import SessionSettings
 
 
 @dataclass
@@ -41,10 +42,11 @@ def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
 
 
 def load_block(
-    model_dir: Path, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+    verifier: Verifier, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
 ) -> LiveBlock:
     """Check, optionally read ahead, and open one block. Raises LoadError/IntegrityError naming it."""
-    paths = [check_file(model_dir, f) for f in spec.files]
+    model_dir = verifier.model_dir
+    paths = [verifier.check(f) for f in spec.files]
     t0 = time.perf_counter()
     read = 0
     if readahead:
@@ -54,7 +56,7 @@ def load_block(
             raise LoadError(f"block '{spec.name}': cannot read '{e.filename}': {e.strerror}") from e
     t1 = time.perf_counter()
     session = create_session(
-        model_dir / spec.path, settings, what=f"block '{spec.name}'", allowed=paths
+        model_dir / spec.path, settings, f"block '{spec.name}'", paths, verifier
     )
     t2 = time.perf_counter()
     names = {i.name for i in session.get_inputs()}
@@ -72,8 +74,8 @@ def load_block(
 class LoadingAgents:
     """k loading agents. `submit` returns a Future of a LiveBlock."""
 
-    def __init__(self, model_dir: Path, agents: int):
-        self.model_dir = model_dir
+    def __init__(self, verifier: Verifier, agents: int):
+        self.verifier = verifier
         self.agents = agents
         self._pool = ThreadPoolExecutor(max_workers=agents, thread_name_prefix="hermes-loader")
 
@@ -86,7 +88,7 @@ class LoadingAgents:
         self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
     ) -> LiveBlock:
         try:
-            return load_block(self.model_dir, index, spec, settings, readahead)
+            return load_block(self.verifier, index, spec, settings, readahead)
         except HermesError:
             raise
         except Exception as e:  # anything else: still name the block

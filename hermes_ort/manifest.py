@@ -116,6 +116,11 @@ class Manifest:
         """Every distinct file of every block, by path (a shared file appears once)."""
         return {f.path: f for b in self.blocks for f in b.files}
 
+    def all_files(self) -> dict[str, FileSpec]:
+        """Every file the manifest lists (blocks, whole-model files), by path, once each."""
+        wholes = [w for w in (self.full_model, self.full_model_mmap) if w is not None]
+        return {**self.block_files(), **{f.path: f for w in wholes for f in w.files}}
+
     @property
     def blocks_bytes(self) -> int:
         return sum(f.bytes for f in self.block_files().values())

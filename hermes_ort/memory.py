@@ -74,7 +74,7 @@ if os.name == "posix":
 
 def trim_heap() -> None:
     """Give freed heap pages back to the OS. glibc keeps ~38 MB per destroyed block session
-    otherwise (DESIGN.md §2)."""
+    otherwise (docs/design.md §2)."""
     if _libc is not None:
         _libc.malloc_trim(0)
 
@@ -91,6 +91,22 @@ def drop_file_cache(path: str) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+class PassMeasure:
+    """Latency, peak RSS and storage reads of one pass: `with PassMeasure() as m: ...`."""
+
+    def __enter__(self) -> PassMeasure:
+        reset_peak_rss()
+        self.rss_before = rss_bytes()
+        self.read_before = storage_read_bytes()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.latency_s = time.perf_counter() - self.t0
+        self.peak = max(peak_rss_bytes(), self.rss_before)
+        self.bytes_read = storage_read_bytes() - self.read_before
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
 from hermes_ort.decoder import decoder_signature
-from hermes_ort.engine import BlockEngine, FullEngine
+from hermes_ort.engine import BlockEngine
 from hermes_ort.errors import BudgetError, HermesError, InputError
 from hermes_ort.generate import (
     GenerationStats,
@@ -22,26 +23,16 @@ from hermes_ort.generate import (
     prompt_ids,
 )
 from hermes_ort.inputs import check_inputs, sample_inputs
-from hermes_ort.integrity import verify_model
+from hermes_ort.integrity import Verifier, check_verify_mode
 from hermes_ort.manifest import Manifest, load_manifest
-from hermes_ort.memory import rss_bytes
-from hermes_ort.planner import Plan, check_budget, plan_strategy
-from hermes_ort.profiler import ensure_profile, load_profile
-from hermes_ort.readahead import is_cached
+from hermes_ort.plan import Plan
+from hermes_ort.planner import check_budget, check_objective, plan_strategy
+from hermes_ort.profile import read_profile
+from hermes_ort.profiler import costs_now
 from hermes_ort.stats import RunStats
+from hermes_ort.strategies import block_loading, get_strategy, opened_graphs
 from hermes_ort.units import format_bytes, parse_bytes
-
-
-def output_bytes(manifest: Manifest) -> int:
-    """Bytes of the model's outputs at the manifest's sample shape."""
-    sizes = {"batch_size": 1, **manifest.sample}
-    total = 0
-    for spec in manifest.outputs:
-        count = 1
-        for d in spec.shape:
-            count *= d if isinstance(d, int) and d > 0 else int(sizes.get(str(d), 1))
-        total += count * np.dtype(spec.dtype).itemsize
-    return total
+from hermes_ort.whole_engine import WholeEngine
 
 
 class HermesModel:
@@ -50,21 +41,22 @@ class HermesModel:
 
     def __init__(
         self,
-        model_dir: Path,
         manifest: Manifest,
         plan: Plan,
         cost: CostModel,
+        verifier: Verifier,
         replan: Callable[[int], Plan] | None = None,
         smallest: bool = False,
     ):
-        self.model_dir = model_dir
+        self.model_dir = verifier.model_dir
         self.manifest = manifest
         self.plan = plan
         self.cost = cost
+        self.verifier = verifier  # the hashes this model has checked
         self.stats: RunStats | None = None
         self.generation_stats: GenerationStats | None = None
         self.decoder = decoder_signature(manifest)
-        self._engine = _engine(model_dir, manifest, plan)
+        self._engine = make_engine(manifest, plan, verifier)
         self._replan = replan  # budget for the blocks -> plan (to make room for a KV cache)
         self._blocks_budget = plan.budget_bytes
         self._smallest = smallest  # the budget is "min"
@@ -139,7 +131,7 @@ class HermesModel:
         """Re-plan the blocks in the budget minus the KV cache, when that changes the plan. The
         plan keeps the user's budget: its predicted peak is the blocks' (cache excluded)."""
         budget = self.plan.budget_bytes
-        if self._replan is None or budget is None or self.plan.whole_model:
+        if self._replan is None or budget is None or self.plan.engine == "whole":
             return
         if self._smallest:  # "min": the smallest budget of the blocks, plus this cache
             budget = self.cost.min_budget() + cache_bytes
@@ -155,7 +147,7 @@ class HermesModel:
             ) from None
         if replace(plan, budget_bytes=None) != replace(self.plan, budget_bytes=None):
             self._engine.close()  # resident sessions of the old plan go; the new plan opens its own
-            self._engine = _engine(self.model_dir, self.manifest, plan)
+            self._engine = make_engine(self.manifest, plan, self.verifier)
         self.plan = plan
         self._blocks_budget = blocks_budget
 
@@ -180,30 +172,11 @@ class HermesModel:
         return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {len(self.manifest.blocks)} blocks)"
 
 
-def _engine(model_dir: Path, manifest: Manifest, plan: Plan) -> BlockEngine | FullEngine:
-    if plan.whole_model:
-        return FullEngine(model_dir, manifest, plan)
-    return BlockEngine(model_dir, manifest, plan)
-
-
-def cost_model(model_dir: Path, manifest: Manifest, profile: bool | None, cold: bool) -> CostModel:
-    """Measured costs when a profile exists (or is asked for), else estimates from file sizes."""
-    stored = None
-    if profile is not False:
-        stored = ensure_profile(model_dir) if profile else load_profile(model_dir)
-    if stored is not None:
-        return CostModel.from_profile(
-            manifest, stored, rss_bytes(), cold, cached_now(model_dir, manifest)
-        )
-    return CostModel.estimate(manifest, rss_bytes(), output_bytes(manifest))
-
-
-def cached_now(model_dir: Path, manifest: Manifest) -> tuple[bool, ...] | None:
-    """Per block: are its files in the page cache now (the first pass reads them from there)?"""
-    state = {p: is_cached(str(model_dir / p)) for p in manifest.block_files()}
-    if None in state.values():
-        return None
-    return tuple(all(state[f.path] for f in b.files) for b in manifest.blocks)
+def make_engine(manifest: Manifest, plan: Plan, verifier: Verifier) -> BlockEngine | WholeEngine:
+    """The engine the plan names."""
+    if plan.engine == "whole":
+        return WholeEngine(manifest, plan, verifier)
+    return BlockEngine(manifest, plan, verifier)
 
 
 def load(
@@ -222,13 +195,13 @@ def load(
     memory_budget: bytes or a string ("512MB", "1.5GiB"); "min" = the smallest workable budget;
         None = no limit. Bounds the process's peak resident memory (RSS) during `run`; a budget
         too small for the largest block is refused, naming it and the smallest workable budget.
-    strategy: "pipeload" (default) or a baseline: "full", "full-mmap", "pipeswitch", "ondemand".
+    strategy: "pipeload" (default) or a baseline: "full", "full-mmap", "pipeswitch", "ondemand"
+        (strategies.py).
     loaders, window: override the planner's number of loading agents and window.
     load_path: for the per-block baselines, "default" (ORT's default load: prepacking on) or
         "stream" (pipeload's: weights mmapped, no prepacking, read-ahead) for ablations.
     profile: None = plan with the stored profile (`hermes-ort profile`) if it matches this machine,
         else with estimates from file sizes; True = measure one now if missing; False = estimates.
-        strategy="auto" is "pipeload" with profile=True.
     verify: "once" (default) = the sha256 of every file the strategy opens is checked before its
         first use, then cached by size, times and inode (in `verified.json`); "size" = sizes only
         (a damaged file of the right size then goes unnoticed). Both refuse paths and external
@@ -236,20 +209,26 @@ def load(
     objective: what pipeload's plan makes fastest: "repeated" (default) = later passes (a model
         loaded once and run many times); "one-shot" = the first pass (load, run once, close).
     """
-    model_dir = Path(model_dir)
-    manifest = load_manifest(model_dir)
-    verify_model(model_dir, manifest, strategy, verify)
+    spec = get_strategy(strategy)  # every option is checked before any file is read
+    block_loading(load_path)
+    check_objective(objective)
+    check_verify_mode(verify)
     smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
     budget = None if smallest else parse_bytes(memory_budget)
-    if strategy == "auto":
-        strategy, profile = "pipeload", True if profile is None else profile
-    cost = cost_model(model_dir, manifest, profile, cold=budget is not None or smallest)
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    verifier = Verifier(model_dir, verify)
+    verifier.check_graphs(opened_graphs(manifest, spec))
+    stored = None
+    if profile is not False:
+        stored = ensure_profile(model_dir) if profile else read_profile(model_dir)
+    cost = costs_now(model_dir, manifest, stored, cold=budget is not None or smallest)
     if smallest:  # the least memory that works, as the cost model predicts it
         budget = cost.min_budget()
     names = tuple(b.name for b in manifest.blocks)
 
     def make_plan(budget: int | None) -> Plan:
-        if strategy not in ("full", "full-mmap"):
+        if spec.engine == "blocks":
             check_budget(cost, budget, names)
         return plan_strategy(
             strategy,
@@ -259,8 +238,8 @@ def load(
             loaders=loaders,
             window=window,
             objective=objective,
+            manifest=manifest,
         )
 
-    return HermesModel(
-        model_dir, manifest, make_plan(budget), cost, replan=make_plan, smallest=smallest
-    )
+    plan = make_plan(budget)
+    return HermesModel(manifest, plan, cost, verifier, replan=make_plan, smallest=smallest)

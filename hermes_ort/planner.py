@@ -4,86 +4,32 @@ and which are prepacked, under a memory budget; and the fixed plans of the basel
 `plan_pipeload` searches loaders x window, fills the rest of the budget with resident blocks (most
 time saved per byte first), and keeps the plan with the lowest predicted latency of the objective's
 pass: a repeated pass (default) or the first (one-shot); plans within 3% of it are a tie, won by the
-faster other pass (then the lowest peak). Costs come from the cost model (costmodel.py)."""
+faster other pass (then the lowest peak). Costs come from the cost model (costmodel.py); what each
+strategy is, from strategies.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hermes_ort.costmodel import CostModel, room, within_margin
-from hermes_ort.errors import BudgetError
-from hermes_ort.sessions import (
-    ORT_DEFAULT,
-    PREPACKED_STREAMING,
-    STREAMING,
-    SessionSettings,
-    default_threads,
-)
+from hermes_ort.errors import BudgetError, OptionError
+from hermes_ort.machine import default_threads
+from hermes_ort.manifest import Manifest
+from hermes_ort.plan import BlockMechanism, Plan
+from hermes_ort.settings import PREPACKED_STREAMING, STREAMING
+from hermes_ort.strategies import block_loading, get_strategy, whole_model_file
 from hermes_ort.units import format_bytes
 
-STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
-LOAD_PATHS = ("default", "stream")  # ORT's default load / pipeload's (mmap, no prepack, read-ahead)
-MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (DESIGN.md §2)
+MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (docs/design.md §2)
 MAX_WINDOW = 8
 PASS_TIE = 0.03  # plans whose objective's pass is predicted this close are a tie
 OBJECTIVES = ("repeated", "one-shot")  # what the plan makes fastest: later passes, or the first
 
 
-@dataclass(frozen=True)
-class Plan:
-    strategy: str
-    loaders: int  # loading agents (threads)
-    window: int  # streamed (non-resident) block sessions alive at once, loading ones included
-    resident: tuple[int, ...]  # blocks whose sessions stay open between runs
-    prepack: (
-        bool  # ORT weight prepacking for streamed blocks (copies weights into anonymous memory)
-    )
-    readahead: bool  # loaders read a block's files before opening it
-    drop_cache: bool  # the daemon drops streamed blocks' file pages after use
-    budget_bytes: int | None = None
-    no_readahead: tuple[
-        int, ...
-    ] = ()  # sparse blocks (embedding lookups): pages fault in on demand
-    lag: int = 1  # executed streamed blocks the daemon may still be destroying while the next runs
-    prepack_resident: tuple[int, ...] = ()  # resident blocks opened with prepacking (pipeload)
-    predicted_peak_bytes: int | None = None
-    predicted_latency_s: float | None = None  # a repeated pass
-    predicted_first_latency_s: float | None = None  # the first pass (every block loads)
-    cost_source: str = "estimate"
-    reasons: tuple[str, ...] = field(default=())
-
-    @property
-    def whole_model(self) -> bool:
-        return self.strategy in ("full", "full-mmap")
-
-    def reads_ahead(self, block: int) -> bool:
-        return self.readahead and block not in self.no_readahead
-
-    def settings_for(self, block: int) -> SessionSettings:
-        if self.strategy != "pipeload":
-            return ORT_DEFAULT if self.prepack else STREAMING
-        return PREPACKED_STREAMING if block in self.prepack_resident else STREAMING
-
-    def describe(self) -> str:
-        lines = [
-            f"strategy {self.strategy}: {self.loaders} loading agent(s), window {self.window}, "
-            f"{len(self.resident)} resident block(s), prepack {'on' if self.prepack else 'off'}"
-            f"{f' (on for {len(self.prepack_resident)} resident)' if self.prepack_resident else ''}, "
-            f"read-ahead {'on' if self.readahead else 'off'}"
-        ]
-        if self.budget_bytes is not None:
-            lines.append(f"budget {format_bytes(self.budget_bytes)}")
-        if self.predicted_peak_bytes is not None:
-            lines.append(
-                f"predicted ({self.cost_source}): peak {format_bytes(self.predicted_peak_bytes)}, "
-                f"first pass {_ms(self.predicted_first_latency_s)}, repeated pass {_ms(self.predicted_latency_s)}"
-            )
-        lines += [f"- {r}" for r in self.reasons]
-        return "\n".join(lines)
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise OptionError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
+    return objective
 
 
 def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ...]) -> None:
@@ -96,7 +42,8 @@ def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ..
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot hold block '{block_names[largest]}' "
             f"({format_bytes(cost.live_bytes[largest])}) plus the process baseline "
-            f"({format_bytes(cost.baseline_bytes)}) and activations ({format_bytes(cost.activation_bytes)}); "
+            f"({format_bytes(cost.baseline_bytes)}) and activations "
+            f"({format_bytes(cost.activation_bytes)}); "
             f"the smallest workable budget is {format_bytes(need)} ({need} bytes)"
         )
 
@@ -146,11 +93,6 @@ def _prepack_within(
     return chosen
 
 
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
-
-
 @dataclass(frozen=True)
 class _Option:
     """One candidate plan: its shape, the costs it runs with, and their predictions."""
@@ -166,6 +108,32 @@ class _Option:
     peak: int
 
 
+def _options(cost, budget, k_options, w_options, fill, objective) -> list[_Option]:
+    """Every candidate: each (loaders, window, lag) that fits, its resident and prepacked blocks."""
+    plain = cost.with_prepack(frozenset())
+    space = None if budget is None else room(budget)
+    options = []
+    for k in k_options:
+        for w in w_options:
+            for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
+                if space is not None and cost.peak((), w, lag) > space:
+                    continue
+                # As many blocks resident as fit unprepacked (a kept block saves its load every
+                # pass), then prepack those where it speeds runs, while the budget allows.
+                resident = _fill_resident(plain, space, w, lag) if fill else ()
+                mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
+                # one-shot: prepacking is a slower session creation, paid back only on later passes
+                variants = [mixed]
+                if objective == "one-shot" and any(mixed.resident_prepack):
+                    variants.append(plain)
+                for c in variants:
+                    steady = c.latency(k, w, resident, first_pass=False, lag=lag)
+                    first = c.latency(k, w, resident, first_pass=True, lag=lag)
+                    peak = c.peak(resident, w, lag, k)
+                    options.append(_Option(k, w, lag, resident, c, c is plain, steady, first, peak))
+    return options
+
+
 def plan_pipeload(
     cost: CostModel,
     budget: int | None,
@@ -178,51 +146,19 @@ def plan_pipeload(
     objective "repeated": the fastest later pass (kept blocks prepacked where that speeds their
     runs); "one-shot": the fastest first pass (each candidate also without any prepacking, whose
     slower session creation only later passes pay back)."""
-    _check_objective(objective)
+    check_objective(objective)
     n = cost.blocks
     cores = cores or default_threads()
     k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
     w_options = [window] if window else list(range(1, min(n, MAX_WINDOW) + 1))
-    plain = cost.with_prepack(frozenset())
-    space = None if budget is None else room(budget)
-    options = []
-    for k in k_options:
-        for w in w_options:
-            for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
-                if space is not None and cost.peak((), w, lag) > space:
-                    continue
-                # As many blocks resident as fit unprepacked (a kept block saves its load every
-                # pass), then prepack those where it speeds runs, while the budget allows.
-                resident = (
-                    _fill_resident(plain, space, w, lag)
-                    if window is None or budget is not None
-                    else ()
-                )
-                mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
-                # one-shot: prepacking is a slower session creation, paid back only on later passes
-                variants = [mixed]
-                if objective == "one-shot" and any(mixed.resident_prepack):
-                    variants.append(plain)
-                for c in variants:
-                    options.append(
-                        _Option(
-                            k,
-                            w,
-                            lag,
-                            resident,
-                            c,
-                            c is plain,
-                            steady=c.latency(k, w, resident, first_pass=False, lag=lag),
-                            first=c.latency(k, w, resident, first_pass=True, lag=lag),
-                            peak=c.peak(resident, w, lag, k),
-                        )
-                    )
-    # the fastest pass of the objective; among those within PASS_TIE of it, the fastest other
-    # pass, then the smallest peak
+    fill = window is None or budget is not None  # a fixed window without a budget keeps nothing
+    options = _options(cost, budget, k_options, w_options, fill, objective)
 
     def passes(o: _Option) -> tuple[float, float]:  # (the objective's, the other)
         return (o.steady, o.first) if objective == "repeated" else (o.first, o.steady)
 
+    # the fastest pass of the objective; among those within PASS_TIE of it, the fastest other
+    # pass, then the smallest peak
     fastest = min((passes(o)[0] for o in options), default=0.0)
     best = min(
         (o for o in options if passes(o)[0] <= fastest * (1 + PASS_TIE)),
@@ -231,82 +167,64 @@ def plan_pipeload(
     )
     if best is None:
         w = window or 1
-        raise BudgetError(
-            f"window {w} needs {format_bytes(within_margin(cost.peak((), w, 0)))}, over the budget {format_bytes(budget)}"
+        need = format_bytes(within_margin(cost.peak((), w, 0)))
+        raise BudgetError(f"window {w} needs {need}, over the budget {format_bytes(budget)}")
+    kept = set(best.resident)
+    packed = {i for i in kept if best.cost.resident_prepack[i]}
+    drop = budget is not None  # under a budget, streamed pages go back (docs/design.md §4)
+    blocks = tuple(
+        BlockMechanism(
+            resident=i in kept,
+            settings=PREPACKED_STREAMING if i in packed else STREAMING,
+            readahead=not best.cost.sparse[i],  # sparse: pages fault in on demand
+            drop_pages=drop and (i in packed if i in kept else not best.cost.sparse[i]),
         )
-    k, w, lag, resident, cost = best.loaders, best.window, best.lag, best.resident, best.cost
-    prepacked = tuple(i for i in resident if cost.resident_prepack[i])
+        for i in range(n)
+    )
     return Plan(
         "pipeload",
-        k,
-        w,
-        resident,
-        prepack=False,
-        readahead=True,
-        drop_cache=budget is not None,
+        "blocks",
+        best.loaders,
+        best.window,
+        blocks,
+        lag=best.lag,
         budget_bytes=budget,
-        lag=lag,
-        prepack_resident=prepacked,
-        no_readahead=tuple(i for i in range(n) if cost.sparse[i]),
-        predicted_peak_bytes=cost.peak(resident, w, lag, k),
+        predicted_peak_bytes=best.peak,
         predicted_latency_s=best.steady,
         predicted_first_latency_s=best.first,
-        cost_source=cost.source,
-        reasons=_reasons(
-            cost,
-            budget,
-            cores,
-            k,
-            w,
-            lag,
-            resident,
-            prepacked,
-            loaders,
-            window,
-            objective,
-            best.unpacked,
-        ),
+        cost_source=best.cost.source,
+        reasons=_reasons(best, budget, cores, len(packed), loaders, window, objective),
     )
 
 
 def _reasons(
-    cost, budget, cores, k, w, lag, resident, prepacked, loaders, window, objective, unpacked
+    best: _Option, budget, cores, prepacked, loaders, window, objective
 ) -> tuple[str, ...]:
-    n = cost.blocks
+    cost, resident, n = best.cost, best.resident, best.cost.blocks
     why = []
     if len(resident) == n:
-        why.append(
-            "no budget"
-            if budget is None
-            else f"the whole model ({format_bytes(cost.model_bytes)}) fits the budget"
-        )
-        why[-1] += ": every block stays resident after its first load"
+        fits = f"the whole model ({format_bytes(cost.model_bytes)}) fits the budget"
+        why.append(("no budget" if budget is None else fits) + ": every block stays resident")
     elif resident:
         why.append(
-            f"{len(resident)} of {n} blocks stay resident between runs (most load time saved per byte); "
-            f"{n - len(resident)} are streamed every run"
+            f"{len(resident)} of {n} blocks stay resident between runs (most load time saved "
+            f"per byte); {n - len(resident)} are streamed every run"
         )
     else:
         why.append(f"nothing fits beside the window: all {n} blocks are streamed every run")
-    tuned = (
-        "as asked"
-        if loaders
-        else f"fastest predicted {objective} pass of 1..{min(cores, MAX_LOADERS, n)} on {cores} core(s)"
-    )
-    why.append(f"{k} loading agent(s): {tuned}")
-    why.append(
-        f"window {w}: "
-        + ("as asked" if window else f"fastest predicted {objective} pass that fits the budget")
-    )
-    if lag == 0 and len(resident) < n:
+    span = min(cores, MAX_LOADERS, n)
+    tuned = "as asked" if loaders else f"fastest predicted {objective} pass of 1..{span}"
+    why.append(f"{best.loaders} loading agent(s): {tuned} on {cores} core(s)")
+    fitted = f"fastest predicted {objective} pass that fits the budget"
+    why.append(f"window {best.window}: " + ("as asked" if window else fitted))
+    if best.lag == 0 and len(resident) < n:
         why.append(
-            "each streamed block is destroyed before the next runs: one executed block in memory, never two"
+            "each streamed block is destroyed before the next runs: "
+            "one executed block in memory, never two"
         )
     if prepacked:
-        why.append(
-            f"{len(prepacked)} resident block(s) prepacked: their runs are faster and they load once"
-        )
-    elif unpacked:  # a one-shot plan that left prepacking out
+        why.append(f"{prepacked} resident block(s) prepacked: faster runs, loaded once")
+    elif best.unpacked:  # a one-shot plan that left prepacking out
         why.append("resident blocks not prepacked: prepacking would slow the first pass")
     if cost.source == "estimate":
         why.append("costs estimated from file sizes: run `hermes-ort profile` for measured ones")
@@ -321,53 +239,29 @@ def plan_strategy(
     loaders: int | None = None,
     window: int | None = None,
     objective: str = "repeated",
+    manifest: Manifest | None = None,
 ) -> Plan:
-    """The plan of any strategy; the baselines are fixed mechanisms (DESIGN.md §1)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
-    if load_path not in LOAD_PATHS:
-        raise ValueError(f"unknown load_path '{load_path}' (choose from {', '.join(LOAD_PATHS)})")
-    _check_objective(objective)
+    """The plan of any strategy (strategies.py): pipeload's from the search above, the baselines'
+    fixed. The whole-model strategies need the manifest (the file they open)."""
+    spec = get_strategy(strategy)
+    settings, readahead = block_loading(load_path)
+    check_objective(objective)
     n = cost.blocks
-    stream = load_path == "stream"
-    if strategy == "pipeload":
+    if spec.residency == "planned":
         return plan_pipeload(cost, budget, loaders=loaders, window=window, objective=objective)
-    common = dict(
-        prepack=not stream,
-        readahead=stream,
-        drop_cache=False,
-        budget_bytes=budget,
-        cost_source=cost.source,
-    )
-    if strategy in ("full", "full-mmap"):
+    common = dict(budget_bytes=budget, cost_source=cost.source, reasons=(spec.about,))
+    if spec.engine == "whole":
+        if manifest is None:
+            raise OptionError(f"strategy '{strategy}' is planned with the model's manifest")
+        whole = whole_model_file(manifest, spec)
         return Plan(
-            strategy,
-            0,
-            1,
-            (),
-            **{**common, "prepack": strategy == "full", "readahead": False},
-            reasons=("one ONNX Runtime session of the whole model",),
+            strategy, "whole", 0, 1, whole=whole, whole_settings=spec.whole_settings, **common
         )
-    if strategy == "pipeswitch":  # one loader, in order, overlapped with execution, everything kept
-        everything = tuple(range(n))
-        return Plan(
-            strategy,
-            loaders or 1,
-            window or n,
-            everything,
-            **common,
-            predicted_peak_bytes=cost.peak(everything, 1),
-            reasons=("blocks loaded in order by one loader and all kept resident (PipeSwitch)",),
-        )
-    w = (
-        window or 1
-    )  # ondemand: load a block, run it, free it; window 2 = one block of prefetch (AirLLM)
-    return Plan(
-        strategy,
-        loaders or 1,
-        w,
-        (),
-        **common,
-        predicted_peak_bytes=cost.peak((), w),
-        reasons=(f"load, run, free each block; {w - 1} block(s) of prefetch (AirLLM)",),
-    )
+    keep = spec.residency == "all"
+    blocks = (BlockMechanism(keep, settings, readahead),) * n
+    # pipeswitch keeps everything (its window never binds); ondemand: window 2 = one block of
+    # prefetch, as AirLLM's
+    w = window or (n if keep else 1)
+    resident = tuple(range(n)) if keep else ()
+    peak = cost.peak(resident, 1 if keep else w)
+    return Plan(strategy, "blocks", loaders or 1, w, blocks, predicted_peak_bytes=peak, **common)

@@ -1,30 +1,27 @@
-"""The layer profiler: measures every block on this machine, once, and stores it beside the manifest.
+"""The layer profiler: measures every block on this machine, once (profile.py holds the result).
 
 For each block, one at a time, in block order (real inputs flow from block to block):
 cold and warm read-ahead time, session creation with and without prepacking, first and steady run
 time, the resident bytes of a live session (anonymous and file-backed), and the transient bytes of
-a run. The profile is keyed by a fingerprint of the machine, ONNX Runtime and the manifest; it is
-reused until one of them changes."""
+a run. `costs_now` turns a profile (or, without one, the files' sizes) into the cost model the
+planner uses, as this process sees its memory and the page cache now."""
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
+from hermes_ort.costmodel import CostModel
 from hermes_ort.daemon import destroy, drop_own_files
+from hermes_ort.dataflow import Tensors
 from hermes_ort.inputs import sample_inputs
-from hermes_ort.integrity import check_size
+from hermes_ort.integrity import Verifier, check_size
 from hermes_ort.loader import LiveBlock, read_ahead_block
-from hermes_ort.manifest import MANIFEST_NAME, Manifest, last_consumers, load_manifest
+from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.memory import (
     drop_file_cache,
     peak_rss_bytes,
@@ -33,124 +30,22 @@ from hermes_ort.memory import (
     rss_bytes,
     trim_heap,
 )
-from hermes_ort.sessions import (
-    PREPACKED_STREAMING,
-    STREAMING,
-    SessionSettings,
-    create_session,
-    default_threads,
-    run_session,
-)
+from hermes_ort.profile import BlockProfile, Profile, fingerprint
+from hermes_ort.readahead import is_cached
+from hermes_ort.sessions import create_session, run_session, warmup_pending
+from hermes_ort.settings import PREPACKED_STREAMING, STREAMING, SessionSettings
 
-PROFILE_NAME = "profile.json"
-PROFILE_SCHEMA = 7  # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files
-# read sequentially; 6: prologue read in small folios, kept blocks measured as kept, cold read CPU;
-# 7: prepacking's transient
 STEADY_RUNS = 3
 
 
-@dataclass(frozen=True)
-class BlockProfile:
-    name: str
-    file_bytes: int
-    cold_read_bytes: (
-        int  # bytes the cold read-ahead really read (pages the kernel kept are skipped)
-    )
-    readahead_cold_s: float  # read with the page cache dropped first (storage speed)
-    readahead_cold_cpu_s: float  # CPU time of that read (copies, the kernel's I/O path)
-    readahead_warm_s: float
-    create_s: float  # prepacking off (weights stay mmapped)
-    create_prepack_s: float  # as a kept block is opened (PREPACKED_STREAMING)
-    first_run_s: float  # prepacking off, right after read-ahead
-    run_s: float  # steady, prepacking off
-    run_prepack_s: float  # steady, prepacking on (kept, its file pages dropped)
-    live_bytes: int  # RSS of the live session after it has run, prepacking off
-    live_anon_bytes: int
-    live_file_bytes: int
-    live_prepack_bytes: int  # same, prepacking on, as kept (its file pages dropped)
-    prepack_transient_bytes: int  # held a moment longer while that session is created
-    open_bytes: int  # RSS of the session after creation, before any run (prepacking off)
-    transient_bytes: int  # peak above the steady state during a run (intermediates, arena)
-    output_bytes: int  # bytes of the tensors the block hands on
-
-
-@dataclass(frozen=True)
-class Profile:
-    fingerprint: dict[str, Any]
-    batch_size: int
-    sequence_length: int
-    baseline_bytes: int  # RSS of the profiling process before any block was opened
-    warmup_bytes: int  # RSS the first session of a process adds for good (ORT's code, buffers)
-    engine_overhead_bytes: int  # a real pipelined pass's peak above the per-block sum (threads,
-    # buffers, sessions opened ahead): measured by calibrate() after the blocks
-    read_bandwidth_bytes_per_s: float
-    blocks: tuple[BlockProfile, ...]
-    kept_overhead: float = 0.0  # kept blocks hold this share more than their profiles add up to
-    # in a real engine (shared arena, prepacking transients): measured by calibrate()
-    first_pass_extra_s: float = 0.0  # a fresh process's first pass beyond the per-block sums
-    stream_pass_scale: float = 1.0  # measured / predicted repeated pass that streams blocks
-    created: str = ""
-    schema_version: int = PROFILE_SCHEMA
-
-    def save(self, model_dir: Path) -> Path:
-        path = Path(model_dir) / PROFILE_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Profile:
-        blocks = tuple(BlockProfile(**b) for b in data["blocks"])
-        return cls(**{**data, "blocks": blocks})
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "cpu part", "hardware")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def fingerprint(model_dir: Path) -> dict[str, Any]:
-    """What a profile depends on: this machine, this ONNX Runtime, this exported model."""
-    import hashlib  # lazily: it loads OpenSSL, ~3.5 MB of resident memory
-
-    manifest_hash = hashlib.sha256((Path(model_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
-    return {
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "cores": default_threads(),
-        "onnxruntime": ort.__version__,
-        "manifest_sha256": manifest_hash,
-    }
-
-
-def load_profile(model_dir: Path) -> Profile | None:
-    """The stored profile if it still matches this machine and model, else None."""
-    path = Path(model_dir) / PROFILE_NAME
-    try:
-        data = json.loads(path.read_text())
-        if data.get("schema_version") != PROFILE_SCHEMA or data.get("fingerprint") != fingerprint(
-            model_dir
-        ):
-            return None
-        return Profile.from_json(data)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-
-
 def _open(
-    model_dir: Path, index: int, manifest: Manifest, settings: SessionSettings
+    verifier: Verifier, index: int, manifest: Manifest, settings: SessionSettings
 ) -> tuple[LiveBlock, float]:
     spec = manifest.blocks[index]
     t0 = time.perf_counter()
-    allowed = [check_size(model_dir, f) for f in spec.files]
-    session = create_session(model_dir / spec.path, settings, f"block '{spec.name}'", allowed)
+    allowed = [verifier.check(f) for f in spec.files]
+    path = verifier.model_dir / spec.path
+    session = create_session(path, settings, f"block '{spec.name}'", allowed, verifier)
     return LiveBlock(index, spec, session), time.perf_counter() - t0
 
 
@@ -165,12 +60,13 @@ def _timed_runs(block: LiveBlock, feeds: dict[str, np.ndarray], count: int) -> l
 
 
 def profile_block(
-    model_dir: Path, manifest: Manifest, index: int, env: dict[str, np.ndarray]
+    verifier: Verifier, manifest: Manifest, index: int, tensors: Tensors
 ) -> BlockProfile:
-    """Measure one block; adds its outputs to `env`."""
+    """Measure one block; puts its outputs into `tensors`."""
+    model_dir = verifier.model_dir
     spec = manifest.blocks[index]
     paths = [check_size(model_dir, f) for f in spec.files]
-    feeds = {n: env[n] for n in spec.inputs}
+    feeds = tensors.inputs_of(index)
     for p in paths:
         drop_file_cache(str(p))
     t0, cpu0 = time.perf_counter(), time.thread_time()
@@ -183,7 +79,7 @@ def profile_block(
 
     trim_heap()
     rss0, parts0 = rss_bytes(), rss_breakdown()
-    block, create_s = _open(model_dir, index, manifest, STREAMING)
+    block, create_s = _open(verifier, index, manifest, STREAMING)
     open_bytes = rss_bytes() - rss0
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -194,7 +90,7 @@ def profile_block(
     after = rss_bytes()
     parts = {k: v - parts0[k] for k, v in rss_breakdown().items()}
     steady = statistics.median(_timed_runs(block, feeds, STEADY_RUNS))
-    env.update(zip(spec.outputs, outputs, strict=True))
+    tensors.put(index, outputs)
     live = max(0, after - rss0 - out_bytes)
     transient = max(0, peak - after)
     destroy(block, model_dir, False, set())
@@ -203,7 +99,7 @@ def profile_block(
     trim_heap()
     rss0 = rss_bytes()
     reset_peak_rss()
-    block, create_prepack_s = _open(model_dir, index, manifest, PREPACKED_STREAMING)
+    block, create_prepack_s = _open(verifier, index, manifest, PREPACKED_STREAMING)
     packing = max(0, peak_rss_bytes() - rss_bytes())
     _timed_runs(block, feeds, 1)
     drop_own_files(spec, model_dir)
@@ -239,12 +135,14 @@ def profile_model(
     """Measure every block of an exported model on this machine (a few seconds for bert-base)."""
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
+    verifier = Verifier(model_dir, "size")  # sizes and external data: the profile measures, the
+    # model's first load verifies its hashes
     feeds = sample_inputs(manifest, 1, sequence_length)
     seq = next((v.shape[1] for v in feeds.values() if v.ndim >= 2), 1)
     # warm-up: the first session of a process faults in ONNX Runtime's own code and buffers
     trim_heap()
     cold_rss = rss_bytes()
-    warm, _ = _open(model_dir, 0, manifest, STREAMING)
+    warm, _ = _open(verifier, 0, manifest, STREAMING)
     run_session(
         warm.session,
         list(manifest.blocks[0].outputs),
@@ -254,13 +152,10 @@ def profile_model(
     destroy(warm, model_dir, False, set())
     trim_heap()
     baseline = rss_bytes()
-    env = dict(feeds)
-    last = last_consumers(manifest)
+    tensors = Tensors(manifest, feeds)
     blocks = []
     for i in range(len(manifest.blocks)):
-        blocks.append(profile_block(model_dir, manifest, i, env))
-        for name in [n for n in env if last.get(n, -1) <= i and n not in manifest.output_names]:
-            del env[name]
+        blocks.append(profile_block(verifier, manifest, i, tensors))
         if progress:
             progress(i + 1, len(manifest.blocks), blocks[-1])
     measured = [b for b in blocks if b.cold_read_bytes >= 1 << 20] or blocks  # tiny reads: syscalls
@@ -279,17 +174,22 @@ def profile_model(
     )
 
 
-def ensure_profile(model_dir: str | Path, progress=None) -> Profile:
-    """The stored profile, or a new one measured now and saved beside the manifest."""
-    model_dir = Path(model_dir)
-    profile = load_profile(model_dir)
+def costs_now(
+    model_dir: Path, manifest: Manifest, profile: Profile | None, cold: bool
+) -> CostModel:
+    """The cost model a plan is made with now: measured costs from `profile`, else estimates from
+    file sizes; this process's RSS as the baseline, whether it has yet to pay ONNX Runtime's
+    warm-up, and which blocks' files the page cache holds (the first pass reads those from it)."""
+    pending = warmup_pending()
     if profile is None:
-        from hermes_ort.calibrate import calibrate  # the engine, planner: imported late (cycles)
+        return CostModel.estimate(manifest, rss_bytes(), pending)
+    cached = cached_now(model_dir, manifest)
+    return CostModel.from_profile(manifest, profile, rss_bytes(), cold, cached, pending)
 
-        profile = profile_model(model_dir, progress=progress)
-        try:
-            profile = calibrate(model_dir, profile)  # stores it, measures in a fresh process
-            profile.save(model_dir)
-        except OSError:  # a read-only model directory: use it uncalibrated and unsaved
-            pass
-    return profile
+
+def cached_now(model_dir: Path, manifest: Manifest) -> tuple[bool, ...] | None:
+    """Per block: are its files in the page cache now (the first pass reads them from there)?"""
+    state = {p: is_cached(str(model_dir / p)) for p in manifest.block_files()}
+    if None in state.values():
+        return None
+    return tuple(all(state[f.path] for f in b.files) for b in manifest.blocks)

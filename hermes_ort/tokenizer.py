@@ -12,14 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.errors import HermesError
+from hermes_ort.errors import TokenizerError
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOS = 50256  # <|endoftext|>
-
-
-class TokenizerError(HermesError):
-    """No tokenizer could be found or loaded for a model."""
 
 
 @dataclass(frozen=True)

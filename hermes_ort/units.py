@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from hermes_ort.errors import OptionError
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -30,18 +32,18 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise ValueError(f"not a byte size: {value!r}")
+        raise OptionError(f"not a byte size: {value!r}")
     if isinstance(value, (int, float)):
         if value <= 0:
-            raise ValueError(f"byte size must be positive, got {value!r}")
+            raise OptionError(f"byte size must be positive, got {value!r}")
         return int(value)
     match = _PATTERN.match(str(value))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise ValueError(f"not a byte size: {value!r} (examples: 200MB, 1.5GiB, 300000000)")
+        raise OptionError(f"not a byte size: {value!r} (examples: 200MB, 1.5GiB, 300000000)")
     size = int(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise ValueError(f"byte size must be positive, got {value!r}")
+        raise OptionError(f"byte size must be positive, got {value!r}")
     return size
 
 

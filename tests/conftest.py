@@ -1,7 +1,10 @@
-"""Shared fixtures: a toy block model (no torch needed) built once per session."""
+"""Shared fixtures: the toy block model (no torch needed), written once per session and copied
+for every test that opens it, so no test sees another's files (verified.json, profile.json, damage)
+and results do not depend on the order tests run in."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import threading
@@ -16,15 +19,29 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        h.update(path.relative_to(root).as_posix().encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(scope="session")
-def toy_dir(tmp_path_factory) -> Path:
-    return write_toy_model(tmp_path_factory.mktemp("toy") / "model")
+def toy_source(tmp_path_factory) -> Path:
+    """The toy model as written; tests get copies (`toy_dir`) and must never open this one: the
+    session fails at its end if anything here changed."""
+    source = write_toy_model(tmp_path_factory.mktemp("toy") / "model")
+    before = _tree_digest(source)
+    yield source
+    assert _tree_digest(source) == before, "a test wrote into the shared toy model"
 
 
 @pytest.fixture
-def toy_copy(toy_dir, tmp_path) -> Path:
-    """A private copy for tests that damage the model directory."""
-    return Path(shutil.copytree(toy_dir, tmp_path / "model"))
+def toy_dir(toy_source, tmp_path) -> Path:
+    """A private copy of the toy model for this test (a few hundred KB)."""
+    return Path(shutil.copytree(toy_source, tmp_path / "model"))
 
 
 @pytest.fixture
@@ -34,3 +51,15 @@ def no_thread_leak():
     yield
     left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert not left, f"threads left running: {left}"
+
+
+@pytest.fixture
+def private(tmp_path):
+    """`private(model_dir)`: a copy of a (module-scoped, shared) model directory for this test
+    alone, so what a load writes beside the manifest stays with this test."""
+    count = iter(range(1_000_000))
+
+    def copy(source: Path) -> Path:
+        return Path(shutil.copytree(source, tmp_path / f"private-{next(count)}-{source.name}"))
+
+    return copy

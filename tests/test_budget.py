@@ -17,11 +17,16 @@ MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def wide_toy(tmp_path_factory):
+def wide_source(tmp_path_factory):
     # 8 layers of 1024x1024 fp32 = 4 MiB each: large enough to see in RSS
     return write_toy_model(
         tmp_path_factory.mktemp("wide") / "model", layers=8, hidden=1024, vocab=64
     )
+
+
+@pytest.fixture
+def wide_toy(wide_source, private):
+    return private(wide_source)
 
 
 def test_too_small_budget_names_block_and_minimum(toy_dir):

@@ -14,7 +14,7 @@ STRATEGIES = hermes_ort.STRATEGIES
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def full_logits(toy_dir):
     with hermes_ort.load(toy_dir, strategy="full") as model:
         feeds = model.sample_inputs(batch_size=2, sequence_length=12, seed=1)
@@ -111,7 +111,7 @@ def test_closed_model_refuses_to_run(toy_dir, full_logits):
         model.run(feeds)
 
 
-def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_copy, full_logits):
+def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_dir, full_logits):
     """The daemon drops a streamed block's file pages, except a sparse block's (an embedding
     looked up a few rows at a time): those would fault in from storage on every run."""
     from dataclasses import replace
@@ -121,12 +121,15 @@ def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_copy
 
     feeds, expected = full_logits
     os.sync()  # the copy's pages are dirty: the kernel drops only clean ones
-    with hermes_ort.load(toy_copy, window=2) as model:
+    with hermes_ort.load(toy_dir, window=2) as model:
         manifest = model.manifest
-        plan = replace(
-            model.plan, resident=(), prepack_resident=(), drop_cache=True, no_readahead=(0,)
-        )
-    engine = BlockEngine(toy_copy, manifest, plan)
+        verifier = model.verifier
+        streamed = tuple(
+            replace(b, resident=False, readahead=i != 0, drop_pages=i != 0)
+            for i, b in enumerate(model.plan.blocks)
+        )  # block 0, the prologue, is sparse: not read ahead, its pages kept
+        plan = replace(model.plan, blocks=streamed)
+    engine = BlockEngine(manifest, plan, verifier)
     try:
         outputs, _ = engine.run(feeds)
     finally:
@@ -134,5 +137,5 @@ def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_copy
     np.testing.assert_allclose(outputs["logits"], expected, atol=1e-5)
     sparse = {f.path for f in manifest.blocks[0].files}
     streamed = {f.path for b in manifest.blocks[1:] for f in b.files if b.is_own(f)} - sparse
-    assert streamed and all(is_cached(str(toy_copy / p)) for p in sparse)
-    assert not [p for p in streamed if is_cached(str(toy_copy / p))]
+    assert streamed and all(is_cached(str(toy_dir / p)) for p in sparse)
+    assert not [p for p in streamed if is_cached(str(toy_dir / p))]

@@ -12,7 +12,7 @@ from export.cut import block_model, plan_blocks, value_types
 from export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes, tie_transposed_copies
 from export.stack import LayerStack
 from export.storage import ALIGN_BYTES, SHARED_DATA, store_blocks
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 
 STACK = LayerStack("stack.layer", 2, "Layer")
 

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
 
 from export import storage, verify
 from export.stack import find_layer_stack
-from hermes_ort.errors import ExportError
+from export.errors import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,14 @@ def _tiny_llama(path, num_layers: int = LAYERS, safe: bool = True):
     return model
 
 
+@pytest.fixture
+def streamed(exported_streams, private):
+    """The exports, private copies for this test."""
+    return {k: (private(a), private(b), m) for k, (a, b, m) in exported_streams.items()}
+
+
 @pytest.fixture(scope="module")
-def streamed(tmp_path_factory):
+def exported_streams(tmp_path_factory):
     """name -> (regular export, streamed export, torch model)."""
     root = tmp_path_factory.mktemp("streaming")
     made = {}

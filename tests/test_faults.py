@@ -22,9 +22,9 @@ from toy_model import reference_logits
 
 import hermes_ort
 from hermes_ort import loader as loader_module
-from hermes_ort.bench import cgroups
-from hermes_ort.bench.device import Emulation, Launch, run_under
-from hermes_ort.bench.records import sample_from_child
+from bench import cgroups
+from bench.device import Emulation, Launch, run_under
+from bench.records import sample_from_child
 
 MIB = 1 << 20
 
@@ -59,11 +59,11 @@ def _kept(model) -> int:
 
 # -- files removed or damaged during the model's life ------------------------------------------------
 @pytest.mark.parametrize("strategy", ["pipeload", "ondemand", "pipeswitch"])
-def test_block_file_removed_mid_run(toy_copy, strategy, no_thread_leak):
-    victim = toy_copy / "blocks" / "layer_02.data"
+def test_block_file_removed_mid_run(toy_dir, strategy, no_thread_leak):
+    victim = toy_dir / "blocks" / "layer_02.data"
     hidden = victim.with_suffix(".moved")
     with hermes_ort.load(
-        toy_copy, strategy=strategy, window=2 if strategy == "pipeload" else None
+        toy_dir, strategy=strategy, window=2 if strategy == "pipeload" else None
     ) as model:
         feeds = model.sample_inputs()
         expected = model.run(feeds)["logits"]
@@ -76,47 +76,59 @@ def test_block_file_removed_mid_run(toy_copy, strategy, no_thread_leak):
         np.testing.assert_array_equal(model.run(feeds)["logits"], expected)
 
 
-def test_damaged_block_is_named(toy_copy):
-    path = toy_copy / "blocks" / "layer_01.onnx"
+def test_damaged_block_is_named(toy_dir):
+    path = toy_dir / "blocks" / "layer_01.onnx"
     data = bytearray(path.read_bytes())
     data[10:60] = b"\xff" * 50  # same size, garbage inside
     path.write_bytes(bytes(data))
     with pytest.raises(hermes_ort.IntegrityError, match="layer_01.onnx' does not match its sha256"):
-        hermes_ort.load(toy_copy)
+        hermes_ort.load(toy_dir)
     with pytest.raises(hermes_ort.IntegrityError, match="layer_01.onnx' is not an ONNX file"):
-        hermes_ort.load(toy_copy, verify="size")  # without hashes: its external data is unreadable
+        hermes_ort.load(toy_dir, verify="size")  # without hashes: its external data is unreadable
 
 
-def test_truncated_block_is_named(toy_copy):
-    path = toy_copy / "blocks" / "epilogue.data"
+def test_truncated_block_is_named(toy_dir):
+    path = toy_dir / "blocks" / "epilogue.data"
     body = path.read_bytes()
-    with hermes_ort.load(toy_copy, window=2) as model:
+    with hermes_ort.load(toy_dir, window=2) as model:
         path.write_bytes(body[:-100])  # after load: found before the block is opened
         with pytest.raises(hermes_ort.IntegrityError, match="epilogue.data.*bytes"):
             model.run(model.sample_inputs())
     with pytest.raises(hermes_ort.IntegrityError, match="epilogue.data.*bytes"):
-        hermes_ort.load(toy_copy, verify="size")
+        hermes_ort.load(toy_dir, verify="size")
 
 
 # -- a loader failing, Ctrl-C ---------------------------------------------------------------------
 def test_loader_failure_is_raised_before_its_block_is_reached(
     toy_dir, monkeypatch, live_sessions, no_thread_leak
 ):
-    real = loader_module.load_block
+    """Block 4's load fails while block 2 is still loading: the failure is raised at the next
+    block the inference agent takes, before it runs block 3 (it does not wait to reach block 4)."""
+    from hermes_ort import engine
 
-    def slow_or_failing(model_dir, index, spec, settings, readahead):
+    real, real_run = loader_module.load_block, engine.run_session
+    failed = threading.Event()
+    ran: list[str] = []
+
+    def slow_or_failing(verifier, index, spec, settings, readahead):
         if index == 4:
+            failed.set()
             raise hermes_ort.LoadError(f"block '{spec.name}': injected failure")
         if index == 2:
-            time.sleep(0.3)  # the failure of block 4 is known long before block 2 is done
-        return real(model_dir, index, spec, settings, readahead)
+            assert failed.wait(30), "block 4 was never loaded"
+        return real(verifier, index, spec, settings, readahead)
+
+    def run_session(session, names, feeds, what):
+        ran.append(what)
+        return real_run(session, names, feeds, what)
 
     monkeypatch.setattr(loader_module, "load_block", slow_or_failing)
+    monkeypatch.setattr(engine, "run_session", run_session)
     with hermes_ort.load(toy_dir, loaders=3, window=4) as model:
-        t0 = time.perf_counter()
         with pytest.raises(hermes_ort.LoadError, match="layer_03.*injected") as caught:
             model.run(model.sample_inputs())
-        assert time.perf_counter() - t0 < 2.0
+        order = [f"block '{b.name}'" for b in model.manifest.blocks]
+        assert ran == order[: len(ran)] and len(ran) <= 3  # never block 3 ('layer_02')
         assert live_sessions() == _kept(model) and caught.traceback
         monkeypatch.setattr(loader_module, "load_block", real)
         assert model.run(model.sample_inputs())["logits"].shape[-1] == 50
@@ -140,11 +152,11 @@ def test_ctrl_c_during_a_run(
     real = loader_module.load_block
     armed = threading.Event()
 
-    def ctrl_c_on_block_3(model_dir, index, spec, settings, readahead):
+    def ctrl_c_on_block_3(verifier, index, spec, settings, readahead):
         if index == 3 and armed.is_set():
             armed.clear()
             os.kill(os.getpid(), signal.SIGINT)
-        return real(model_dir, index, spec, settings, readahead)
+        return real(verifier, index, spec, settings, readahead)
 
     monkeypatch.setattr(loader_module, "load_block", ctrl_c_on_block_3)
     switch_interval = sys.getswitchinterval()
@@ -344,7 +356,7 @@ def _fresh_min_budget(model_dir) -> int:
     r = _child(
         """
         import sys
-        from hermes_ort.bench.child import main
+        from bench.child import main
         main(["describe", sys.argv[1]])
         """,
         str(model_dir),
@@ -363,7 +375,7 @@ def test_a_run_under_a_hard_cap_at_its_budget_is_not_killed(toy_dir):
     cmd = [
         sys.executable,
         "-m",
-        "hermes_ort.bench.child",
+        "bench.child",
         "run",
         str(toy_dir),
         "--budget-min-factor",
@@ -371,8 +383,8 @@ def test_a_run_under_a_hard_cap_at_its_budget_is_not_killed(toy_dir):
         "--passes",
         "5",
     ]
-    code, out, err, _ = run_under(launch, cmd, 120)
-    assert code == 0, err
+    result = run_under(launch, cmd, 120)
+    assert result.ok, result.error
     assert launch.cap_enforced and launch.memory.oom_kills == 0
     assert launch.memory.peak_bytes <= cap and not _groups_left(os.getpid())
 
@@ -393,12 +405,9 @@ def test_a_process_past_its_cap_is_killed_and_its_group_removed(toy_dir):
         """
     )
     launch = Launch(Emulation.detect(), cap_bytes=smallest + 32 * MIB, tag="test-faults")
-    t0 = time.monotonic()
-    code, out, err, _ = run_under(launch, [sys.executable, "-c", script, str(toy_dir)], 120)
-    sample = sample_from_child(
-        0, code, {}, time.monotonic() - t0, launch.memory, None, launch.cap_enforced
-    )
-    assert code == -signal.SIGKILL and launch.memory.oom_kills >= 1
+    result = run_under(launch, [sys.executable, "-c", script, str(toy_dir)], 120)
+    sample = sample_from_child(0, result, launch.memory, None, launch.cap_enforced)
+    assert result.returncode == -signal.SIGKILL and launch.memory.oom_kills >= 1
     assert sample.oom_killed and sample.error == "killed by the memory cap (OOM)"
     assert not _groups_left(os.getpid())
 
@@ -406,11 +415,11 @@ def test_a_process_past_its_cap_is_killed_and_its_group_removed(toy_dir):
 def test_the_bench_caps_each_budgeted_configuration_at_its_budget_plus_a_margin():
     """`hermes-ort bench --cap-at-budget 10%`: configurations with a budget run under a cap of the
     budget (as the child resolves it) + 10%, or their profile's cap if lower; the killed count."""
-    from hermes_ort.bench.matrix import build_matrix, expand
-    from hermes_ort.bench.models import ModelFacts
-    from hermes_ort.bench.records import killed_count
-    from hermes_ort.bench.render import killed_lines
-    from hermes_ort.bench.runner import Runner, RunOptions, margin_bytes
+    from bench.matrix import build_matrix, expand
+    from bench.models import ModelFacts
+    from bench.records import killed_count
+    from bench.render import killed_lines
+    from bench.runner import Runner, RunOptions, margin_bytes
 
     mb = 10**6
     matrix = build_matrix(

@@ -22,8 +22,14 @@ NEW_TOKENS = 24
 FAMILIES = ["tiny-gpt2", "tiny-llama", "tiny-qwen2"]
 
 
+@pytest.fixture
+def decoders(exported_decoders, private) -> dict[str, tuple[Path, object]]:
+    """The exported decoders, each a private copy for this test."""
+    return {name: (private(d), model) for name, (d, model) in exported_decoders.items()}
+
+
 @pytest.fixture(scope="module")
-def decoders(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+def exported_decoders(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """Each tiny decoder exported once (with its KV cache): name -> (model dir, torch model)."""
     pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 board)")
     root = tmp_path_factory.mktemp("decoders")
@@ -205,9 +211,9 @@ def test_a_model_without_kv_cache_cannot_generate(toy_dir):
 def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
     """The cache of prompt + max_new_tokens comes out of the budget before the blocks are planned;
     a budget with no room left for it is refused, naming the cache."""
-    import hermes_ort.model as model_module
+    import hermes_ort.profiler as profiler
 
-    monkeypatch.setattr(model_module, "rss_bytes", lambda: 100 << 20)  # a fixed process baseline
+    monkeypatch.setattr(profiler, "rss_bytes", lambda: 100 << 20)  # a fixed process baseline
     model_dir, _ = decoders["tiny-gpt2"]
     with hermes_ort.load(model_dir, memory_budget="min") as model:
         smallest = model.plan.budget_bytes
@@ -228,11 +234,11 @@ def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
 
 def test_generation_bench_child_and_table(decoders, capsys):
     """The generation bench's fresh-process child reports what the table shows."""
-    from hermes_ort.bench import generation
+    from bench import child, generation
 
     model_dir, _ = decoders["tiny-gpt2"]
     assert (
-        generation.main(["child", str(model_dir), "--prompt-tokens", "6", "--new-tokens", "5"]) == 0
+        child.main(["generate", str(model_dir), "--prompt-tokens", "6", "--new-tokens", "5"]) == 0
     )
     r = json.loads(capsys.readouterr().out)
     assert r["ok"] and len(r["token_s"]) == 4 and r["decode_tokens_per_s"] > 0

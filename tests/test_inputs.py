@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,9 @@ import hermes_ort
 
 
 @pytest.fixture(scope="module")
-def model(toy_dir):
-    with hermes_ort.load(toy_dir, window=2) as m:
+def model(toy_source, tmp_path_factory):
+    own = shutil.copytree(toy_source, tmp_path_factory.mktemp("inputs") / "model")
+    with hermes_ort.load(own, window=2) as m:
         yield m
 
 

@@ -23,7 +23,8 @@ from hermes_ort.external_data import (
     external_locations,
     locations_in_bytes,
 )
-from hermes_ort.sessions import STREAMING, create_session
+from hermes_ort.sessions import create_session
+from hermes_ort.settings import STREAMING
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,7 @@ def _reseal(model_dir: Path, rel: str) -> None:
 
 @pytest.fixture
 def hashed(monkeypatch):
-    """Names of the files hashed from now on; this process has verified nothing yet."""
-    monkeypatch.setattr(integrity, "_verified", {})
+    """Names of the files hashed from now on (by any model's verifier)."""
     calls: list[str] = []
     real = integrity.sha256_file
 
@@ -70,36 +70,36 @@ def settled(monkeypatch):
 @pytest.mark.parametrize(
     "rel", ["blocks/layer_01.onnx", "blocks/layer_02.data", "blocks/prologue.data"]
 )
-def test_changed_bytes_are_named_before_anything_runs(toy_copy, rel):
-    _flip_byte(toy_copy / rel)
+def test_changed_bytes_are_named_before_anything_runs(toy_dir, rel):
+    _flip_byte(toy_dir / rel)
     with pytest.raises(hermes_ort.IntegrityError, match=f"'{rel}' does not match its sha256"):
-        hermes_ort.load(toy_copy)
+        hermes_ort.load(toy_dir)
 
 
-def test_swapped_data_file_is_named_and_size_mode_would_miss_it(toy_copy):
-    blocks = toy_copy / "blocks"
-    with hermes_ort.load(toy_copy, window=2) as model:
+def test_swapped_data_file_is_named_and_size_mode_would_miss_it(toy_dir):
+    blocks = toy_dir / "blocks"
+    with hermes_ort.load(toy_dir, window=2) as model:
         feeds = model.sample_inputs()
         expected = model.run(feeds)["logits"]
     shutil.copyfile(blocks / "layer_02.data", blocks / "layer_01.data")  # same size, other weights
     with pytest.raises(hermes_ort.IntegrityError, match="'blocks/layer_01.data' does not match"):
-        hermes_ort.load(toy_copy)
-    with hermes_ort.load(toy_copy, window=2, verify="size") as model:  # why "once" is the default
+        hermes_ort.load(toy_dir)
+    with hermes_ort.load(toy_dir, window=2, verify="size") as model:  # why "once" is the default
         assert not np.allclose(model.run(feeds)["logits"], expected)
 
 
-def test_whole_model_file_is_verified_for_full(toy_copy):
-    _flip_byte(toy_copy / "full" / "model.data")
-    hermes_ort.load(toy_copy).close()  # the blocks are intact: pipeload does not open it
+def test_whole_model_file_is_verified_for_full(toy_dir):
+    _flip_byte(toy_dir / "full" / "model.data")
+    hermes_ort.load(toy_dir).close()  # the blocks are intact: pipeload does not open it
     with pytest.raises(hermes_ort.IntegrityError, match="'full/model.data' does not match"):
-        hermes_ort.load(toy_copy, strategy="full")
+        hermes_ort.load(toy_dir, strategy="full")
 
 
 @pytest.mark.parametrize("restore_mtime", [False, True], ids=["write", "write-then-touch-r"])
-def test_file_changed_after_verification_is_hashed_again(toy_copy, settled, restore_mtime):
-    victim = toy_copy / "blocks" / "layer_03.data"
+def test_file_changed_after_verification_is_hashed_again(toy_dir, settled, restore_mtime):
+    victim = toy_dir / "blocks" / "layer_03.data"
     original = victim.read_bytes()
-    with hermes_ort.load(toy_copy, window=2) as model:
+    with hermes_ort.load(toy_dir, window=2) as model:
         feeds = model.sample_inputs()
         expected = model.run(feeds)["logits"]
         before = os.stat(victim)
@@ -114,53 +114,52 @@ def test_file_changed_after_verification_is_hashed_again(toy_copy, settled, rest
         np.testing.assert_array_equal(model.run(feeds)["logits"], expected)
 
 
-def test_hashes_are_cached_in_process_and_on_disk(toy_copy, hashed, settled, monkeypatch):
-    (toy_copy / "verified.json").unlink(missing_ok=True)  # the shared toy's, copied along
-    files = len(hermes_ort.load_manifest(toy_copy).block_files())
-    hermes_ort.load(toy_copy).close()
-    assert len(hashed) == files
-    cache = json.loads((toy_copy / "verified.json").read_text())
+def test_hashes_are_cached_by_the_model_and_on_disk(toy_dir, hashed, settled):
+    assert not (toy_dir / "verified.json").exists()  # a private copy: nothing cached yet
+    files = len(hermes_ort.load_manifest(toy_dir).block_files())
+    with hermes_ort.load(toy_dir, window=2) as model:
+        assert len(hashed) == files and len(model.verifier.hashed) == files
+        for _ in range(2):  # every block opened twice: their stat is checked, nothing hashed
+            model.run(model.sample_inputs())
+        assert len(hashed) == files
+    cache = json.loads((toy_dir / "verified.json").read_text())
     assert len(cache["files"]) == files and cache["kind"] == "hermes-ort-verified"
 
-    hermes_ort.load(toy_copy).close()  # this process verified them
-    monkeypatch.setattr(integrity, "_verified", {})
-    hermes_ort.load(toy_copy).close()  # a new process: verified.json
+    hermes_ort.load(toy_dir).close()  # another load (or process): verified.json
     assert len(hashed) == files
 
-    (toy_copy / "verified.json").write_bytes(b"\x80\x04garbage")  # unreadable: hash again
-    monkeypatch.setattr(integrity, "_verified", {})
-    hermes_ort.load(toy_copy).close()
+    (toy_dir / "verified.json").write_bytes(b"\x80\x04garbage")  # unreadable: hash again
+    hermes_ort.load(toy_dir).close()
     assert len(hashed) == 2 * files
 
-    data = toy_copy / "blocks" / "layer_00.data"  # replaced by an identical copy: new inode
+    data = toy_dir / "blocks" / "layer_00.data"  # replaced by an identical copy: new inode
     shutil.copyfile(data, data.with_suffix(".tmp"))
     os.replace(data.with_suffix(".tmp"), data)
-    hermes_ort.load(toy_copy).close()
+    hermes_ort.load(toy_dir).close()
     assert hashed[2 * files :] == ["layer_00.data"]
 
-    hermes_ort.load(toy_copy, verify="size").close()
-    with pytest.raises(ValueError, match="verify must be one of"):
-        hermes_ort.load(toy_copy, verify="never")
+    hermes_ort.load(toy_dir, verify="size").close()
+    with pytest.raises(hermes_ort.OptionError, match="verify must be one of"):
+        hermes_ort.load(toy_dir, verify="never")
     assert len(hashed) == 2 * files + 1
 
 
-def test_freshly_written_files_are_not_trusted_from_the_cache(toy_copy, hashed):
+def test_freshly_written_files_are_not_trusted_from_the_cache(toy_dir, hashed):
     """Within RACY_NS of a write, a second write in the same clock tick could leave the file's
     times unchanged: such files are hashed at every load until they settle."""
-    hermes_ort.load(toy_copy).close()
-    hermes_ort.load(toy_copy).close()
-    assert len(hashed) == 2 * len(hermes_ort.load_manifest(toy_copy).block_files())
+    hermes_ort.load(toy_dir).close()
+    hermes_ort.load(toy_dir).close()
+    assert len(hashed) == 2 * len(hermes_ort.load_manifest(toy_dir).block_files())
 
 
-def test_read_only_model_dir_caches_in_the_user_cache(toy_copy, tmp_path, settled, monkeypatch):
-    (toy_copy / "verified.json").unlink(missing_ok=True)  # the shared toy's, copied along
+def test_read_only_model_dir_caches_in_the_user_cache(toy_dir, tmp_path, settled, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real_access = os.access
     monkeypatch.setattr(
-        os, "access", lambda p, mode: False if Path(p) == toy_copy else real_access(p, mode)
+        os, "access", lambda p, mode: False if Path(p) == toy_dir else real_access(p, mode)
     )
-    hermes_ort.load(toy_copy).close()
-    assert not (toy_copy / "verified.json").exists()
+    hermes_ort.load(toy_dir).close()
+    assert not (toy_dir / "verified.json").exists()
     (cached,) = (tmp_path / "cache" / "hermes-ort").glob("verified-model-*.json")
     assert json.loads(cached.read_text())["files"]
 
@@ -208,56 +207,56 @@ def ort_opened(monkeypatch):
     ],
 )
 def test_external_data_escaping_the_model_dir_is_refused(
-    toy_copy, tmp_path, ort_opened, location, message
+    toy_dir, tmp_path, ort_opened, location, message
 ):
     outside = tmp_path / "outside.data"
-    shutil.copyfile(toy_copy / "blocks" / "layer_01.data", outside)
-    (toy_copy / "blocks" / "link.data").symlink_to(outside)
+    shutil.copyfile(toy_dir / "blocks" / "layer_01.data", outside)
+    (toy_dir / "blocks" / "link.data").symlink_to(outside)
     location = str(outside) if location == "ABSOLUTE" else location
-    onnx_path = _point_at(toy_copy, "layer_01", location)
+    onnx_path = _point_at(toy_dir, "layer_01", location)
     with pytest.raises(hermes_ort.IntegrityError, match=message):
-        hermes_ort.load(toy_copy)
+        hermes_ort.load(toy_dir)
     with pytest.raises(hermes_ort.IntegrityError, match=message):  # the session factory too
-        create_session(onnx_path, STREAMING, allowed=[toy_copy / "blocks" / "layer_01.data"])
+        create_session(onnx_path, STREAMING, allowed=[toy_dir / "blocks" / "layer_01.data"])
     assert ort_opened == []
 
 
-def test_session_factory_confines_external_data_without_a_file_list(toy_copy, tmp_path, ort_opened):
+def test_session_factory_confines_external_data_without_a_file_list(toy_dir, tmp_path, ort_opened):
     """The profiler opens blocks with no file list: the model directory (found by its manifest)
     still bounds what ORT may read, and any other file of it is accepted."""
-    shutil.copyfile(toy_copy / "blocks" / "layer_01.data", tmp_path / "outside.data")
-    inside = _point_at(toy_copy, "layer_01", "layer_02.data")
+    shutil.copyfile(toy_dir / "blocks" / "layer_01.data", tmp_path / "outside.data")
+    inside = _point_at(toy_dir, "layer_01", "layer_02.data")
     create_session(inside, STREAMING)  # the toy's layers all have the same shapes
-    outside = _point_at(toy_copy, "layer_02", "../../outside.data")
+    outside = _point_at(toy_dir, "layer_02", "../../outside.data")
     with pytest.raises(hermes_ort.IntegrityError, match="outside the model directory"):
         create_session(outside, STREAMING)
     assert ort_opened == [str(inside)]
 
 
-def test_a_damaged_onnx_that_cannot_be_parsed_is_refused(toy_copy):
-    path = toy_copy / "blocks" / "layer_00.onnx"
+def test_a_damaged_onnx_that_cannot_be_parsed_is_refused(toy_dir):
+    path = toy_dir / "blocks" / "layer_00.onnx"
     path.write_bytes(path.read_bytes()[:-7])
-    _reseal(toy_copy, "blocks/layer_00.onnx")
+    _reseal(toy_dir, "blocks/layer_00.onnx")
     with pytest.raises(hermes_ort.IntegrityError, match="not an ONNX file this runtime can check"):
-        hermes_ort.load(toy_copy)
+        hermes_ort.load(toy_dir)
 
 
-def test_symlinked_block_directory_outside_is_refused(toy_copy, tmp_path):
-    shutil.move(toy_copy / "blocks", tmp_path / "blocks")
-    (toy_copy / "blocks").symlink_to(tmp_path / "blocks")
+def test_symlinked_block_directory_outside_is_refused(toy_dir, tmp_path):
+    shutil.move(toy_dir / "blocks", tmp_path / "blocks")
+    (toy_dir / "blocks").symlink_to(tmp_path / "blocks")
     with pytest.raises(hermes_ort.IntegrityError, match="outside the model directory"):
-        hermes_ort.load(toy_copy, verify="size")
+        hermes_ort.load(toy_dir, verify="size")
 
 
-def test_a_fifo_for_a_block_file_is_refused_without_hanging(toy_copy):
-    victim = toy_copy / "blocks" / "layer_00.data"
+def test_a_fifo_for_a_block_file_is_refused_without_hanging(toy_dir):
+    victim = toy_dir / "blocks" / "layer_00.data"
     victim.unlink()
     os.mkfifo(victim)  # opening it for reading would wait for a writer forever
     errors: list[BaseException] = []
 
     def load():
         try:
-            hermes_ort.load(toy_copy)
+            hermes_ort.load(toy_dir)
         except BaseException as e:
             errors.append(e)
 
@@ -270,7 +269,7 @@ def test_a_fifo_for_a_block_file_is_refused_without_hanging(toy_copy):
     )
 
 
-def test_nothing_in_the_model_dir_is_executed_or_unpickled(toy_copy, tmp_path):
+def test_nothing_in_the_model_dir_is_executed_or_unpickled(toy_dir, tmp_path):
     """Files a careless runtime might unpickle, import or load sit in the directory; loading,
     profiling and running it touch none of them (the marker file would appear)."""
     marker = tmp_path / "executed"
@@ -283,15 +282,15 @@ def test_nothing_in_the_model_dir_is_executed_or_unpickled(toy_copy, tmp_path):
 
     bomb = pickle.dumps(Payload())
     for name in ("profile.json", "verified.json", "model.pkl", "blocks/layer_00.pkl"):
-        (toy_copy / name).write_bytes(bomb)
+        (toy_dir / name).write_bytes(bomb)
     for name in ("sitecustomize.py", "hermes_ort.py", "blocks/__init__.py"):
-        (toy_copy / name).write_text(f"open({str(marker)!r}, 'w')\n")
-    manifest = json.loads((toy_copy / "manifest.json").read_text())
+        (toy_dir / name).write_text(f"open({str(marker)!r}, 'w')\n")
+    manifest = json.loads((toy_dir / "manifest.json").read_text())
     manifest["custom_op_library"] = "blocks/evil.so"  # unknown fields are ignored, never loaded
-    (toy_copy / "manifest.json").write_text(json.dumps(manifest))
-    with hermes_ort.load(toy_copy, strategy="auto") as model:
+    (toy_dir / "manifest.json").write_text(json.dumps(manifest))
+    with hermes_ort.load(toy_dir, profile=True) as model:
         model.run(model.sample_inputs())
-    assert json.loads((toy_copy / "profile.json").read_text())  # measured again, as JSON
+    assert json.loads((toy_dir / "profile.json").read_text())  # measured again, as JSON
     assert not marker.exists()
 
 

@@ -67,38 +67,38 @@ def test_bad_manifest_is_named(raw, mutate, message):
         parse_manifest(raw)
 
 
-def test_missing_and_malformed_files(tmp_path, toy_copy):
+def test_missing_and_malformed_files(tmp_path, toy_dir):
     with pytest.raises(hermes_ort.ManifestError, match="does not exist"):
         load_manifest(tmp_path / "nowhere")
     with pytest.raises(hermes_ort.ManifestError, match="manifest.json' not found"):
         load_manifest(tmp_path)
-    (toy_copy / "manifest.json").write_text("{ not json")
+    (toy_dir / "manifest.json").write_text("{ not json")
     with pytest.raises(hermes_ort.ManifestError, match="not valid JSON"):
-        hermes_ort.load(toy_copy)
+        hermes_ort.load(toy_dir)
 
 
-def test_symlink_escaping_the_model_dir_is_refused(toy_copy, tmp_path):
+def test_symlink_escaping_the_model_dir_is_refused(toy_dir, tmp_path):
     outside = tmp_path / "elsewhere.data"
-    victim = toy_copy / "blocks" / "layer_00.data"
+    victim = toy_dir / "blocks" / "layer_00.data"
     outside.write_bytes(victim.read_bytes())
     victim.unlink()
     victim.symlink_to(outside)
     with pytest.raises(hermes_ort.IntegrityError, match="outside the model directory"):
-        hermes_ort.load(toy_copy, window=2, verify="size")
+        hermes_ort.load(toy_dir, window=2, verify="size")
 
 
-def test_symlink_inside_the_model_dir_is_followed(toy_copy):
-    data = toy_copy / "blocks" / "layer_00.data"
-    (toy_copy / "blocks" / "store").mkdir()  # ORT wants external data beside its .onnx or below
-    data.rename(toy_copy / "blocks" / "store" / "moved.data")
-    data.symlink_to(toy_copy / "blocks" / "store" / "moved.data")
-    with hermes_ort.load(toy_copy, window=2) as model:
+def test_symlink_inside_the_model_dir_is_followed(toy_dir):
+    data = toy_dir / "blocks" / "layer_00.data"
+    (toy_dir / "blocks" / "store").mkdir()  # ORT wants external data beside its .onnx or below
+    data.rename(toy_dir / "blocks" / "store" / "moved.data")
+    data.symlink_to(toy_dir / "blocks" / "store" / "moved.data")
+    with hermes_ort.load(toy_dir, window=2) as model:
         assert model.run(model.sample_inputs())["logits"].shape == (1, 16, 50)
 
 
-def test_manifest_linked_from_outside_is_refused(toy_copy, tmp_path):
+def test_manifest_linked_from_outside_is_refused(toy_dir, tmp_path):
     outside = tmp_path / "elsewhere.json"
-    (toy_copy / "manifest.json").rename(outside)
-    (toy_copy / "manifest.json").symlink_to(outside)
+    (toy_dir / "manifest.json").rename(outside)
+    (toy_dir / "manifest.json").symlink_to(outside)
     with pytest.raises(hermes_ort.ManifestError, match="outside the model directory"):
-        load_manifest(toy_copy)
+        load_manifest(toy_dir)

@@ -58,7 +58,7 @@ def test_window_grows_when_loading_is_the_bottleneck():
 
 def test_no_budget_keeps_everything():
     plan = plan_pipeload(synthetic(), None, cores=2)
-    assert plan.resident == tuple(range(14)) and not plan.drop_cache
+    assert plan.resident == tuple(range(14)) and not any(b.drop_pages for b in plan.blocks)
 
 
 def test_infeasible_budget_names_the_smallest():
@@ -81,18 +81,66 @@ def test_overrides_are_obeyed():
 
 
 def test_baselines_are_fixed_mechanisms():
+    """Each plan states its mechanism block by block: the baselines' are fixed by the strategy
+    table, the load path decides how their sessions open."""
+    from hermes_ort.settings import ORT_DEFAULT, STREAMING
+
     cost = synthetic()
-    assert plan_strategy("pipeswitch", cost, None).resident == tuple(range(14))
+    pipeswitch = plan_strategy("pipeswitch", cost, None)
+    assert pipeswitch.resident == tuple(range(14)) and pipeswitch.engine == "blocks"
+    assert {b.settings for b in pipeswitch.blocks} == {ORT_DEFAULT}
     ondemand = plan_strategy("ondemand", cost, None)
-    assert (ondemand.loaders, ondemand.window, ondemand.resident, ondemand.prepack) == (
-        1,
-        1,
-        (),
-        True,
-    )
-    assert plan_strategy("ondemand", cost, None, load_path="stream").prepack is False
-    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+    assert (ondemand.loaders, ondemand.window, ondemand.resident) == (1, 1, ())
+    assert all(b.settings == ORT_DEFAULT and not b.readahead for b in ondemand.blocks)
+    stream = plan_strategy("ondemand", cost, None, load_path="stream")
+    assert all(b.settings == STREAMING and b.readahead for b in stream.blocks)
+    assert not any(b.drop_pages for p in (pipeswitch, ondemand, stream) for b in p.blocks)
+    with pytest.raises(hermes_ort.OptionError, match="unknown strategy 'fast'"):
         plan_strategy("fast", cost, None)
+    with pytest.raises(hermes_ort.OptionError, match="unknown load_path 'disk'"):
+        plan_strategy("ondemand", cost, None, load_path="disk")
+
+
+def test_pipeload_plans_say_what_each_block_does():
+    """Under a budget: kept blocks stay, prepacked where the plan says so, the sparse prologue is
+    neither read ahead nor dropped, every other streamed block's pages go back after its run."""
+    from dataclasses import replace
+
+    cost = replace(synthetic(), sparse=(True,) + (False,) * 13)
+    plan = plan_pipeload(cost, cost.peak(tuple(range(4)), 2) + 10 * MB, cores=2)
+    assert 0 < len(plan.resident) < 14
+    for i, b in enumerate(plan.blocks):
+        assert b.readahead == (i != 0)
+        assert b.drop_pages == ((not b.resident and i != 0) or (b.resident and b.settings.prepack))
+    unbudgeted = plan_pipeload(cost, None, cores=2)
+    assert not any(b.drop_pages for b in unbudgeted.blocks)
+
+
+def test_whole_model_plans_name_their_file():
+    from hermes_ort.manifest import FullModelSpec
+    from hermes_ort.settings import ORT_DEFAULT, WHOLE_MMAP
+
+    class Manifest:  # the two fields a whole-model plan reads
+        name = "m"
+        full_model = FullModelSpec("full/model_inline.onnx", ())
+        full_model_mmap = FullModelSpec("full/model.onnx", ())
+
+    cost = synthetic()
+    full = plan_strategy("full", cost, None, manifest=Manifest)
+    mmap = plan_strategy("full-mmap", cost, None, manifest=Manifest)
+    assert (full.engine, full.whole.path, full.whole_settings) == (
+        "whole",
+        "full/model_inline.onnx",
+        ORT_DEFAULT,
+    )
+    assert (mmap.whole.path, mmap.whole_settings) == ("full/model.onnx", WHOLE_MMAP)
+    Manifest.full_model_mmap = None  # an older export: full-mmap opens what there is
+    assert plan_strategy("full-mmap", cost, None, manifest=Manifest).whole.path.endswith(
+        "inline.onnx"
+    )
+    Manifest.full_model = None  # a streaming export has no whole-model file
+    with pytest.raises(hermes_ort.ManifestError, match="no whole-model file"):
+        plan_strategy("full", cost, None, manifest=Manifest)
 
 
 def test_timeline_basics():
@@ -172,5 +220,5 @@ def test_one_shot_objective_skips_prepacking_that_slows_the_first_pass():
     assert plan_pipeload(cost, budget, cores=2).prepack_resident  # repeated prepacks some here
     capped = plan_pipeload(cost, budget, cores=2, objective="one-shot")
     assert capped.prepack_resident == () and capped.predicted_peak_bytes <= budget
-    with pytest.raises(ValueError, match="unknown objective 'fast'"):
+    with pytest.raises(hermes_ort.OptionError, match="unknown objective 'fast'"):
         plan_pipeload(cost, None, objective="fast")

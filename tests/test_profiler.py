@@ -6,25 +6,43 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from toy_model import write_toy_model
 
 import hermes_ort
+from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
-from hermes_ort.profiler import PROFILE_NAME, ensure_profile, load_profile, profile_model
+from hermes_ort.profile import PROFILE_NAME
+from hermes_ort.profile import read_profile as load_profile
+from hermes_ort.profiler import profile_model
 
 
-def test_profile_measures_every_block(toy_copy):
-    profile = profile_model(toy_copy)
-    manifest = hermes_ort.load_manifest(toy_copy)
+def test_profile_measures_every_block(toy_dir):
+    profile = profile_model(toy_dir)
+    manifest = hermes_ort.load_manifest(toy_dir)
     assert [b.name for b in profile.blocks] == [b.name for b in manifest.blocks]
     for measured, spec in zip(profile.blocks, manifest.blocks, strict=True):
         assert measured.file_bytes == spec.bytes
         assert measured.create_s > 0 and measured.run_s > 0 and measured.first_run_s > 0
         assert measured.output_bytes > 0
     assert profile.sequence_length == manifest.sample["sequence_length"]
-    assert (
-        profile.read_bandwidth_bytes_per_s >= 0 and profile.baseline_bytes > 0
-    )  # 0: nothing to time
+    # the profiling process had Python, numpy and ONNX Runtime in memory before any block
+    assert profile.baseline_bytes > 20 << 20
+
+
+def test_cold_reads_come_from_storage(tmp_path):
+    """The cold read-ahead drops the block's pages first: it reads every byte from storage, and
+    the bandwidth is what those bytes took."""
+    import os
+
+    wide = write_toy_model(tmp_path / "wide", layers=2, hidden=1024, vocab=64)  # 4 MiB a layer
+    os.sync()  # written pages are dirty: the kernel drops only clean ones
+    profile = profile_model(wide)
+    layers = [b for b in profile.blocks if b.name.startswith("layer")]
+    assert all(b.cold_read_bytes >= 0.9 * b.file_bytes for b in layers)
+    read = sum(b.cold_read_bytes for b in layers)
+    seconds = sum(b.readahead_cold_s for b in layers)
+    assert profile.read_bandwidth_bytes_per_s == pytest.approx(read / seconds, rel=1e-9)
 
 
 def test_weights_show_up_as_live_bytes(tmp_path):
@@ -35,34 +53,34 @@ def test_weights_show_up_as_live_bytes(tmp_path):
     assert all(b.open_bytes < 0.3 * b.file_bytes for b in layers)  # mmapped, untouched until run
 
 
-def test_stored_and_reused_until_the_model_changes(toy_copy):
-    first = ensure_profile(toy_copy)
-    assert (toy_copy / PROFILE_NAME).is_file()
-    assert load_profile(toy_copy) == first
-    assert ensure_profile(toy_copy) == first  # reused, not measured again
-    data = json.loads((toy_copy / PROFILE_NAME).read_text())
+def test_stored_and_reused_until_the_model_changes(toy_dir):
+    first = ensure_profile(toy_dir)
+    assert (toy_dir / PROFILE_NAME).is_file()
+    assert load_profile(toy_dir) == first
+    assert ensure_profile(toy_dir) == first  # reused, not measured again
+    data = json.loads((toy_dir / PROFILE_NAME).read_text())
     data["fingerprint"]["onnxruntime"] = "0.0.1"
-    (toy_copy / PROFILE_NAME).write_text(json.dumps(data))
-    assert load_profile(toy_copy) is None  # another ONNX Runtime: measure again
-    ensure_profile(toy_copy)
-    manifest = json.loads((toy_copy / "manifest.json").read_text())
+    (toy_dir / PROFILE_NAME).write_text(json.dumps(data))
+    assert load_profile(toy_dir) is None  # another ONNX Runtime: measure again
+    ensure_profile(toy_dir)
+    manifest = json.loads((toy_dir / "manifest.json").read_text())
     manifest["name"] = "renamed"
-    (toy_copy / "manifest.json").write_text(json.dumps(manifest))
-    assert load_profile(toy_copy) is None  # another model
+    (toy_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert load_profile(toy_dir) is None  # another model
 
 
-def test_load_plans_with_the_profile(toy_copy):
-    with hermes_ort.load(toy_copy, memory_budget="1GB") as model:
+def test_load_plans_with_the_profile(toy_dir):
+    with hermes_ort.load(toy_dir, memory_budget="1GB") as model:
         assert model.plan.cost_source == "estimate"
-    with hermes_ort.load(toy_copy, memory_budget="1GB", strategy="auto") as model:
+    with hermes_ort.load(toy_dir, memory_budget="1GB", profile=True) as model:
         assert model.plan.cost_source == "profile" and model.plan.strategy == "pipeload"
         assert model.plan.predicted_peak_bytes <= 10**9
         out = model.run(model.sample_inputs())
-    with hermes_ort.load(toy_copy, strategy="full") as full:
+    with hermes_ort.load(toy_dir, strategy="full") as full:
         np.testing.assert_allclose(
             out["logits"], full.run(full.sample_inputs())["logits"], atol=1e-5
         )
-    with hermes_ort.load(toy_copy, memory_budget="1GB") as model:  # now stored: used by default
+    with hermes_ort.load(toy_dir, memory_budget="1GB") as model:  # now stored: used by default
         assert model.plan.cost_source == "profile"
 
 
@@ -70,7 +88,7 @@ def test_the_first_pass_is_predicted_from_what_is_cached_now(tmp_path):
     """Under a budget later passes re-read streamed blocks from storage; the first pass reads
     what the page cache holds at load time: cached files predict a faster first pass."""
     from hermes_ort.memory import drop_file_cache
-    from hermes_ort.model import cached_now
+    from hermes_ort.profiler import cached_now
     from hermes_ort.readahead import warm_files
 
     wide = write_toy_model(tmp_path / "wide", layers=3, hidden=1024, vocab=64)
@@ -95,7 +113,7 @@ def test_the_first_pass_is_predicted_from_what_is_cached_now(tmp_path):
     assert sum(b.readahead_cold_cpu_s for b in profile.blocks) > 0
 
 
-def test_the_prologue_is_read_in_small_folios_and_layers_sequentially(toy_copy, monkeypatch):
+def test_the_prologue_is_read_in_small_folios_and_layers_sequentially(toy_dir, monkeypatch):
     """An embedding table is looked up a few rows at a time: read in large folios, a lookup maps
     whole folios (bert-base's prologue: 59 MB resident instead of 10)."""
     from hermes_ort import loader
@@ -104,9 +122,9 @@ def test_the_prologue_is_read_in_small_folios_and_layers_sequentially(toy_copy, 
     monkeypatch.setattr(
         loader, "read_ahead", lambda path, sequential: calls.append((path, sequential)) or 0
     )
-    manifest = hermes_ort.load_manifest(toy_copy)
+    manifest = hermes_ort.load_manifest(toy_dir)
     for spec in manifest.blocks:
         calls.clear()
-        loader.read_ahead_block(spec, [toy_copy / f.path for f in spec.files])
+        loader.read_ahead_block(spec, [toy_dir / f.path for f in spec.files])
         for (path, sequential), f in zip(calls, spec.files, strict=True):
             assert sequential == (spec.kind != "prologue" and spec.is_own(f)), (spec.name, path)

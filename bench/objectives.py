@@ -1,7 +1,7 @@
 """The planner's two objectives side by side: at each budget, the plan for repeated passes and the
 plan for the first pass, in alternating fresh processes (warm page cache), `--rounds` of each.
 
-    python -m hermes_ort.bench.objectives models/bert-base --budgets 461MB,none --rounds 5
+    python -m bench objectives models/bert-base --budgets 461MB,none --rounds 5
 
 Prints a Markdown table (plan, first pass, repeated pass, largest peak RSS; medians, predictions
 beside them) and writes objectives-MODEL.json and .md into --out."""
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from hermes_ort.bench.sweep import sample_plan, summarise
+from bench.sweep import sample_plan, summarise
 from hermes_ort.manifest import load_manifest
 from hermes_ort.planner import OBJECTIVES
 
@@ -61,20 +60,16 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hermes_ort.bench.objectives",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--budgets", default="none", help="comma-separated, e.g. 461MB,none")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/latest"))
-    args = parser.parse_args(argv)
-    result = measure(
-        args.model_dir, [b.strip() for b in args.budgets.split(",") if b.strip()], args.rounds
-    )
+
+
+def run(args) -> int:
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    result = measure(args.model_dir, budgets, args.rounds)
     table = render(result)
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.model_dir.name
@@ -82,7 +77,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"objectives-{name}.md").write_text(table)
     print(table)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

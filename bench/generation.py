@@ -1,7 +1,7 @@
 """Generation benchmark: tokens/s, time to first token and peak memory of a decoder, per strategy,
 budget and storage profile, each configuration in a fresh process inside its own memory cgroup.
 
-    python -m hermes_ort.bench.generation models/tinyllama-1.1b --budgets 1,0.5,0.25 \
+    python -m bench generation models/tinyllama-1.1b --budgets 1,0.5,0.25 \
         --profiles warm,sd --out bench/results/latest/generation
 
 Budgets are shares of the model's block bytes on top of the process baseline (a fresh Python with
@@ -9,9 +9,10 @@ numpy and ONNX Runtime imported, measured first). `pipeload` plans under the bud
 runs under a hard cap of the budget plus a margin (the baselines have no budget of their own, so
 the cap is what bounds them: `full` is killed where it does not fit, `full-mmap` pages its weights
 in and out). Warm: the child reads the files into the page cache itself, inside its capped cgroup,
-so only what fits beside the process stays cached (a board with that much memory). The per-token I/O floor is what a pass must read because the budget cannot hold the
-model (model bytes - usable budget) at the profile's measured read bandwidth (not given when warm:
-the disk's own speed is not throttled or measured).
+so only what fits beside the process stays cached (a board with that much memory). The per-token
+I/O floor is what a pass must read because the budget cannot hold the model (model bytes - usable
+budget) at the profile's measured read bandwidth (not given when warm: the disk's own speed is not
+throttled or measured).
 """
 
 from __future__ import annotations
@@ -28,62 +29,6 @@ CAP_MARGIN = 0.10  # the cap over the budget: RSS noise and page cache of the bl
 STRATEGIES = ("pipeload", "full", "full-mmap", "ondemand")
 
 
-# -- the child: one fresh process ----------------------------------------------------------------
-def child(args) -> dict[str, Any]:
-    t0 = args.t0
-    import numpy as np
-
-    import hermes_ort
-    from hermes_ort.memory import rss_bytes, storage_read_bytes
-
-    if args.warm:  # inside this process's cgroup, so the cap bounds what stays cached
-        from hermes_ort.bench.models import model_files
-        from hermes_ort.manifest import load_manifest
-        from hermes_ort.readahead import warm_files
-
-        warm_files(model_files(load_manifest(args.model_dir), args.model_dir, args.strategy))
-        t0 = time.time()  # the one-shot starts after the warm-up
-    read0, baseline = storage_read_bytes(), rss_bytes()
-    model = hermes_ort.load(args.model_dir, memory_budget=args.budget, strategy=args.strategy)
-    t_loaded = time.time()
-    with model:
-        vocab = next(t.sample["high"] for t in model.manifest.inputs if t.name == "input_ids")
-        prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_tokens)
-        times: list[float] = []
-        last = [time.perf_counter()]
-
-        def tick(_token: int) -> None:
-            now = time.perf_counter()
-            times.append(now - last[0])
-            last[0] = now
-
-        model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[], streamer=tick)
-        s, plan = model.generation_stats, model.plan
-    t_done = time.time()
-    return {
-        "ok": True,
-        "one_shot_s": t_done - t0,  # process start to the last token, loading included
-        "load_s": t_loaded - t0,
-        "time_to_first_token_s": s.time_to_first_token_s,
-        "token_s": times[1:],  # each decode pass (the first entry is the prompt pass)
-        "decode_tokens_per_s": s.decode_tokens_per_s,
-        "peak_rss_bytes": s.peak_rss_bytes,
-        "bytes_read": storage_read_bytes() - read0,
-        "cache_bytes": s.cache_bytes,
-        "baseline_bytes": baseline,  # RSS with Python, numpy and ORT imported, before the model
-        "budget_bytes": plan.budget_bytes,
-        "plan": {
-            "loaders": plan.loaders,
-            "window": plan.window,
-            "resident_blocks": len(plan.resident),
-            "blocks": len(model.manifest.blocks),
-            "streamed_bytes": sum(
-                b.bytes for i, b in enumerate(model.manifest.blocks) if i not in plan.resident
-            ),
-        },
-    }
-
-
 # -- the parent: the matrix ----------------------------------------------------------------------
 def _run_one(
     emulation,
@@ -95,10 +40,9 @@ def _run_one(
     cap: int | None,
     args,
 ) -> dict[str, Any]:
-    from hermes_ort.bench.device import Launch, prepare_cache, run_under
-    from hermes_ort.bench.matrix import STORAGE
-    from hermes_ort.bench.models import model_files
-    from hermes_ort.bench.runner import child_json
+    from bench.device import Launch, prepare_cache, run_under
+    from bench.matrix import STORAGE
+    from bench.models import model_files
     from hermes_ort.manifest import load_manifest
 
     # Warm = the child reads the files into the page cache itself (charged to its capped cgroup:
@@ -116,8 +60,8 @@ def _run_one(
     cmd = [
         sys.executable,
         "-m",
-        "hermes_ort.bench.generation",
-        "child",
+        "bench.child",
+        "generate",
         str(model_dir),
         "--strategy",
         strategy,
@@ -130,8 +74,9 @@ def _run_one(
         cmd += ["--budget", str(budget)]
     if storage.cache == "warm":
         cmd.append("--warm")
-    code, out, err, _ = run_under(launch, cmd, args.timeout)
-    result = child_json(out, err)
+    child = run_under(launch, cmd, args.timeout)
+    result = {**child.record, "ok": child.ok, "error": None if child.ok else child.error}
+    code = child.returncode
     mem = launch.memory
     killed = bool(mem and mem.oom_kills) or code == -9
     result.update(
@@ -148,10 +93,10 @@ def _run_one(
 
 
 def run_matrix(args) -> dict[str, Any]:
-    from hermes_ort.bench.cgroups import disk_of
-    from hermes_ort.bench.device import Emulation, measure_read_bandwidth
-    from hermes_ort.bench.matrix import STORAGE
-    from hermes_ort.bench.records import machine_info, versions
+    from bench.cgroups import disk_of
+    from bench.device import Emulation, measure_read_bandwidth
+    from bench.matrix import STORAGE
+    from bench.records import machine_info, versions
     from hermes_ort.manifest import load_manifest
 
     model_dir = Path(args.model_dir)
@@ -238,6 +183,11 @@ def _line(r: dict) -> str:
 
 
 # -- the table -----------------------------------------------------------------------------------
+def _kept(plan: dict) -> int:
+    """Resident blocks of a plan record (older records counted them as resident_blocks)."""
+    return len(plan["resident"]) if "resident" in plan else plan["resident_blocks"]
+
+
 def render(data: dict[str, Any]) -> str:
     from hermes_ort.units import format_bytes
 
@@ -269,28 +219,13 @@ def render(data: dict[str, Any]) -> str:
             f"{head} {r['decode_tokens_per_s']:.2f} | {per * 1000:.0f} ms | "
             f"{'-' if floor is None else f'{floor * 1000:.0f} ms'} | {r['time_to_first_token_s']:.2f} s | "
             f"{r['one_shot_s']:.1f} s | {mb(r['peak_rss_bytes'])} | {mb(r.get('cgroup_peak_bytes'))} | "
-            f"{mb(r.get('blkio_read_bytes') or r['bytes_read'])} | {plan['resident_blocks']}/{plan['blocks']} |"
+            f"{mb(r.get('blkio_read_bytes') or r['bytes_read'])} | {_kept(plan)}/{plan['blocks']} |"
         )
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m hermes_ort.bench.generation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="mode")
-    c = sub.add_parser("child")
-    c.add_argument("model_dir", type=Path)
-    c.add_argument("--strategy", default="pipeload")
-    c.add_argument("--budget", type=int, default=None)
-    c.add_argument("--prompt-tokens", type=int, default=32)
-    c.add_argument("--new-tokens", type=int, default=16)
-    c.add_argument("--t0", type=float, default=None)
-    c.add_argument("--warm", action="store_true", help="read the model files first")
-    m = sub.add_parser("run")
-    m.add_argument("model_dir", type=Path)
+def add_arguments(m: argparse.ArgumentParser) -> None:
+    m.add_argument("model_dir", type=Path, nargs="?", help="an exported decoder")
     m.add_argument("--strategies", default=",".join(STRATEGIES))
     m.add_argument("--budgets", default="1,0.5,0.25", help="shares of the model's bytes")
     m.add_argument("--profiles", default="warm,sd")
@@ -301,27 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--cores", type=int, default=None)
     m.add_argument("--timeout", type=float, default=1800)
     m.add_argument("--out", type=Path, default=Path("bench/results/latest/generation"))
-    r = sub.add_parser("render", help="render generation.md again from a generation.json")
-    r.add_argument("json_file", type=Path)
-    args = p.parse_args(argv)
-    if args.mode == "child":
-        args.t0 = args.t0 or time.time()
-        try:
-            print(json.dumps(child(args)))
-        except Exception as e:  # the parent records the failure
-            print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))
-            return 1
-        return 0
-    if args.mode == "render":
-        data = json.loads(args.json_file.read_text())
+    m.add_argument("--render", type=Path, metavar="JSON", help="render a generation.json again")
+
+
+def run(args) -> int:
+    if args.render:
+        data = json.loads(args.render.read_text())
         table = render(data)
-        args.json_file.with_suffix(".md").write_text(table)
+        args.render.with_suffix(".md").write_text(table)
         print(table)
         return 0
-    if args.mode != "run":
-        p.print_help()
-        return 2
-    from hermes_ort.bench.cgroups import signals_raise
+    if args.model_dir is None:
+        raise ValueError("give the model directory of an exported decoder")
+    from bench.cgroups import signals_raise
 
     with signals_raise():  # SIGTERM/SIGHUP clean up the cgroups as Ctrl-C does
         data = run_matrix(args)
@@ -331,7 +258,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "generation.md").write_text(table)
     print(table)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The planner's sweep: across budgets from the smallest workable one to the whole model, does the
 plan keep its promises, and is it as fast as the best fixed (loaders, window)?
 
-    python -m hermes_ort.bench.sweep models/bert-base --points 6 --repeats 3 --out bench/results/latest
+    python -m bench sweep models/bert-base --points 6 --repeats 3 --out bench/results/latest
 
 For each budget, in fresh processes (warm page cache): the planner's choice and every (loaders,
 window) of a small grid, `--repeats` rounds of all of them (so drift hits every configuration
@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from hermes_ort.fresh import run_fresh
+from bench import child_env
+from hermes_ort.errors import ChildFailed
+from hermes_ort.fresh import run_child
 from hermes_ort.manifest import load_manifest
 from hermes_ort.planner import OBJECTIVES
 from hermes_ort.readahead import warm_files
@@ -34,42 +36,47 @@ def sample_plan(
     window: int | None,
     files: list[Path],
     objective: str,
+    passes: int = REPEATED_PASSES + 1,
 ) -> dict:
-    """One fresh process: a first pass and the repeated ones, from a warm page cache."""
-    extra = ("--objective", objective)
-    extra += ("--loaders", str(loaders), "--window", str(window)) if loaders else ()
+    """One fresh process (bench.child run): a first pass and the repeated ones, from a warm page
+    cache. Its record, with "ok" and "error"."""
+    cmd = [sys.executable, "-m", "bench.child", "run", str(model_dir), "--passes", str(passes)]
+    cmd += ["--objective", objective]
+    cmd += ["--loaders", str(loaders), "--window", str(window)] if loaders else []
+    cmd += ["--budget", str(budget)] if budget is not None else []
     warm_files(files)
-    return run_fresh(model_dir, "pipeload", budget, repeat=REPEATED_PASSES + 1, extra=extra)
+    result = run_child(cmd, env=child_env())
+    return {**result.record, "ok": result.ok, "error": None if result.ok else result.error}
 
 
 def summarise(samples: list[dict]) -> dict:
-    failed = [s for s in samples if s["returncode"] != 0]
+    """Medians of the first and the repeated passes, the first pass's peak RSS (median) and the
+    largest of any pass."""
+    failed = [s for s in samples if not s["ok"]]
     if failed:
         return {"error": failed[0]["error"]}
-    runs = [r["runs"][0] for r in samples]
-    later = [p for r in samples for p in r["runs"][1:]]
+    later = [t for s in samples for t in s["steady_s"]]
+    firsts = [(s["first_pass_s"], s["pass_peak_rss_bytes"][0]) for s in samples]
     return {
         "plan": samples[0]["plan"],
-        "latency_s": statistics.median(r["latency_s"] for r in runs),
-        "repeated_latency_s": statistics.median(r["latency_s"] for r in later),
-        "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
-        "max_peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs + later),
-        "samples": [
-            {"latency_s": r["latency_s"], "peak_rss_bytes": r["peak_rss_bytes"]} for r in runs
-        ],
+        "latency_s": statistics.median(t for t, _ in firsts),
+        "repeated_latency_s": statistics.median(later),
+        "peak_rss_bytes": statistics.median(p for _, p in firsts),
+        "max_peak_rss_bytes": max(max(s["pass_peak_rss_bytes"]) for s in samples),
+        "samples": [{"latency_s": t, "peak_rss_bytes": p} for t, p in firsts],
     }
 
 
 def sweep(model_dir: Path, points: int, repeats: int, objective: str = "repeated") -> dict:
     manifest = load_manifest(model_dir)
     files = [model_dir / f.path for f in manifest.block_files().values()]
-    extra = ("--objective", objective)
-    low = run_fresh(model_dir, "pipeload", "min", extra=extra)["budget_bytes"] + (
-        1 << 20
-    )  # + RSS jitter
-    high = int(
-        run_fresh(model_dir, "pipeload", None, extra=extra)["plan"]["predicted_peak_bytes"] * 1.02
-    )  # all kept
+    smallest = sample_plan(model_dir, "min", None, None, files, objective, passes=1)
+    everything = sample_plan(model_dir, None, None, None, files, objective, passes=1)
+    for s in (smallest, everything):
+        if not s["ok"]:
+            raise ChildFailed(f"planning '{model_dir}' failed: {s['error']}")
+    low = smallest["budget_bytes"] + (1 << 20)  # + RSS jitter
+    high = int(everything["plan"]["predicted_peak_bytes"] * 1.02)  # all kept
     budgets = [int(low + (high - low) * i / (points - 1)) for i in range(points)]
     rows = []
     for budget in budgets:
@@ -163,8 +170,7 @@ def header(objective: str) -> str:
     return "| " + " | ".join(cells) + " |\n" + "|---" * len(cells) + "|"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hermes_ort.bench.sweep", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--points", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
@@ -176,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the plans' objective (every configuration's; the grid fixes only loaders x window)",
     )
     parser.add_argument("--render", action="store_true", help="render OUT/sweep-MODEL.json again")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     name = args.model_dir.name + ("" if args.objective == "repeated" else f"-{args.objective}")
     if args.render:
         result = json.loads((args.out / f"sweep-{name}.json").read_text())
@@ -186,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"sweep-{name}.json").write_text(json.dumps(result, indent=1))
     title = f"{args.model_dir.name}, objective {result.get('objective', 'repeated')}"
+    medians = f"medians of {result['repeats']}"
     table = "\n".join(
         [
-            f"### Planner sweep: {title} (warm cache, fresh processes, medians of {result['repeats']})",
+            f"### Planner sweep: {title} (warm cache, fresh processes, {medians})",
             "",
             header(result.get("objective", "repeated")),
             *[render_row(r) for r in result["rows"]],
@@ -197,7 +206,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"sweep-{name}.md").write_text(table + "\n")
     print(table)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,11 +1,18 @@
-"""`hermes-ort bench`: run a matrix of models x strategies x budgets x device profiles, each
-configuration in fresh processes, and write JSON, a Markdown table and PNG plots.
+"""`python -m bench COMMAND ...`: the one command of the benchmarks (run from the repository).
 
-    hermes-ort bench --matrix smoke                   # CI: tiny presets, a couple of minutes
-    hermes-ort bench --matrix full                    # everything, into bench/results/
-    hermes-ort bench --models bert-base --strategies full,pipeswitch,pipeload \\
+    python -m bench matrix --matrix smoke        # CI: tiny presets, a couple of minutes
+    python -m bench matrix --matrix full         # everything, into bench/results/
+    python -m bench matrix --models bert-base --strategies full,pipeswitch,pipeload \\
         --budgets min,300MB --profiles warm,sd:1c:512MB --repeats 5
-    hermes-ort bench --render bench/results/RUN/bench.json   # tables and plots again
+    python -m bench matrix --render bench/results/RUN/bench.json.gz   # tables and plots again
+    python -m bench generation models/tinyllama-1.1b --budgets 1,0.5,0.25 --profiles warm,sd
+    python -m bench sweep models/bert-base --points 5 --repeats 3
+    python -m bench objectives models/bert-base --budgets 461MB,none --rounds 5
+    python -m bench verify-cost models/bert-base
+    python -m bench export-memory --layers 4,8,16
+
+`matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
+JSON (raw samples, gzip), a Markdown table and PNG plots.
 """
 
 from __future__ import annotations
@@ -16,8 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.bench.matrix import MATRICES, STORAGE, build_matrix, expand
-from hermes_ort.errors import interrupted_status
+from bench.matrix import MATRICES, STORAGE, build_matrix, expand
+from hermes_ort.errors import HermesError, interrupted_status
+
+DOCUMENT = "bench.json.gz"  # the run's document: every record and raw sample
+# the other commands: their modules give add_arguments(parser) and run(args)
+COMMANDS = {
+    "generation": ("bench.generation", "a decoder's tokens/s and memory per strategy and budget"),
+    "sweep": ("bench.sweep", "the planner against fixed (loaders, window) across budgets"),
+    "objectives": ("bench.objectives", "the planner's two objectives side by side"),
+    "verify-cost": ("bench.verify_cost", "what load()'s integrity checks cost"),
+    "export-memory": ("bench.export_memory", "the exporter's peak memory, regular vs streaming"),
+}
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -104,36 +121,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `bench` to a `hermes-ort` subparsers object."""
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark strategies x budgets x device profiles (JSON, Markdown, plots)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
 def write_outputs(doc: dict[str, Any], run_dir: Path, plots: bool = True) -> list[Path]:
     """bench.json, bench.md and the plots into `run_dir`."""
-    from hermes_ort.bench.records import write_document
-    from hermes_ort.bench.render import render_markdown
+    from bench.records import write_document
+    from bench.render import render_markdown
 
-    paths = [write_document(doc, run_dir / "bench.json")]
+    paths = [write_document(doc, run_dir / DOCUMENT)]
     md = run_dir / "bench.md"
     md.write_text(render_markdown(doc))
     paths.append(md)
     if plots:
-        from hermes_ort.bench.plots import write_plots
+        from bench.plots import write_plots
 
         try:
             paths += write_plots(doc, run_dir)
         except ImportError as e:  # matplotlib is the `bench` extra, not a runtime dependency
             print(
-                f"hermes-ort bench: plots skipped: {e.name or e} is not installed "
+                f"bench: plots skipped: {e.name or e} is not installed "
                 "(pip install 'hermes-ort[bench]')",
                 file=sys.stderr,
             )
@@ -156,7 +160,7 @@ def _unexpected_failures(doc: dict[str, Any]) -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    from hermes_ort.bench.records import load_document, to_json
+    from bench.records import load_document, to_json
 
     if args.render:
         doc = load_document(args.render)
@@ -179,10 +183,10 @@ def cmd_bench(args) -> int:
             print(" ".join(c.key))
         print(f"{len(configs)} configurations x {matrix.repeats} repeats", file=sys.stderr)
         return 0
-    from hermes_ort.bench.runner import RunOptions, run_matrix
+    from bench.runner import RunOptions, run_matrix
 
     if args.cap_at_budget is not None:
-        from hermes_ort.bench.matrix import margin_bytes
+        from bench.matrix import margin_bytes
 
         margin_bytes(args.cap_at_budget, 1 << 30)  # a bad spelling fails now, not after the exports
     options = RunOptions(
@@ -196,38 +200,57 @@ def cmd_bench(args) -> int:
     )
     try:
         doc = run_matrix(matrix, options)
-    except (RuntimeError, ValueError, OSError) as e:
-        print(f"hermes-ort bench: error: {e}", file=sys.stderr)
+    except (HermesError, ValueError, OSError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
         return 1
     run_dir = args.out / f"{matrix.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     paths = write_outputs(to_json(doc), run_dir, not args.no_plots)
     print(paths[1].read_text())
     print("\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
-    from hermes_ort.bench.render import killed_lines
+    from bench.render import killed_lines
 
     for line in killed_lines(to_json(doc)):
-        print(f"hermes-ort bench: {line.replace('**', '')}", file=sys.stderr)
+        print(f"bench: {line.replace('**', '')}", file=sys.stderr)
     if doc["interrupted"]:
         return interrupted_status()
     failures = _unexpected_failures(to_json(doc))
     for f in failures:
-        print(f"hermes-ort bench: failed: {f}", file=sys.stderr)
+        print(f"bench: failed: {f}", file=sys.stderr)
     return 1 if failures and args.fail_on_error else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(
-        prog="hermes-ort bench",
+        prog="python -m bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", required=True)
+    matrix = sub.add_parser("matrix", help="models x strategies x budgets x device profiles")
+    add_arguments(matrix)
+    matrix.set_defaults(func=cmd_bench)
+    for name, (module, about) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name,
+            help=about,
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        return cmd_bench(args)
-    except ValueError as e:  # bad axis values
-        print(f"hermes-ort bench: error: {e}", file=sys.stderr)
-        return 2
+        return args.func(args)
+    except (ValueError, HermesError) as e:  # bad axis values, a child that failed
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
     except KeyboardInterrupt:
-        print("hermes-ort bench: interrupted", file=sys.stderr)
+        print("bench: interrupted", file=sys.stderr)
         return interrupted_status()

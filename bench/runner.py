@@ -6,23 +6,22 @@ count, so each group profiles its models first (`hermes-ort profile`, skipped wh
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.bench import cgroups
-from hermes_ort.bench.device import (
+from bench import cgroups
+from bench.device import (
     Emulation,
     Launch,
     measure_read_bandwidth,
     prepare_cache,
     run_under,
 )
-from hermes_ort.bench.matrix import STORAGE, Config, Matrix, expand, margin_bytes, min_budget_at
-from hermes_ort.bench.models import (
+from bench.matrix import STORAGE, Config, Matrix, expand, margin_bytes, min_budget_at
+from bench.models import (
     ModelFacts,
     describe,
     ensure_exported,
@@ -30,8 +29,8 @@ from hermes_ort.bench.models import (
     model_dir_for,
     model_files,
 )
-from hermes_ort.bench.progress import Progress
-from hermes_ort.bench.records import (
+from bench.progress import Progress
+from bench.records import (
     KIND,
     SCHEMA_VERSION,
     Floors,
@@ -45,7 +44,9 @@ from hermes_ort.bench.records import (
     seconds,
     versions,
 )
+from hermes_ort.errors import HermesError
 from hermes_ort.manifest import Manifest, load_manifest
+from hermes_ort.strategies import get_strategy
 from hermes_ort.units import format_bytes
 
 FLOOR_PASSES = 5
@@ -77,14 +78,6 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def child_json(out: str, err: str) -> dict[str, Any]:
-    """The last JSON line a bench child printed, else its last line of stderr as the error."""
-    for line in reversed(out.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"ok": False, "error": (err.strip().splitlines() or [None])[-1]}
-
-
 class Runner:
     def __init__(self, matrix: Matrix, options: RunOptions):
         self.matrix = matrix
@@ -103,7 +96,7 @@ class Runner:
 
     # -- preparation -------------------------------------------------------------------------
     def prepare_models(self) -> None:
-        from hermes_ort.bench.cgroups import disk_of
+        from bench.cgroups import disk_of
 
         for name in self.matrix.models:
             model_dir = model_dir_for(name, self.options.models_dir)
@@ -121,7 +114,7 @@ class Runner:
         for storage in {p.storage.name: p.storage for p in self.matrix.profiles}.values():
             try:
                 bw = measure_read_bandwidth(self.emulation, storage, first.model_dir, first.disk)
-            except (OSError, RuntimeError) as e:
+            except (OSError, HermesError) as e:
                 bw = {"read_bytes_per_s": None, "error": str(e)}
                 self.warnings.append(f"storage '{storage.name}': bandwidth not measured: {e}")
             self.bandwidth[storage.name] = {
@@ -176,7 +169,7 @@ class Runner:
         cmd = [
             sys.executable,
             "-m",
-            "hermes_ort.bench.child",
+            "bench.child",
             "run",
             str(m.model_dir),
             "--strategy",
@@ -197,16 +190,9 @@ class Runner:
         return cmd
 
     def _spawn(self, launch: Launch, cmd: list[str], repeat: int) -> Sample:
-        code, out, err, t0 = run_under(launch, cmd, self.options.timeout_s)
-        wall = time.time() - t0
+        result = run_under(launch, cmd, self.options.timeout_s)
         return sample_from_child(
-            repeat,
-            code,
-            child_json(out, err),
-            wall,
-            launch.memory,
-            launch.blkio_read_bytes,
-            launch.cap_enforced,
+            repeat, result, launch.memory, launch.blkio_read_bytes, launch.cap_enforced
         )
 
     def cap_bytes(self, config: Config) -> int | None:
@@ -305,11 +291,8 @@ class Runner:
         storage = config.profile.storage
         cap = self.cap_bytes(config)
         floor = self.floors.get((config.model, cores))
-        strategy_bytes = (
-            (f.full_bytes or f.model_bytes)
-            if config.strategy.name in ("full", "full-mmap")
-            else f.model_bytes
-        )
+        whole = get_strategy(config.strategy.name).engine == "whole"
+        strategy_bytes = (f.full_bytes or f.model_bytes) if whole else f.model_bytes
         budget = median(s.budget_bytes for s in samples)
         limit = min([b for b in (cap, budget) if b is not None], default=None)
         first, steady = io_floors(

@@ -1,4 +1,4 @@
-"""Emulating an edge board around one child process (DESIGN.md §3): page-cache state, pinned
+"""Emulating an edge board around one child process (docs/design.md §3): page-cache state, pinned
 cores, a hard memory cap (memory cgroup) and throttled storage reads (blkio cgroup).
 
 What cannot be emulated here (not root, no cgroup v1, a model on tmpfs) is said once and skipped;
@@ -6,9 +6,7 @@ each record says what was in force."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.bench import cgroups
-from hermes_ort.bench.matrix import DeviceProfile, StorageProfile
+from bench import cgroups, child_env
+from bench.matrix import DeviceProfile, StorageProfile
+from hermes_ort.fresh import ChildResult, require, run_child
 from hermes_ort.memory import drop_file_cache
 from hermes_ort.readahead import warm_files
 
@@ -166,29 +165,15 @@ class Launch:
         self._groups.clear()
 
 
-def run_under(launch: Launch, cmd: list[str], timeout_s: float) -> tuple[int, str, str, float]:
-    """Start `cmd` under `launch` (entered here); (returncode, stdout, stderr, spawn time.time()).
-    The child is killed on timeout, error or Ctrl-C; its groups are always removed."""
+def run_under(
+    launch: Launch, cmd: list[str], timeout_s: float, tell_t0: bool = True
+) -> ChildResult:
+    """Run `cmd` under `launch` (entered here) on the runtime's child protocol (hermes_ort/fresh.py),
+    told its spawn time (`--t0`, so a bench child counts its one-shot from process start). The
+    child is killed on timeout, error or Ctrl-C; its groups are always removed."""
     with launch:
-        t0 = time.time()
-        proc = subprocess.Popen(
-            cmd + ["--t0", repr(t0)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=launch.preexec,
-        )
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            err += f"\ntimeout: killed after {timeout_s:.0f} s"
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    return proc.returncode, out, err, t0
+        t0 = [] if not tell_t0 else ["--t0", repr(time.time())]
+        return run_child([*cmd, *t0], timeout_s, launch.preexec, child_env())
 
 
 def measure_read_bandwidth(
@@ -213,11 +198,8 @@ def measure_read_bandwidth(
         launch = Launch(
             emulation, disk=disk, read_bytes_per_s=storage.read_bytes_per_s, tag="probe"
         )
-        cmd = [sys.executable, "-m", "hermes_ort.bench.child", "read", name]
-        code, out, err, _ = run_under(launch, cmd, timeout_s)
-        if code != 0:
-            raise RuntimeError(f"bandwidth probe failed: {err.strip()[-300:]}")
-        r = json.loads(out.strip().splitlines()[-1])
+        cmd = [sys.executable, "-m", "bench.child", "read", name]
+        r = require(run_under(launch, cmd, timeout_s), "the bandwidth probe")
         return {
             "read_bytes_per_s": r["bytes"] / max(r["seconds"], 1e-9),
             "probe_bytes": r["bytes"],

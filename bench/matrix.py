@@ -17,11 +17,14 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from hermes_ort.strategies import LOAD_PATHS, STRATEGIES
 from hermes_ort.units import parse_bytes
 
-RUNTIME_STRATEGIES = ("pipeload", "full", "full-mmap", "pipeswitch", "ondemand")
-LOAD_PATHS = ("default", "stream")
-BASELINES_WITH_LOAD_PATH = ("pipeswitch", "ondemand")  # the ablation applies to these
+RUNTIME_STRATEGIES = tuple(STRATEGIES)
+# the ablation (+stream) applies to the fixed per-block baselines
+BASELINES_WITH_LOAD_PATH = tuple(
+    s.name for s in STRATEGIES.values() if s.engine == "blocks" and s.residency != "planned"
+)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.bench.records import killed_count
+from bench.records import killed_count
 from hermes_ort.units import format_bytes
 
 # Hermes (arXiv 2409.04249): against PipeSwitch, the best it reports per model family

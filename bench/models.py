@@ -5,17 +5,18 @@ what a fresh process sees of it (sizes, the planner's smallest workable budget).
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.bench.device import Emulation, Launch, run_under
+from bench import REPO, child_env
+from bench.device import Emulation, Launch, run_under
+from hermes_ort.fresh import require, run_child
 from hermes_ort.manifest import MANIFEST_NAME, Manifest
+from hermes_ort.strategies import get_strategy
 
-REPO_PRESETS = Path(__file__).resolve().parents[2] / "models" / "presets"
+REPO_PRESETS = REPO / "models" / "presets"
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,8 @@ def ensure_exported(name: str, model_dir: Path, log=print) -> None:
         )
     log(f"exporting preset '{name}' into {model_dir} (python -m export) ...")
     cmd = [sys.executable, "-m", "export", "--preset", name, "--out", str(model_dir), "--quiet"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"export of '{name}' failed ({' '.join(cmd)}): {tail}")
+    what = f"export of '{name}' ({' '.join(cmd)})"
+    require(run_child(cmd, timeout_s=3600, env=child_env()), what)
 
 
 def model_files(manifest: Manifest, model_dir: Path, strategy: str | None = None) -> list[Path]:
@@ -67,7 +66,7 @@ def model_files(manifest: Manifest, model_dir: Path, strategy: str | None = None
     full = [model_dir / f.path for f in manifest.full_model.files] if manifest.full_model else []
     if strategy is None:
         return blocks + full
-    return full if strategy in ("full", "full-mmap") else blocks
+    return full if get_strategy(strategy).engine == "whole" else blocks
 
 
 def ensure_profile(
@@ -77,24 +76,17 @@ def ensure_profile(
     measured again only when it does not match). Returns "" or why it failed."""
     cmd = [sys.executable, "-m", "hermes_ort", "profile", str(model_dir)]
     launch = Launch(Emulation(None, "", None, "", emulation.cpus), cores=cores, tag="profile")
-    with launch:
-        r = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, preexec_fn=launch.preexec
-        )
-    return "" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["failed"])[-1]
+    result = run_under(launch, cmd, timeout_s, tell_t0=False)
+    return "" if result.ok else result.error
 
 
 def describe(
     name: str, model_dir: Path, emulation: Emulation, cores: int | None, timeout_s: float
 ) -> ModelFacts:
     """Sizes and the smallest workable budget, seen by a fresh process pinned to these cores."""
-    cmd = [sys.executable, "-m", "hermes_ort.bench.child", "describe", str(model_dir)]
+    cmd = [sys.executable, "-m", "bench.child", "describe", str(model_dir)]
     launch = Launch(Emulation(None, "", None, "", emulation.cpus), cores=cores, tag="describe")
-    code, out, err, _ = run_under(launch, cmd, timeout_s)
-    lines = out.strip().splitlines()
-    data = json.loads(lines[-1]) if lines else {"ok": False, "error": err.strip()[-300:]}
-    if code != 0 or not data.get("ok"):
-        raise RuntimeError(f"cannot describe '{model_dir}': {data.get('error')}")
+    data = require(run_under(launch, cmd, timeout_s), f"describing '{model_dir}'")
     return ModelFacts(
         name=name,
         model_dir=model_dir,

@@ -134,7 +134,7 @@ def plot_latency(doc: dict[str, Any], model: str, path: Path) -> Path | None:
 def plot_paper(doc: dict[str, Any], profile: str, path: Path) -> Path | None:
     """The paper's comparison on one profile: pipeload's one-shot speedup and memory reduction
     against pipeswitch, per model and budget, with the paper's headline for its family as a mark."""
-    from hermes_ort.bench.render import PAPER_HEADLINE, model_families
+    from bench.render import PAPER_HEADLINE, model_families
 
     families = model_families(doc)
     pipes = [

@@ -1,7 +1,7 @@
 """Bench records: one Sample per fresh process, one Record per configuration (medians beside the
 raw samples, the floors, the ratios to `full` and `pipeswitch`), and the JSON document of a run.
 
-Floors (DESIGN.md §4):
+Floors (docs/design.md §4):
 - compute floor: every block's session created and warm, the runs alone: the median steady
   `compute_s` (sum of the blocks' run times) of `pipeswitch` on the same model and cores;
 - I/O floor of the first pass: the bytes the strategy must read (its files, when the profile
@@ -11,6 +11,7 @@ Floors (DESIGN.md §4):
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -19,6 +20,8 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from hermes_ort.fresh import ChildResult
 
 SCHEMA_VERSION = 1
 KIND = "hermes-ort-bench"
@@ -70,33 +73,27 @@ _SAMPLE_KEYS = (
 
 def sample_from_child(
     repeat: int,
-    returncode: int,
-    child: dict[str, Any],
-    wall_s: float,
+    result: ChildResult,
     memory=None,
     blkio_read_bytes: int | None = None,
     cap_enforced: bool = False,
 ) -> Sample:
-    """A Sample from the child's JSON line (empty if it printed none) and its groups' stats."""
-    oom = bool(memory and memory.oom_kills) or (cap_enforced and returncode == -9)
-    ok = returncode == 0 and bool(child.get("ok"))
+    """A Sample from a child's result (its JSON record may be empty) and its groups' stats."""
+    child = result.record
+    oom = bool(memory and memory.oom_kills) or (cap_enforced and result.returncode == -9)
+    ok = result.ok and child.get("ok") is True
     error = None
     if not ok:
-        error = child.get("error") or (
-            "killed by the memory cap (OOM)" if oom else f"exit status {returncode}"
-        )
-    rest = {
-        k: v
-        for k, v in child.items()
-        if k not in (*_SAMPLE_KEYS, "ok", "error", "steady_s", "steady_compute_s", "rss_curve")
-    }
+        error = child.get("error") or ("killed by the memory cap (OOM)" if oom else result.error)
+    skip = (*_SAMPLE_KEYS, "ok", "error", "steady_s", "steady_compute_s", "rss_curve")
+    rest = {k: v for k, v in child.items() if k not in skip}
     return Sample(
         repeat=repeat,
         ok=ok,
-        returncode=returncode,
+        returncode=result.returncode,
         error=error,
         oom_killed=oom,
-        wall_s=wall_s,
+        wall_s=result.wall_s,
         **{k: child.get(k) for k in _SAMPLE_KEYS},
         steady_s=tuple(child.get("steady_s", ())),
         steady_compute_s=tuple(child.get("steady_compute_s", ())),
@@ -266,12 +263,12 @@ def killed_count(records: list[dict[str, Any]]) -> dict[str, int]:
 def machine_info() -> dict[str, Any]:
     import psutil
 
-    from hermes_ort.profiler import _cpu_name
+    from hermes_ort.machine import cpu_name
 
     return {
         "hostname": platform.node(),
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total,
         "os": f"{platform.system()} {platform.release()}",
@@ -327,16 +324,22 @@ def to_json(obj: Any) -> Any:
 
 
 def write_document(doc: dict[str, Any], path: Path) -> Path:
+    """The document as JSON; gzip-compressed when `path` ends in .gz (raw samples and RSS curves
+    make a full matrix's document several MB: kept compressed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(to_json(doc), indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    data = (json.dumps(to_json(doc), indent=1) + "\n").encode()
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return path
 
 
 def load_document(path: Path) -> dict[str, Any]:
-    """A bench JSON file, refusing other kinds and schema versions."""
-    data = json.loads(Path(path).read_text())
+    """A bench JSON file (.json or .json.gz), refusing other kinds and schema versions."""
+    raw = Path(path).read_bytes()
+    data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     if data.get("kind") != KIND or data.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"'{path}' is not a hermes-ort bench file of schema {SCHEMA_VERSION} "

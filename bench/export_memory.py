@@ -1,9 +1,10 @@
 """The exporter's peak memory against the number of layers, regular vs --streaming.
 
-    python -m export.memory_bench --layers 4,8,16 --out bench/results/latest/export-memory
+    python -m bench export-memory --layers 4,8,16 --out bench/results/latest/export-memory
 
 Saves Llama-style checkpoints of one width and growing depth (random weights, safetensors), exports
-each both ways in a fresh process, and records its peak RSS (GNU time) and wall time.
+each both ways in a fresh process, and records its peak RSS (the kernel's, for that child) and
+wall time. Needs the exporter's extra (torch, transformers, optimum).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench import child_env
+from hermes_ort.fresh import require, run_child
 
 WIDTH = {
     "hidden_size": 1024,
@@ -42,40 +44,20 @@ def save_checkpoint(path: Path, num_layers: int) -> int:
 
 
 def export_peak(ckpt: Path, out: Path, streaming: bool) -> dict:
-    """Export in a child under GNU time, which reports the child's own peak RSS."""
-    cmd = [
-        "/usr/bin/time",
-        "-v",
-        sys.executable,
-        "-m",
-        "export",
-        "--model",
-        str(ckpt),
-        "--out",
-        str(out),
-        "--quiet",
-        "--seq-len",
-        "32",
-        "--force",
-    ] + (["--streaming"] if streaming else [])
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-800:])
-    kib = next(
-        int(line.split(":")[1])
-        for line in r.stderr.splitlines()
-        if "Maximum resident set size" in line
-    )
-    return {"peak_rss_bytes": kib * 1024, "seconds": elapsed}
+    """Export in a child; its peak RSS is the kernel's (wait4's maxrss of the child)."""
+    cmd = [sys.executable, "-m", "export", "--model", str(ckpt), "--out", str(out), "--quiet"]
+    cmd += ["--seq-len", "32", "--force"] + (["--streaming"] if streaming else [])
+    result = run_child(cmd, timeout_s=7200, env=child_env())
+    require(result, f"export of '{ckpt}'")
+    return {"peak_rss_bytes": result.peak_rss_bytes, "seconds": result.wall_s}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.memory_bench", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="4,8,16")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest/export-memory"))
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="hermes-export-memory-"))
     try:
@@ -91,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export-memory.json").write_text(
-        json.dumps({"width": WIDTH, "rows": rows}, indent=1)
-    )
+    doc = {"width": WIDTH, "rows": rows}
+    (args.out / "export-memory.json").write_text(json.dumps(doc, indent=1))
     lines = ["| layers | model (fp32) | mode | exporter peak RSS | time |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -103,7 +84,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "export-memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
