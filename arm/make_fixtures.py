@@ -3,10 +3,10 @@
     .venv/bin/python arm/make_fixtures.py OUT_DIR
 
 OUT_DIR/
-  models/NAME/            tiny-bert, tiny-vit, tiny-gpt2 (exported here) and toy (tests/toy_model.py)
+  models/NAME/            tiny-bert, tiny-vit, tiny-gpt2 (exported here), toy (tests/toy_model.py)
   models/NAME.inputs.npz  sample inputs (batch 2, padded where the model has an attention_mask)
   models/NAME.full-x86.npz  the x86-64 `full` outputs for them: the board's reference
-  toy/KEY/, toy/KEY.weights.npz  every toy variant the existing tests build (the board has no `onnx`)
+  toy/KEY/, toy/KEY.weights.npz  every toy variant the tests build (the board has no `onnx`)
   fixtures.json           host versions, budget refusals on x86, the ops the blocks use
 
 Rebuilt only when a source it depends on changes (the fingerprint in fixtures.json).
@@ -31,7 +31,7 @@ PRESETS = ("tiny-bert", "tiny-vit", "tiny-gpt2")
 TOY_DEFAULTS = {"layers": 4, "hidden": 32, "vocab": 50, "seed": 0}  # write_toy_model's defaults
 TOO_SMALL_BUDGET = "1MB"
 BATCH, SEQ = 2, 16
-# contrib ops / domains that only exist in x86 builds of ONNX Runtime (ORT_ENABLE_ALL layout transforms)
+# contrib ops / domains only x86 builds of ONNX Runtime have (ORT_ENABLE_ALL layout transforms)
 X86_ONLY_DOMAINS = ("com.microsoft.nchwc",)
 X86_ONLY_OPS = ("ReorderInput", "ReorderOutput", "NchwcConv", "NchwcMaxPool", "NchwcAveragePool")
 SIZE_PATTERN = (
@@ -61,7 +61,8 @@ def toy_key(layers: int, hidden: int, vocab: int, seed: int) -> str:
 
 
 def toy_variants() -> list[dict]:
-    """Every `write_toy_model(...)` call in tests/ with literal keyword arguments, plus the default."""
+    """Every `write_toy_model(...)` call in tests/ with literal keyword arguments, and the
+    default."""
     found = [dict(TOY_DEFAULTS)]
     for path in sorted((REPO / "tests").rglob("*.py")):
         try:

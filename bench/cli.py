@@ -100,7 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         const="10%",
         default=None,
         metavar="MARGIN",
-        help="cap each configuration with a budget at that budget plus MARGIN (default 10%%; or bytes, e.g. 16MB)",
+        help="cap each configuration with a budget at that budget plus MARGIN "
+        "(default 10%%; or bytes, e.g. 16MB)",
     )
     p.add_argument(
         "--objective",
@@ -113,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fail-on-error",
         action="store_true",
-        help="exit 1 if a process failed for another reason than the memory cap or a refused budget",
+        help="exit 1 if a process failed for another reason than the memory cap or a refused "
+        "budget",
     )
     p.add_argument("--dry-run", action="store_true", help="list the configurations and stop")
     p.add_argument(

@@ -59,11 +59,13 @@ class Emulation:
         if any(p.storage.read_bytes_per_s for p in profiles):
             if self.blkio_base is None:
                 out.append(
-                    f"storage throttling not emulated ({self.blkio_reason}): emmc/sd run at the disk's speed"
+                    f"storage throttling not emulated ({self.blkio_reason}): "
+                    "emmc/sd run at the disk's speed"
                 )
             elif disk is None:
                 out.append(
-                    "storage throttling not emulated (the models are on no block device): emmc/sd run at full speed"
+                    "storage throttling not emulated (the models are on no block device): "
+                    "emmc/sd run at full speed"
                 )
         if any(p.cores and p.cores > len(self.cpus) for p in profiles):
             out.append(f"only {len(self.cpus)} core(s) available: profiles asking more use those")
@@ -168,7 +170,7 @@ class Launch:
 def run_under(
     launch: Launch, cmd: list[str], timeout_s: float, tell_t0: bool = True
 ) -> ChildResult:
-    """Run `cmd` under `launch` (entered here) on the runtime's child protocol (hermes_ort/fresh.py),
+    """Run `cmd` under `launch` (entered here) on the runtime's child protocol (fresh.py),
     told its spawn time (`--t0`, so a bench child counts its one-shot from process start). The
     child is killed on timeout, error or Ctrl-C; its groups are always removed."""
     with launch:

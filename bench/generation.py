@@ -155,7 +155,7 @@ def _process_baseline() -> int:
     """RSS of a fresh process that imported the runtime (Python, numpy, ONNX Runtime)."""
     import subprocess
 
-    code = "import hermes_ort, onnxruntime; from hermes_ort.memory import rss_bytes; print(rss_bytes())"
+    code = "import hermes_ort; from hermes_ort.memory import rss_bytes; print(rss_bytes())"
     return int(
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -195,10 +195,12 @@ def render(data: dict[str, Any]) -> str:
     out = [
         f"# Generation: {data['model']} ({format_bytes(data['model_bytes'])} of blocks)",
         "",
-        f"{data['prompt_tokens']}-token prompt, then {data['new_tokens']['warm']} new tokens (warm) or "
+        f"{data['prompt_tokens']}-token prompt, then {data['new_tokens']['warm']} new tokens "
+        f"(warm) or "
         f"{data['new_tokens']['cold']} (cold profiles); one fresh process per row, inside a memory "
         f"cgroup capped at the budget + {data['cap_margin']:.0%}. Budget = a share of the model's "
-        f"bytes + the process baseline ({format_bytes(data['baseline_bytes'])}: Python, numpy, ONNX "
+        f"bytes + the process baseline ({format_bytes(data['baseline_bytes'])}: Python, numpy, "
+        f"ONNX "
         f"Runtime); `pipeload` plans under the budget, the baselines have only the cap. Machine: "
         f"{data['machine'].get('cpu', '?')}, {data['machine'].get('cores', '?')} cores.",
         "",
@@ -207,7 +209,8 @@ def render(data: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["records"]:
-        head = f"| {r['profile']} | {r['share']:.0%} ({mb(r['cap_bytes'] and int(r['cap_bytes'] / (1 + data['cap_margin'])))}) | {r['strategy']} |"
+        budget = r["cap_bytes"] and int(r["cap_bytes"] / (1 + data["cap_margin"]))
+        head = f"| {r['profile']} | {r['share']:.0%} ({mb(budget)}) | {r['strategy']} |"
         if not r.get("ok"):
             why = "killed for memory" if r["killed_for_memory"] else f"failed: {r.get('error')}"
             out.append(f"{head} {why} | | | | | | {mb(r.get('cgroup_peak_bytes'))} | | |")
@@ -217,8 +220,9 @@ def render(data: dict[str, Any]) -> str:
         plan = r["plan"]
         out.append(
             f"{head} {r['decode_tokens_per_s']:.2f} | {per * 1000:.0f} ms | "
-            f"{'-' if floor is None else f'{floor * 1000:.0f} ms'} | {r['time_to_first_token_s']:.2f} s | "
-            f"{r['one_shot_s']:.1f} s | {mb(r['peak_rss_bytes'])} | {mb(r.get('cgroup_peak_bytes'))} | "
+            f"{'-' if floor is None else f'{floor * 1000:.0f} ms'} | "
+            f"{r['time_to_first_token_s']:.2f} s | {r['one_shot_s']:.1f} s | "
+            f"{mb(r['peak_rss_bytes'])} | {mb(r.get('cgroup_peak_bytes'))} | "
             f"{mb(r.get('blkio_read_bytes') or r['bytes_read'])} | {_kept(plan)}/{plan['blocks']} |"
         )
     return "\n".join(out) + "\n"

@@ -40,9 +40,11 @@ def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:
 
 def render(result: dict) -> str:
     lines = [
-        f"### Plan objectives: {Path(result['model']).name} (warm cache, fresh processes, medians of {result['rounds']})",
+        f"### Plan objectives: {Path(result['model']).name} (warm cache, fresh processes, "
+        f"medians of {result['rounds']})",
         "",
-        "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) | largest peak RSS |",
+        "| budget | objective | plan | first pass (predicted) | repeated pass (predicted) "
+        "| largest peak RSS |",
         "|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -52,9 +54,12 @@ def render(result: dict) -> str:
                 continue
             plan = s["plan"]
             lines.append(
-                f"| {row['budget']} | {objective} | {plan['loaders']}x{plan['window']}, {len(plan['resident'])} resident "
-                f"| {s['latency_s'] * 1000:.0f} ms ({plan['predicted_first_latency_s'] * 1000:.0f}) "
-                f"| {s['repeated_latency_s'] * 1000:.0f} ms ({plan['predicted_latency_s'] * 1000:.0f}) "
+                f"| {row['budget']} | {objective} | {plan['loaders']}x{plan['window']}, "
+                f"{len(plan['resident'])} resident "
+                f"| {s['latency_s'] * 1000:.0f} ms "
+                f"({plan['predicted_first_latency_s'] * 1000:.0f}) "
+                f"| {s['repeated_latency_s'] * 1000:.0f} ms "
+                f"({plan['predicted_latency_s'] * 1000:.0f}) "
                 f"| {s['max_peak_rss_bytes'] / 1e6:.1f} MB |"
             )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """Markdown from a bench document (the JSON file, so any stored run can be rendered again):
-the goals met or not, one table per device profile, the paper's comparison, and the ablation (mechanism vs storage)."""
+the goals met or not, one table per device profile, the paper's comparison, and the ablation
+(mechanism vs storage)."""
 
 from __future__ import annotations
 
@@ -193,9 +194,9 @@ def paper_table(doc: dict[str, Any]) -> list[str]:
         "",
         "## The paper's comparison",
         "",
-        "Hermes (arXiv 2409.04249) reports up to 4.24x faster and 86.7% less memory than PipeSwitch "
-        "for BERT and ViT, 2.58x and 90.3% for GPT-style models. Here: one-shot latency (process "
-        "start to outputs, loading included) and peak RSS, medians.",
+        "Hermes (arXiv 2409.04249) reports up to 4.24x faster and 86.7% less memory than "
+        "PipeSwitch for BERT and ViT, 2.58x and 90.3% for GPT-style models. Here: one-shot "
+        "latency (process start to outputs, loading included) and peak RSS, medians.",
         "",
         *_table(header, rows),
     ]
@@ -244,7 +245,8 @@ def ablation_table(doc: dict[str, Any]) -> list[str]:
                 else "-",
                 f"{fmt_time(r['one_shot_s'])} / {fmt_bytes(r['peak_rss_bytes'])}" if ok(r) else "-",
                 _x(storage_gain),
-                f"{_budget(pipe)}: {fmt_time(pipe['one_shot_s'])} / {fmt_bytes(pipe['peak_rss_bytes'])}"
+                f"{_budget(pipe)}: {fmt_time(pipe['one_shot_s'])} / "
+                f"{fmt_bytes(pipe['peak_rss_bytes'])}"
                 if pipe
                 else "-",
                 _x(mech_gain),
@@ -330,8 +332,8 @@ def goals_table(doc: dict[str, Any]) -> list[str]:
     lines = ["", "## Goals", ""]
     if ratios:
         lines += [
-            "The paper's ratios on a warm page cache: pipeload's one-shot speedup / memory reduction "
-            "against pipeswitch at each budget; met where one budget reaches both.",
+            "The paper's ratios on a warm page cache: pipeload's one-shot speedup / memory "
+            "reduction against pipeswitch at each budget; met where one budget reaches both.",
             "",
             *_table(["model", "paper", "pipeload vs pipeswitch", "goal"], ratios),
             "",
@@ -367,20 +369,25 @@ def header(doc: dict[str, Any]) -> list[str]:
         f"Matrix: {m['repeats']} fresh process(es) per configuration, {m['passes']} pass(es) each "
         "(the first is the one-shot, the others steady); medians. "
         f"pipeload's plans optimise the {doc.get('objective', 'repeated')} pass. "
-        f"Emulation: memory cgroup {'yes' if em['memory_cgroup'] else 'no (' + str(em['memory_cgroup_missing']) + ')'}, "
-        f"blkio throttle {'yes' if em['blkio_cgroup'] else 'no (' + str(em['blkio_cgroup_missing']) + ')'}.",
+        f"Emulation: memory cgroup {_emulated(em, 'memory_cgroup')}, "
+        f"blkio throttle {_emulated(em, 'blkio_cgroup')}.",
     ]
     startup = [r["startup_s"] for r in doc["records"] if r.get("startup_s")]
     if startup:
         startup.sort()
         lines.append(
-            f"Every one-shot includes starting Python and ONNX Runtime: {fmt_time(startup[len(startup) // 2])} (median here)."
+            "Every one-shot includes starting Python and ONNX Runtime: "
+            f"{fmt_time(startup[len(startup) // 2])} (median here)."
         )
     if doc.get("interrupted"):
         lines.append("**Interrupted**: only the configurations run so far are shown.")
     lines += killed_lines(doc)
     lines += [f"- warning: {w}" for w in doc.get("warnings", [])]
     return lines
+
+
+def _emulated(em: dict[str, Any], key: str) -> str:
+    return "yes" if em[key] else f"no ({em[f'{key}_missing']})"
 
 
 def killed_lines(doc: dict[str, Any]) -> list[str]:
@@ -407,8 +414,9 @@ LEGEND = [
     "One-shot: process start to the first outputs, loading included. Steady pass: later passes in "
     "the same process. Peak RSS: the process's; cgroup peak: its memory cgroup's (RSS + page cache "
     "charged to it; pages of shared libraries already cached by other processes are not, so it can "
-    "be below the RSS; a memory cap limits this). Read: bytes the process read from storage. Compute floor: `pipeswitch` steady pass "
-    "with every session created and warm, the blocks' run times alone. I/O floor: bytes that must "
+    "be below the RSS; a memory cap limits this). Read: bytes the process read from storage. "
+    "Compute floor: `pipeswitch` steady pass with every session created and warm, the blocks' "
+    "run times alone. I/O floor: bytes that must "
     "be read (1st pass: the model on a cold profile; steady: what the memory limit cannot keep) / "
     "the measured bandwidth. vs full / vs pipeswitch: one-shot speedup, peak RSS as a share of "
     "the baseline's (same model and profile).",

@@ -94,7 +94,7 @@ class Runner:
         n = len(self.emulation.cpus)
         return min(config.profile.cores, n) if config.profile.cores else n
 
-    # -- preparation -------------------------------------------------------------------------
+    # -- preparation ------------------------------------------------------------------------------
     def prepare_models(self) -> None:
         from bench.cgroups import disk_of
 
@@ -133,7 +133,8 @@ class Runner:
                 why = ensure_profile(m.model_dir, self.emulation, pin, self.options.timeout_s)
                 if why:
                     self.warnings.append(
-                        f"{m.name}: `hermes-ort profile` failed at {cores} core(s) ({why}): the planner estimates"
+                        f"{m.name}: `hermes-ort profile` failed at {cores} core(s) ({why}): "
+                        "the planner estimates"
                     )
             self.facts[(m.name, cores)] = describe(
                 m.name, m.model_dir, self.emulation, pin, self.options.timeout_s
@@ -156,7 +157,7 @@ class Runner:
                 f"compute floor {floor * 1000:.1f} ms" if floor else f"failed: {sample.error}",
             )
 
-    # -- one configuration -------------------------------------------------------------------
+    # -- one configuration ------------------------------------------------------------------------
     def _child_cmd(
         self,
         m: _Model,
@@ -254,7 +255,7 @@ class Runner:
         )
         return self._spawn(launch, cmd, repeat)
 
-    # -- the whole matrix --------------------------------------------------------------------
+    # -- the whole matrix -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         configs = expand(self.matrix)
         groups: dict[int, list[Config]] = {}

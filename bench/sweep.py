@@ -127,7 +127,8 @@ def render_row(row: dict) -> str:
     cells = [
         format_bytes(row["budget_bytes"]),
         f"{plan['loaders']}x{plan['window']} lag {plan['lag']}, {len(plan['resident'])} resident",
-        f"{format_bytes(p['max_peak_rss_bytes'])} ({'yes' if p['max_peak_rss_bytes'] <= row['budget_bytes'] else 'NO'})",
+        f"{format_bytes(p['max_peak_rss_bytes'])} "
+        f"({'yes' if p['max_peak_rss_bytes'] <= row['budget_bytes'] else 'NO'})",
         f"{format_bytes(pred_peak)} ({pred_peak / p['max_peak_rss_bytes'] - 1:+.0%})",
     ]
     for measured, predicted, key in (
@@ -139,7 +140,8 @@ def render_row(row: dict) -> str:
             cells += ["-", "-"]
             continue
         cells.append(
-            f"{measured * 1000:.0f} ms, predicted {predicted * 1000:.0f} ({predicted / measured - 1:+.0%})"
+            f"{measured * 1000:.0f} ms, predicted {predicted * 1000:.0f} "
+            f"({predicted / measured - 1:+.0%})"
         )
         cells.append(
             f"{best[0]}: {best[1][key] * 1000:.0f} ms, planner {measured / best[1][key] - 1:+.0%}"

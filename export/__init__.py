@@ -6,8 +6,9 @@ writes DIR/manifest.json (hermes_ort.manifest), DIR/blocks/<block>.onnx + <block
 64 KiB-aligned, mmapped by ORT), DIR/blocks/shared.data (weights several blocks read, e.g. GPT-2's
 tied embedding/head) and DIR/full/model.onnx + model.onnx_data (the whole model, for baselines).
 
-Stages, one module each: presets/checkpoint (load) -> onnx_export (optimum) -> rewrite (tied
-weights) -> stack + cut (blocks) -> storage (ORT optimisation, layout) -> verify -> pipeline
-(atomic output directory, manifest) -> cli. Heavy dependencies (torch, transformers, optimum) are
-imported only when an export runs.
+One module each: sources (presets, checkpoint: what is exported) -> pipeline (the stages) ->
+onnx_export (optimum) -> whole_model (the baselines' files; rewrite: tied weights) -> blocks (stack
++ cut: the blocks; storage: ORT optimisation, layout; verify: against PyTorch) -> streaming (the
+other layers of a large checkpoint) -> install (the atomic output directory) -> cli. Heavy
+dependencies (torch, transformers, optimum) are imported only when an export runs.
 """

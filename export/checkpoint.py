@@ -62,6 +62,24 @@ def resolve_source(ref: str) -> str:
     return ref
 
 
+def infer_task(model_cls) -> str | None:
+    """The export task of a transformers model class, as optimum names it: found in optimum's
+    task -> {model type: class} tables. optimum's own inference misses classes listed in a tuple
+    there (DeiT's image classification: DeiTForImageClassification and ...WithTeacher)."""
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        return TasksManager.infer_task_from_model(model_cls).replace("-with-past", "")
+    except (KeyError, ValueError):
+        pass
+    name = model_cls.__name__
+    for task, mapping in TasksManager._TRANSFORMERS_TASKS_TO_MODEL_MAPPINGS.items():
+        for classes in mapping.values():
+            if name == classes or (isinstance(classes, tuple) and name in classes):
+                return task
+    return None
+
+
 def load_checkpoint(
     ref: str, task: str | None = None, weights: bool = True, **config_overrides: Any
 ):
@@ -88,15 +106,14 @@ def load_checkpoint(
         model_cls = getattr(transformers, archs[0], None)
         if model_cls is None:
             raise ExportError(
-                f"unsupported architecture '{archs[0]}': not in transformers {transformers.__version__}"
+                f"unsupported architecture '{archs[0]}': not in transformers "
+                f"{transformers.__version__}"
             )
-        try:
-            task = TasksManager.infer_task_from_model(model_cls)
-        except (KeyError, ValueError):
+        task = infer_task(model_cls)
+        if task is None:
             raise ExportError(
                 f"unsupported architecture '{archs[0]}': no export task known for it; pass --task"
-            ) from None
-        task = task.replace("-with-past", "")
+            )
     if not weights:  # the architecture only (random init): the caller loads what it needs
         return model_cls(config).to(torch.float32).eval(), task
     try:

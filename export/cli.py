@@ -34,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seq-len",
         type=int,
-        default=128,
+        default=None,
         metavar="N",
-        help="sequence length of the verification sample (default 128)",
+        help="sequence length of the verification sample (default 128, or the model's positions "
+        "if fewer)",
     )
     parser.add_argument(
         "--task", help="export task for --model (default: from the architecture), e.g. fill-mask"
@@ -131,11 +132,13 @@ def print_summary(result) -> None:
     print(f"  ({stages})")
     for name, kind, layers, size, note in rows:
         print(
-            f"  {name:<{widths[0]}}  {kind:<{widths[1]}}  {layers:<{widths[2]}}  {size:>{widths[3]}}  {note}".rstrip()
+            f"  {name:<{widths[0]}}  {kind:<{widths[1]}}  {layers:<{widths[2]}}  "
+            f"{size:>{widths[3]}}  {note}".rstrip()
         )
     for path in shared:
         print(
-            f"  {path}: {format_bytes(m.block_files()[path].bytes)}, stored once, read by {uses[path]} blocks"
+            f"  {path}: {format_bytes(m.block_files()[path].bytes)}, stored once, "
+            f"read by {uses[path]} blocks"
         )
     full = format_bytes(m.full_model.bytes) if m.full_model else "-"
     print(f"  blocks total {format_bytes(m.blocks_bytes)}; full model {full}")

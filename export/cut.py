@@ -71,10 +71,11 @@ def _constant_like(
 
 
 def layer_scope(nodes: list[onnx.NodeProto], stack: LayerStack, arch: str) -> str:
-    """The node-name prefix of the stack's layers: `/transformer/h` for `transformer.h`, so layer i's
-    nodes are named `/transformer/h.<i>/...`. The legacy exporter names scopes after the modules
+    """The node-name prefix of the stack's layers: `/transformer/h` for `transformer.h`, so layer
+    i's nodes are named `/transformer/h.<i>/...`. The legacy exporter names scopes after the modules
     actually called, so a wrapper whose forward is skipped drops out (OPT calls `self.model.decoder`
-    directly: its layers are `/decoder/layers.<i>/`); the longest path suffix covering every layer wins."""
+    directly: its layers are `/decoder/layers.<i>/`); the longest path suffix covering every layer
+    wins."""
     parts = stack.path.split(".")
     for k in range(len(parts)):
         prefix = "/" + "/".join(parts[k:])
@@ -90,7 +91,7 @@ def layer_scope(nodes: list[onnx.NodeProto], stack: LayerStack, arch: str) -> st
 
 
 class _Index:
-    """Producers, consumers and readers of every tensor of a graph (nodes are in topological order)."""
+    """Producers, consumers and readers of every tensor of a graph (nodes in topological order)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.nodes = list(graph.node)
@@ -148,7 +149,8 @@ def assign_blocks(
             block[i] = layer_block[layer_of[i]]
             if latest > block[i]:
                 raise ExportError(
-                    f"cannot cut '{arch}': node '{index.nodes[i].name}' of layer {layer_of[i]} reads a "
+                    f"cannot cut '{arch}': node '{index.nodes[i].name}' of layer {layer_of[i]} "
+                    f"reads a "
                     f"tensor computed in a later block"
                 )
         elif not on_layer[i]:
@@ -163,7 +165,8 @@ def assign_blocks(
 def plan_blocks(
     graph: onnx.GraphProto, stack: LayerStack, layers_per_block: int, arch: str
 ) -> list[BlockPlan]:
-    """Prologue, one block per `layers_per_block` layers, epilogue (an empty prologue/epilogue is left out)."""
+    """Prologue, one block per `layers_per_block` layers, epilogue (an empty prologue/epilogue is
+    left out)."""
     index = _Index(graph)
     scope = re.compile(re.escape(layer_scope(index.nodes, stack, arch)) + r"\.(\d+)/")
     layer_of = [int(m.group(1)) if (m := scope.match(node.name)) else None for node in index.nodes]

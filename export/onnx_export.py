@@ -53,7 +53,8 @@ def export_whole_model(model: Any, task: str, out_dir: Path, opset: int = DEFAUL
                 task=task,
                 opset=opset,
                 do_validation=False,
-                no_post_process=True,  # its tied-weight pass fails > 2 GB; rewrite.tie_transposed_copies
+                # its tied-weight pass fails > 2 GB: rewrite.tie_transposed_copies does it
+                no_post_process=True,
                 custom_onnx_configs={"model": custom} if custom else None,
             )
     except Exception as e:  # optimum raises ValueError/KeyError/RuntimeError for unsupported models
@@ -72,7 +73,8 @@ def export_whole_model(model: Any, task: str, out_dir: Path, opset: int = DEFAUL
 
 @contextlib.contextmanager
 def _keep_tensor_files():
-    """Above 2 GB torch writes one file per tensor and optimum then loads the whole model into memory
+    """Above 2 GB torch writes one file per tensor and optimum then loads the whole model into
+    memory
     (beside the torch model) only to rewrite those tensors into one file. We write that file
     ourselves (storage.write_full_model reads the per-tensor files), so tell optimum there is no
     external data to consolidate. Without the hook (another optimum version), nothing changes."""

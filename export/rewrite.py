@@ -85,7 +85,8 @@ def _is_transpose(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def fuse_transposed_weight_matmuls(graph: onnx.GraphProto) -> int:
-    """`MatMul(x, Transpose(W))` with W a 2-D initializer -> `com.microsoft.FusedMatMul(x, W, transB=1)`.
+    """`MatMul(x, Transpose(W))` with W a 2-D initializer -> `com.microsoft.FusedMatMul(x, W,
+    transB=1)`.
 
     A tied LM head then reads the embedding matrix in place: no transposed copy is stored, nor
     constant-folded into a new weight by ORT at load. Returns the number of MatMuls rewritten."""

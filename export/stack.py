@@ -21,7 +21,7 @@ class LayerStack:
 
     @property
     def scope(self) -> str:
-        """Node-name prefix of the legacy ONNX exporter: layer i's nodes start with f"{scope}.{i}/"."""
+        """Node-name prefix of the legacy ONNX exporter: layer i's nodes start "{scope}.{i}/"."""
         return "/" + self.path.replace(".", "/")
 
 
@@ -45,7 +45,8 @@ def find_layer_stack(model: Any) -> LayerStack:
     if len(best) > 1:
         paths = ", ".join(c.path for c in best)
         raise ExportError(
-            f"unsupported architecture '{arch}': several layer lists of {longest} layers ({paths}); "
+            f"unsupported architecture '{arch}': several layer lists of {longest} layers "
+            f"({paths}); "
             f"cannot tell which one is the transformer stack"
         )
     return best[0]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import mmap
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +101,7 @@ def _clear_data(tensor: onnx.TensorProto) -> None:
         tensor.ClearField(field)
 
 
-def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     _clear_data(tensor)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     del tensor.external_data[:]
@@ -112,7 +110,7 @@ def _point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int)
         entry.key, entry.value = key, value
 
 
-def _make_inline(tensor: onnx.TensorProto, data: memoryview | bytes) -> None:
+def make_inline(tensor: onnx.TensorProto, data: memoryview | bytes) -> None:
     """Store `data` inside the graph (whether the tensor was external or inline before)."""
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT
@@ -142,7 +140,7 @@ def all_tensors(graph: onnx.GraphProto):
                     yield from all_tensors(sub)
 
 
-def write_full_model(
+def write_external(
     model: onnx.ModelProto, src_dir: Path, onnx_path: Path, root: Path
 ) -> list[FileSpec]:
     """Write `model` (its tensors inline or external in `src_dir`) as `onnx_path` + `<name>_data`:
@@ -156,9 +154,9 @@ def write_full_model(
             if data is None:
                 continue
             if len(data) < EXTERNAL_MIN_BYTES:
-                _make_inline(tensor, data)
+                make_inline(tensor, data)
             else:
-                _point_to(tensor, writer.path.name, *writer.append(data))
+                point_to(tensor, writer.path.name, *writer.append(data))
             del data
     finally:
         data_spec = writer.close(root)
@@ -167,7 +165,7 @@ def write_full_model(
 
 
 def optimise_block(src: Path, dst: Path) -> None:
-    """ORT's portable optimisations, saved to `dst` with weights in `dst.bin` (read by store_blocks)."""
+    """ORT's portable optimisations, saved to `dst`, weights in `dst.bin` (read by store_blocks)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = OPTIMIZATION_LEVEL
     so.optimized_model_filepath = str(dst)
@@ -196,7 +194,7 @@ class StoredBlock:
 
 
 def _probe(data: memoryview | bytes) -> bytes:
-    """A cheap fingerprint (head, middle, tail) that rules out most non-equal tensors before a full hash."""
+    """A cheap fingerprint (head, middle, tail): it rules out most unequal tensors before a hash."""
     n = len(data)
     h = hashlib.blake2b(digest_size=16)
     for start in (0, n // 2, max(0, n - 4096)):
@@ -269,7 +267,8 @@ def _content_keys(models, data) -> list[list[bytes | None]]:
 
 
 def _store_one(name, model, data, keys, shared_at, shared_specs, blocks_dir, root) -> StoredBlock:
-    """Write one block: its own tensors to `<name>.data` (equal ones once), shared ones pointed to."""
+    """Write one block: its own tensors to `<name>.data` (equal ones once), shared ones pointed
+    to."""
     writer = None
     own_at: dict[bytes, tuple[int, int]] = {}
     shared_used: list[str] = []
@@ -277,17 +276,17 @@ def _store_one(name, model, data, keys, shared_at, shared_specs, blocks_dir, roo
         k = keys[i]
         if k is None:
             if data[i] is not None:
-                _make_inline(tensor, data[i])
+                make_inline(tensor, data[i])
         elif k in shared_at:
             location, offset, length = shared_at[k]
-            _point_to(tensor, location, offset, length)
+            point_to(tensor, location, offset, length)
             if location not in shared_used:
                 shared_used.append(location)
         else:
             if k not in own_at:
                 writer = writer or DataWriter(blocks_dir / f"{name}.data")
                 own_at[k] = writer.append(data[i])
-            _point_to(tensor, writer.path.name, *own_at[k])
+            point_to(tensor, writer.path.name, *own_at[k])
     files = [write_model(model, blocks_dir / f"{name}.onnx", root)]
     if writer is not None:
         files.append(writer.close(root))
@@ -300,10 +299,3 @@ def _store_one(name, model, data, keys, shared_at, shared_specs, blocks_dir, roo
         outputs=tuple(v.name for v in model.graph.output),
         files=tuple(files),
     )
-
-
-def remove_tree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        os.unlink(path)

@@ -1,19 +1,20 @@
 """Streaming export: a checkpoint larger than the export machine's memory, one layer at a time.
 
-1. A template: the checkpoint's architecture with only 3 layers, its weights (embeddings, layers
-   0-2, head) read from the checkpoint's safetensors. It goes through the regular export (ONNX, cut,
-   optimise, store, verified against PyTorch): prologue, layer_00, layer_01, layer_02, epilogue.
-   Three, because a layer reads its predecessor's output and may also read tensors that layer 0
-   computes once for all (Llama's rotary cos/sin): layer 2 shows which is which.
-2. Every initializer of layer_02 is matched, by its bytes, to a layer-2 parameter of the template
-   (as is, or transposed: the ONNX exporter stores Linear weights as W^T). Initializers that match
-   no parameter must also appear in layer_01 (layer-independent constants), else the architecture
-   is refused.
-3. Layer i >= 3 is layer_02's graph with its names moved to layer i (`<scope>.2/` -> `.i/`, its
-   input `<scope>.1/` -> `.i-1/`, `past_key_values.2.*`/`present.2.*` -> `.i.*`; what it reads from
-   layer 0 stays) and its weights read from the checkpoint, one tensor at a time.
+1. A template: the checkpoint's architecture with only T layers (TEMPLATE_LAYERS, at least 3), its
+   weights (embeddings, layers 0..T-1, head) read from the checkpoint's safetensors. It goes
+   through the regular export (ONNX, cut, optimise, store, verified against PyTorch): prologue,
+   layer_00 .. layer_{T-1}, epilogue. At least three, because a layer reads its predecessor's
+   output and may also read tensors that layer 0 computes once for all (Llama's rotary cos/sin):
+   a layer past the first two shows which is which.
+2. Every initializer of the last template layer (S = T-1) is matched, by its bytes, to a layer-S
+   parameter of the template (as is, or transposed: the ONNX exporter stores Linear weights as
+   W^T). Initializers that match no parameter must also appear in layer S-1 (layer-independent
+   constants), else the architecture is refused.
+3. Layer i >= T is layer S's graph with its names moved to layer i (`<scope>.S/` -> `.i/`, its
+   input `<scope>.S-1/` -> `.i-1/`, `past_key_values.S.*`/`present.S.*` -> `.i.*`; what it reads
+   from layer 0 stays) and its weights read from the checkpoint, one tensor at a time.
 
-Peak memory: the template (embeddings + 3 layers + head) and one layer's tensors; it does not grow
+Peak memory: the template (embeddings + T layers + head) and one layer's tensors; it does not grow
 with the number of layers. No whole-model file is written (`full`/`full-mmap` are unavailable).
 """
 
@@ -69,26 +70,56 @@ class SafetensorsCheckpoint:
         return self._files[name].get_tensor(key)
 
 
-def load_template(ref: Path, task: str | None):
-    """(template model with the checkpoint's weights, task, the checkpoint's number of layers)."""
+@dataclass(frozen=True)
+class Template:
+    """A checkpoint's architecture with `layers` layers and its weights: what the regular export
+    runs on, and where every other layer's tensors are read from after."""
+
+    model: Any  # the torch model of the template
+    task: str
+    num_layers: int  # the checkpoint's
+    layers: int  # the template's
+    checkpoint: SafetensorsCheckpoint
+    ref: Path
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What the streaming stage needs once the template's stack is known (not the template's
+    torch model: it is freed before the blocks are built)."""
+
+    num_layers: int  # the checkpoint's
+    layers: int  # the template's
+    checkpoint: SafetensorsCheckpoint
+    stack_path: str  # module path of the layer list, e.g. "model.layers"
+    params: dict[str, Any]  # the source layer's parameters, by name inside the layer
+
+    @property
+    def source_layer(self) -> int:
+        """The template layer whose graph every later layer reuses."""
+        return self.layers - 1
+
+
+def load_template(ref: Path, task: str | None, layers: int | None = None) -> Template:
+    """The template model with the checkpoint's weights, and where the rest comes from."""
     import torch
     import transformers
 
     from export.checkpoint import load_checkpoint
 
+    layers = TEMPLATE_LAYERS if layers is None else layers
+    if layers < 3:
+        raise ExportError(f"a streaming template needs at least 3 layers, not {layers}")
     config = transformers.AutoConfig.from_pretrained(ref)
     key = next((k for k in _NUM_LAYERS_KEYS if hasattr(config, k)), None)
     if key is None:
         raise ExportError(f"'{ref}': config.json gives no number of layers; cannot stream it")
     num_layers = int(getattr(config, key))
-    if num_layers <= TEMPLATE_LAYERS:
+    if num_layers <= layers:
         raise ExportError(f"'{ref}' has {num_layers} layers: export it without --streaming")
     checkpoint = SafetensorsCheckpoint(ref)
-    model, task = load_checkpoint(str(ref), task, weights=False, **{key: TEMPLATE_LAYERS})
-    state = {}
-    for name in model.state_dict():
-        if name in checkpoint:
-            state[name] = checkpoint.get(name)
+    model, task = load_checkpoint(str(ref), task, weights=False, **{key: layers})
+    state = {name: checkpoint.get(name) for name in model.state_dict() if name in checkpoint}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
@@ -96,11 +127,19 @@ def load_template(ref: Path, task: str | None):
             f"'{ref}': checkpoint tensors missing for the template: {sorted(missing)[:5]}"
         )
     model.tie_weights()
-    return model.to(torch.float32).eval(), task, num_layers, checkpoint
+    return Template(model.to(torch.float32).eval(), task, num_layers, layers, checkpoint, ref)
+
+
+def streamed_layers(template: Template, stack_path: str) -> Streamed:
+    """The source layer's parameters, to find in its ONNX block (taken before the model goes)."""
+    prefix = f"{stack_path}.{template.layers - 1}."
+    state = template.model.state_dict()
+    params = {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+    return Streamed(template.num_layers, template.layers, template.checkpoint, stack_path, params)
 
 
 @dataclass(frozen=True)
-class _Source:
+class _Origin:
     """Where a template initializer's bytes come from for another layer."""
 
     suffix: str | None  # parameter name after "<stack>.<i>."; None: layer-independent, copied
@@ -111,38 +150,39 @@ def _digest(data) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def match_initializers(layer2, layer1, params: dict[str, Any], read) -> list[_Source]:
-    """For each initializer of the layer-2 block: its layer-2 parameter (and layout), or None
-    for a constant that layer 1 holds too."""
-    known: dict[bytes, _Source] = {}
+def match_initializers(source, previous, params: dict[str, Any], read) -> list[_Origin]:
+    """For each initializer of the source layer's block: its parameter (and layout), or None for
+    a constant that the previous layer's block holds too."""
+    known: dict[bytes, _Origin] = {}
     for suffix, p in params.items():
         a = p.detach().float().contiguous().numpy()
-        known.setdefault(_digest(a.tobytes()), _Source(suffix))
+        known.setdefault(_digest(a.tobytes()), _Origin(suffix))
         if a.ndim == 2:
-            known.setdefault(_digest(a.T.copy().tobytes()), _Source(suffix, True))
-    in_layer1 = {_digest(read(t)) for t in layer1.graph.initializer}
-    sources = []
-    for t in layer2.graph.initializer:
+            known.setdefault(_digest(a.T.copy().tobytes()), _Origin(suffix, True))
+    in_previous = {_digest(read(t)) for t in previous.graph.initializer}
+    origins = []
+    for t in source.graph.initializer:
         key = _digest(read(t))
         if key in known:
-            sources.append(known[key])
-        elif key in in_layer1:
-            sources.append(_Source(None))
+            origins.append(known[key])
+        elif key in in_previous:
+            origins.append(_Origin(None))
         else:
             raise ExportError(
-                f"streaming export: initializer '{t.name}' of layer 2 matches no layer-2 parameter "
-                f"and differs from layer 1's; this architecture cannot be exported layer by layer"
+                f"streaming export: initializer '{t.name}' of the template's last layer matches "
+                f"none of its parameters and differs from the layer before's; this architecture "
+                f"cannot be exported layer by layer"
             )
-    return sources
+    return origins
 
 
-def _renamer(scope: str, i: int):
-    """Names of layer_02's graph moved to layer i (what it reads from layer 0 stays)."""
+def _renamer(scope: str, source: int, i: int):
+    """Names of the source layer's graph moved to layer i (what it reads from layer 0 stays)."""
     subs = [
-        (re.compile(re.escape(f"{scope}2/")), f"{scope}{i}/"),
-        (re.compile(re.escape(f"{scope}1/")), f"{scope}{i - 1}/"),
-        (re.compile(r"^past_key_values\.2\."), f"past_key_values.{i}."),
-        (re.compile(r"^present\.2\."), f"present.{i}."),
+        (re.compile(re.escape(f"{scope}{source}/")), f"{scope}{i}/"),
+        (re.compile(re.escape(f"{scope}{source - 1}/")), f"{scope}{i - 1}/"),
+        (re.compile(rf"^past_key_values\.{source}\."), f"past_key_values.{i}."),
+        (re.compile(rf"^present\.{source}\."), f"present.{i}."),
     ]
 
     def rename(name: str) -> str:
@@ -167,97 +207,125 @@ def _rename_graph(graph, rename) -> None:
         tensor.name = rename(tensor.name)
 
 
-def expand_layers(
-    tmp: Path, template: Manifest, num_layers: int, stack_path: str, params2: dict, checkpoint
-) -> Manifest:
-    """Write layer_03 .. layer_{N-1} into tmp/blocks from layer_02 and the checkpoint; return the
-    manifest of the whole model (the template's blocks, the epilogue reading the last layer)."""
-    import onnx
-
-    from export.cut import block_name
-    from export.storage import (
-        EXTERNAL_MIN_BYTES,
-        DataWriter,
-        TensorReader,
-        _make_inline,
-        _point_to,
-        write_model,
-    )
-
-    layers = [b for b in template.blocks if b.kind == "layers"]
-    if [b.layers for b in layers] != [(i,) for i in range(TEMPLATE_LAYERS)]:
-        raise ExportError("streaming export needs one layer per block")
-    _, b1, b2 = layers
-    hidden = [x for x in b2.inputs if x in b1.outputs]
-    m = re.match(r"^(.*\.)1/", hidden[0]) if len(hidden) == 1 else None
+def _layer_scope(source: BlockSpec, previous: BlockSpec) -> str:
+    """`<scope>.` of the layer names: the source layer's hidden input is `<scope>.S-1/...`."""
+    hidden = [x for x in source.inputs if x in previous.outputs]
+    below = source.layers[0] - 1
+    m = re.match(rf"^(.*\.){below}/", hidden[0]) if len(hidden) == 1 else None
     if m is None:
-        raise ExportError(f"streaming export: cannot tell layer 2's input among {b2.inputs}")
-    scope = m.group(1)
-    blocks_dir = tmp / "blocks"
-    reader = TensorReader()
-    try:
-        g1 = onnx.load(str(tmp / b1.path), load_external_data=False)
-        g2_bytes = (tmp / b2.path).read_bytes()
-        g2 = onnx.ModelProto.FromString(g2_bytes)
-        read = lambda t: reader.read(t, blocks_dir)  # noqa: E731
-        sources = match_initializers(g2, g1, params2, read)
-        template_bytes = [
-            bytes(read(t)) if s.suffix is None else None
-            for t, s in zip(g2.graph.initializer, sources, strict=True)
+        raise ExportError(f"streaming export: cannot tell the hidden input among {source.inputs}")
+    return m.group(1)
+
+
+class _LayerWriter:
+    """Writes layer i's block: the source layer's graph, renamed, with layer i's tensors."""
+
+    def __init__(self, tmp: Path, streamed: Streamed, source: BlockSpec, previous: BlockSpec):
+        import onnx
+
+        from export.storage import TensorReader
+
+        self.tmp, self.streamed, self.source = tmp, streamed, source
+        self.blocks_dir = tmp / "blocks"
+        self.scope = _layer_scope(source, previous)
+        self.reader = TensorReader()
+        prev_graph = onnx.load(str(tmp / previous.path), load_external_data=False)
+        self.graph_bytes = (tmp / source.path).read_bytes()
+        graph = onnx.ModelProto.FromString(self.graph_bytes)
+        self.origins = match_initializers(graph, prev_graph, streamed.params, self.read)
+        self.constants = [
+            bytes(self.read(t)) if o.suffix is None else None
+            for t, o in zip(graph.graph.initializer, self.origins, strict=True)
         ]
-        shared = [f for f in b2.files if not b2.is_own(f)]
-        shared_names = {Path(f.path).name for f in shared}
-        new_blocks = []
-        for i in range(TEMPLATE_LAYERS, num_layers):
-            name = block_name((i,), num_layers)
-            model = onnx.ModelProto.FromString(g2_bytes)
-            rename = _renamer(scope, i)
-            _rename_graph(model.graph, rename)
-            writer = DataWriter(blocks_dir / f"{name}.data")
-            for t, s, kept in zip(model.graph.initializer, sources, template_bytes, strict=True):
-                if s.suffix is None:
-                    if t.data_location != onnx.TensorProto.EXTERNAL and kept is not None:
-                        continue  # inline constant: already in the graph
-                    location = dict((e.key, e.value) for e in t.external_data)["location"]
-                    if location in shared_names:
-                        continue  # points into a shared file, still valid
-                    _point_to(t, writer.path.name, *writer.append(kept))
-                    continue
-                w = checkpoint.get(f"{stack_path}.{i}.{s.suffix}").float()
-                a = (w.T if s.transposed else w).contiguous().numpy()
-                if list(a.shape) != list(t.dims):
-                    raise ExportError(
-                        f"checkpoint tensor '{stack_path}.{i}.{s.suffix}' has shape {a.shape}, "
-                        f"layer 2's has {tuple(t.dims)}"
-                    )
-                data = a.tobytes()
-                if len(data) < EXTERNAL_MIN_BYTES:
-                    _make_inline(t, data)
-                else:
-                    _point_to(t, writer.path.name, *writer.append(data))
-                del w, a, data
-            files = [write_model(model, blocks_dir / f"{name}.onnx", tmp), writer.close(tmp)]
-            inputs = tuple(rename(x) for x in b2.inputs)
-            outputs = tuple(rename(x) for x in b2.outputs)
-            new_blocks.append(
-                BlockSpec(
-                    name, "layers", (i,), files[0].path, inputs, outputs, tuple(files + shared)
-                )
+        self.shared = [f for f in source.files if not source.is_own(f)]
+        self.shared_names = {Path(f.path).name for f in self.shared}
+
+    def read(self, tensor):
+        return self.reader.read(tensor, self.blocks_dir)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def write(self, i: int) -> BlockSpec:
+        import onnx
+
+        from export.cut import block_name
+        from export.storage import (
+            EXTERNAL_MIN_BYTES,
+            DataWriter,
+            make_inline,
+            point_to,
+            write_model,
+        )
+
+        t = self.streamed
+        name = block_name((i,), t.num_layers)
+        model = onnx.ModelProto.FromString(self.graph_bytes)
+        rename = _renamer(self.scope, t.source_layer, i)
+        _rename_graph(model.graph, rename)
+        writer = DataWriter(self.blocks_dir / f"{name}.data")
+        tensors = zip(model.graph.initializer, self.origins, self.constants, strict=True)
+        for tensor, origin, constant in tensors:
+            if origin.suffix is None:
+                if tensor.data_location != onnx.TensorProto.EXTERNAL and constant is not None:
+                    continue  # inline constant: already in the graph
+                location = dict((e.key, e.value) for e in tensor.external_data)["location"]
+                if location in self.shared_names:
+                    continue  # points into a shared file, still valid
+                point_to(tensor, writer.path.name, *writer.append(constant))
+                continue
+            data = self._layer_tensor(i, origin, tuple(tensor.dims))
+            if len(data) < EXTERNAL_MIN_BYTES:
+                make_inline(tensor, data)
+            else:
+                point_to(tensor, writer.path.name, *writer.append(data))
+            del data
+        files = [
+            write_model(model, self.blocks_dir / f"{name}.onnx", self.tmp),
+            writer.close(self.tmp),
+        ]
+        inputs = tuple(rename(x) for x in self.source.inputs)
+        outputs = tuple(rename(x) for x in self.source.outputs)
+        return BlockSpec(
+            name, "layers", (i,), files[0].path, inputs, outputs, (*files, *self.shared)
+        )
+
+    def _layer_tensor(self, i: int, origin: _Origin, dims: tuple[int, ...]) -> bytes:
+        key = f"{self.streamed.stack_path}.{i}.{origin.suffix}"
+        w = self.streamed.checkpoint.get(key).float()
+        a = (w.T if origin.transposed else w).contiguous().numpy()
+        if tuple(a.shape) != dims:
+            raise ExportError(
+                f"checkpoint tensor '{key}' has shape {a.shape}, the template layer's has {dims}"
             )
+        return a.tobytes()
+
+
+def expand_layers(tmp: Path, template: Manifest, streamed: Streamed) -> Manifest:
+    """Write layer_T .. layer_{N-1} into tmp/blocks from the template's last layer and the
+    checkpoint; return the manifest of the whole model (the epilogue reading the last layer)."""
+    t = streamed
+    layers = [b for b in template.blocks if b.kind == "layers"]
+    if [b.layers for b in layers] != [(i,) for i in range(t.layers)]:
+        raise ExportError("streaming export needs one layer per block")
+    previous, source = layers[-2], layers[-1]
+    writer = _LayerWriter(tmp, streamed, source, previous)
+    try:
+        new_blocks = [writer.write(i) for i in range(t.layers, t.num_layers)]
     finally:
-        reader.close()
-    last = _renamer(scope, num_layers - 1)
+        writer.close()
+    last = _renamer(writer.scope, t.source_layer, t.num_layers - 1)
     blocks = []
     for b in template.blocks:
-        if b.kind == "epilogue":  # it reads layer 2's output: now the last layer's
-            b = _retarget_epilogue(tmp, b, lambda x: last(x) if x in b2.outputs else x)
+        if b.kind == "epilogue":  # it reads the source layer's output: now the last layer's
+            b = _retarget_epilogue(tmp, b, lambda x: last(x) if x in source.outputs else x)
         blocks.append(b)
-        if b is layers[-1]:
+        if b is source:
             blocks.extend(new_blocks)
     manifest = replace(
         template,
-        inputs=_extend(template.inputs, num_layers),
-        outputs=_extend(template.outputs, num_layers),
+        inputs=_extend(template.inputs, t.source_layer, t.num_layers),
+        outputs=_extend(template.outputs, t.source_layer, t.num_layers),
         blocks=tuple(blocks),
         full_model=None,
         full_model_mmap=None,
@@ -274,27 +342,27 @@ def _retarget_epilogue(tmp: Path, block: BlockSpec, rename) -> BlockSpec:
     model = onnx.load(str(tmp / block.path), load_external_data=False)
     _rename_graph(model.graph, rename)
     spec = write_model(model, tmp / block.path, tmp)
-    return replace(
-        block, inputs=tuple(rename(x) for x in block.inputs), files=(spec, *block.files[1:])
-    )
+    inputs = tuple(rename(x) for x in block.inputs)
+    return replace(block, inputs=inputs, files=(spec, *block.files[1:]))
 
 
-def _extend(specs: tuple[TensorSpec, ...], num_layers: int) -> tuple[TensorSpec, ...]:
+def _extend(specs: tuple[TensorSpec, ...], source: int, num_layers: int) -> tuple[TensorSpec, ...]:
     """past_key_values/present of the template's layers -> of every layer, in layer order."""
     out = []
     for spec in specs:
         out.append(spec)
-        for prefix in ("past_key_values.2.", "present.2."):
+        for prefix in (f"past_key_values.{source}.", f"present.{source}."):
             if spec.name.startswith(prefix) and spec.name.endswith(".value"):
-                for i in range(TEMPLATE_LAYERS, num_layers):
+                for i in range(source + 1, num_layers):
                     for kv in ("key", "value"):
                         other = next(s for s in specs if s.name == f"{prefix}{kv}")
-                        out.append(replace(other, name=other.name.replace(".2.", f".{i}.", 1)))
+                        new = other.name.replace(f".{source}.", f".{i}.", 1)
+                        out.append(replace(other, name=new))
     return tuple(out)
 
 
 def copy_checkpoint_config(ref: Path, tmp: Path) -> None:
-    """The checkpoint's own config.json (the template's says 3 layers)."""
+    """The checkpoint's own config.json (the template's gives its own number of layers)."""
     for name in ("config.json", "generation_config.json"):
         if (ref / name).is_file():
             shutil.copyfile(ref / name, tmp / name)

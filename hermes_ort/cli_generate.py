@@ -122,8 +122,9 @@ def cmd_generate(args) -> int:
         print(json.dumps(record))
         return 0
     print(
-        f"\n\n{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, first token "
-        f"{s.time_to_first_token_s * 1000:.0f} ms | {s.decode_tokens_per_s:.2f} tokens/s after it | "
+        f"\n\n{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, "
+        f"first token {s.time_to_first_token_s * 1000:.0f} ms | "
+        f"{s.decode_tokens_per_s:.2f} tokens/s after it | "
         f"peak RSS {format_bytes(s.peak_rss_bytes)} | read {format_bytes(s.bytes_read)} | "
         f"KV cache {format_bytes(s.cache_bytes)} | {plan.strategy}"
         + (f" under {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else ""),

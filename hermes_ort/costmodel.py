@@ -3,7 +3,8 @@
 Memory of a pass (the engine guarantees the shape of it: the daemon lags one block at most):
 
     peak = baseline + sum(resident blocks) + activations
-           + max over streamed block i of [live(i) + live(previous streamed) + open(next w-2 streamed)]
+           + max over streamed block i of
+             [live(i) + live(previous streamed) + open(next w-2 streamed)]
 
 `live` is a session's resident bytes once it has run (its touched weight pages plus its own
 structures); `open` is a session opened ahead but not yet run (weights mmapped, not yet touched)."""

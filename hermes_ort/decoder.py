@@ -1,8 +1,8 @@
 """A decoder's KV-cache signature, read off the manifest (no schema change: the exporter's names).
 
 A decoder exported with its cache takes, per layer i, `past_key_values.i.key/value` of shape
-[batch_size, kv_heads, past_sequence_length, head_dim] and returns `present.i.key/value` with the new
-tokens appended; its attention mask covers past + new tokens (`total_sequence_length`).
+[batch_size, kv_heads, past_sequence_length, head_dim] and returns `present.i.key/value` with the
+new tokens appended; its attention mask covers past + new tokens (`total_sequence_length`).
 """
 
 from __future__ import annotations

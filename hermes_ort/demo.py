@@ -17,10 +17,12 @@ from hermes_ort.units import format_bytes
 DEFAULT_PRESET = "bert-base"
 
 
-def ensure_exported(preset: str, model_dir: Path) -> None:
+def ensure_exported(preset: str, model_dir: Path) -> int:
+    """0 once `model_dir` holds the exported preset; else the export's exit status (the export
+    has printed why, in one line)."""
     if (model_dir / "manifest.json").is_file():
         print(f"using the model exported in {model_dir}")
-        return
+        return 0
     print(f"exporting preset '{preset}' to {model_dir} ...", flush=True)
     cmd = [
         sys.executable,
@@ -32,15 +34,16 @@ def ensure_exported(preset: str, model_dir: Path) -> None:
         "--out",
         str(model_dir),
     ]
-    if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"export of '{preset}' failed (command: {' '.join(cmd)})")
+    return subprocess.run(cmd).returncode
 
 
 def main(
     preset: str = DEFAULT_PRESET, model_dir: Path | None = None, budget: str | None = None
 ) -> int:
     model_dir = model_dir or Path("models") / preset
-    ensure_exported(preset, model_dir)
+    status = ensure_exported(preset, model_dir)
+    if status:
+        return status
     print("profiling the blocks on this machine (once; stored beside the manifest) ...", flush=True)
     profile = [sys.executable, "-m", "hermes_ort", "profile", str(model_dir)]
     if subprocess.run(profile, capture_output=True).returncode != 0:

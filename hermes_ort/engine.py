@@ -40,7 +40,8 @@ def _quick_gil_handoff(interval_s: float = 0.0002):
 
 
 class _Slots:
-    """The window: schedules loads in block order while fewer than `window` streamed sessions live."""
+    """The window: schedules loads in block order while fewer than `window` streamed sessions
+    live."""
 
     def __init__(self, engine: BlockEngine):
         self.engine = engine

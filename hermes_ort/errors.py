@@ -14,7 +14,7 @@ class OptionError(HermesError, ValueError):
 
 
 class ManifestError(HermesError):
-    """manifest.json is missing, malformed, of an unknown schema, or points outside the model dir."""
+    """manifest.json is missing, malformed, of an unknown schema, or points outside the model."""
 
 
 class IntegrityError(HermesError):

@@ -1,7 +1,8 @@
 """Text generation on a decoder exported with its KV cache: one prompt pass (prefill), then one
 token per pass, each block reading and returning its own layer's cache.
 
-The cache lives in this loop (numpy arrays, [1, kv_heads, tokens, head_dim] per layer and key/value),
+The cache lives in this loop (numpy arrays, [1, kv_heads, tokens, head_dim] per layer and
+key/value),
 between passes; the engine streams or keeps resident the blocks as its plan says.
 """
 

@@ -12,7 +12,7 @@ from hermes_ort.manifest import Manifest, TensorSpec
 
 
 def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
-    """Return the feeds as numpy arrays, or raise InputError naming the input and what was expected."""
+    """The feeds as numpy arrays, or InputError naming the input and what was expected."""
     if not isinstance(feeds, dict):
         raise InputError(
             f"inputs must be a dict of name -> numpy array, got {type(feeds).__name__}"
@@ -34,20 +34,23 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
             raise InputError(f"input '{name}' has dtype {value.dtype}, expected {spec.dtype}")
         if value.ndim != len(spec.shape):
             raise InputError(
-                f"input '{name}' has rank {value.ndim} (shape {value.shape}), expected rank {len(spec.shape)} {_shape(spec)}"
+                f"input '{name}' has rank {value.ndim} (shape {value.shape}), "
+                f"expected rank {len(spec.shape)} {_shape(spec)}"
             )
         for axis, (want, got) in enumerate(zip(spec.shape, value.shape, strict=True)):
             if got == 0 and want not in _MAY_BE_EMPTY:
                 raise InputError(f"input '{name}' is empty along axis {axis} (shape {value.shape})")
             if isinstance(want, int) and want > 0 and got != want:
                 raise InputError(
-                    f"input '{name}' has shape {value.shape}, expected {_shape(spec)} (axis {axis} must be {want})"
+                    f"input '{name}' has shape {value.shape}, expected {_shape(spec)} "
+                    f"(axis {axis} must be {want})"
                 )
             if isinstance(want, str):
                 first = dims.setdefault(want, (name, got))
                 if first[1] != got:
                     raise InputError(
-                        f"input '{name}' has {want}={got} (axis {axis}) but input '{first[0]}' has {want}={first[1]}"
+                        f"input '{name}' has {want}={got} (axis {axis}) but input "
+                        f"'{first[0]}' has {want}={first[1]}"
                     )
         _check_token_ids(name, spec, value)
         checked[name] = np.ascontiguousarray(value)
@@ -56,7 +59,8 @@ def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
     seq = dims.get("total_sequence_length") or dims.get("sequence_length")
     if limit and seq and seq[1] > limit:
         raise InputError(
-            f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports ({limit})"
+            f"input '{seq[0]}' has sequence_length {seq[1]}, longer than the model supports "
+            f"({limit})"
         )
     return checked
 
@@ -70,7 +74,8 @@ def _check_token_ids(name: str, spec: TensorSpec, value: np.ndarray) -> None:
     low, high = int(value.min()), int(value.max())
     if low < 0 or high >= sample["high"]:
         raise InputError(
-            f"input '{name}' has token ids from {low} to {high}, expected 0 <= id < {sample['high']} (the vocabulary size)"
+            f"input '{name}' has token ids from {low} to {high}, expected "
+            f"0 <= id < {sample['high']} (the vocabulary size)"
         )
 
 
@@ -98,7 +103,7 @@ def _shape(spec: TensorSpec) -> str:
 def sample_inputs(
     manifest: Manifest, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random inputs of the manifest's sample shape (or the given one), as the manifest describes."""
+    """Random inputs of the manifest's sample shape (or the given one), as it describes them."""
     rng = np.random.default_rng(seed)
     sizes = dim_sizes(
         manifest.sample, batch_size, sequence_length or manifest.sample.get("sequence_length", 128)

@@ -122,7 +122,8 @@ def model_root(onnx_path: Path) -> Path:
 def check_external_data(onnx_path: Path, allowed: list[Path] | None = None) -> None:
     """Refuse, before ORT opens it, an ONNX file whose tensors' external data `location`s point
     outside its model directory, at anything but a regular file, or (given `allowed`, the files
-    the manifest lists for it) at a file the manifest does not list, so hashes cover all ORT reads."""
+    the manifest lists for it) at a file the manifest does not list, so hashes cover all ORT
+    reads."""
     onnx_path = Path(onnx_path)
     resolved = None if allowed is None else frozenset(Path(p).resolve() for p in allowed)
     try:
@@ -236,7 +237,7 @@ class Verifier:
         return entry
 
 
-# -- the persisted cache ---------------------------------------------------------------------------
+# -- the persisted cache -------------------------------------------------------------------------
 def cache_path(model_dir: Path) -> Path:
     """verified.json beside the manifest; in the user's cache directory if that is read-only."""
     if os.access(model_dir, os.W_OK):

@@ -1,6 +1,6 @@
 """Loading agents: a thread pool that opens the sessions of upcoming blocks in parallel.
 
-ORT's session construction and file reads both release the GIL, so k agents load k blocks at once."""
+ORT's session construction and file reads both release the GIL: k agents load k blocks at once."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class LiveBlock:
 def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
     """Read a block's files into the page cache; bytes read. A layer's own files sequentially;
     shared files and the prologue's (embedding tables, looked up a few rows at a time) in small
-    folios, or a lookup maps whole large ones (bert-base's prologue: 59 MB resident instead of 10)."""
+    folios, or a lookup maps whole large ones (bert-base's prologue: 59 MB resident instead of
+    10)."""
     return sum(
         read_ahead(str(p), sequential=spec.is_own(f) and spec.kind != "prologue")
         for f, p in zip(spec.files, paths, strict=True)
@@ -44,7 +45,7 @@ def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
 def load_block(
     verifier: Verifier, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
 ) -> LiveBlock:
-    """Check, optionally read ahead, and open one block. Raises LoadError/IntegrityError naming it."""
+    """Check, optionally read ahead, and open one block; LoadError/IntegrityError name it."""
     model_dir = verifier.model_dir
     paths = [verifier.check(f) for f in spec.files]
     t0 = time.perf_counter()

@@ -7,7 +7,8 @@ of frozen dataclasses. Every path is relative to the model directory and must st
       "schema_version": 1,
       "name": "bert-base", "family": "bert", "task": "feature-extraction",
       "source": {"kind": "preset" | "checkpoint" | "hub", "name": "..."},
-      "inputs":  [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"],
+      "inputs":  [{"name": "input_ids", "dtype": "int64",
+                   "shape": ["batch_size", "sequence_length"],
                    "sample": {"kind": "randint", "high": 30522}}],
       "outputs": [{"name": "last_hidden_state", "dtype": "float32", "shape": [...]}],
       "blocks": [{"name": "layer_00", "kind": "layers", "layers": [0],
@@ -43,7 +44,8 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "float32", "int64", ...
     shape: tuple[int | str, ...]  # ints are fixed dims, strings are symbolic ("batch_size")
     # How to make a sample value for this input (inputs only): {"kind": "randint", "high": N},
-    # {"kind": "ones"}, {"kind": "zeros"}, {"kind": "arange"} (along the last axis), {"kind": "normal"}.
+    # {"kind": "ones"}, {"kind": "zeros"}, {"kind": "arange"} (along the last axis),
+    # {"kind": "normal"}.
     sample: dict[str, Any] | None = None
 
 
@@ -226,7 +228,8 @@ def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ManifestError(
-            f"{source}: unsupported schema_version {version!r} (this hermes-ort reads {SCHEMA_VERSION})"
+            f"{source}: unsupported schema_version {version!r} "
+            f"(this hermes-ort reads {SCHEMA_VERSION})"
         )
     blocks = tuple(
         _block(b, f"{source}: blocks[{i}]")

@@ -14,7 +14,7 @@ from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
 from hermes_ort.decoder import decoder_signature
 from hermes_ort.engine import BlockEngine
-from hermes_ort.errors import BudgetError, HermesError, InputError
+from hermes_ort.errors import BudgetError, HermesError, InputError, OptionError
 from hermes_ort.generate import (
     GenerationStats,
     Sampling,
@@ -169,7 +169,8 @@ class HermesModel:
         self.close()
 
     def __repr__(self) -> str:
-        return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {len(self.manifest.blocks)} blocks)"
+        blocks = len(self.manifest.blocks)
+        return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {blocks} blocks)"
 
 
 def make_engine(manifest: Manifest, plan: Plan, verifier: Verifier) -> BlockEngine | WholeEngine:
@@ -213,6 +214,9 @@ def load(
     block_loading(load_path)
     check_objective(objective)
     check_verify_mode(verify)
+    for name, value in (("loaders", loaders), ("window", window)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
     smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
     budget = None if smallest else parse_bytes(memory_budget)
     model_dir = Path(model_dir)

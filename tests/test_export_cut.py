@@ -1,4 +1,5 @@
-"""The cutter, the tied-weight rewrite and the block storage on small hand-built graphs (no torch)."""
+"""The cutter, the tied-weight rewrite and the block storage on small hand-built graphs (no
+torch)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.cut import block_model, plan_blocks, value_types
+from export.errors import ExportError
 from export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes, tie_transposed_copies
 from export.stack import LayerStack
 from export.storage import ALIGN_BYTES, SHARED_DATA, store_blocks
-from export.errors import ExportError
 
 STACK = LayerStack("stack.layer", 2, "Layer")
 
@@ -27,7 +28,8 @@ def _weights(rng):
 
 
 def toy_model(extra_nodes=(), extra_outputs=()) -> onnx.ModelProto:
-    """embeddings -> 2 scoped layers (with unscoped glue between) -> tied-style head, like an export."""
+    """embeddings -> 2 scoped layers (with unscoped glue between) -> tied-style head, like an
+    export."""
     w = _weights(np.random.default_rng(0))
     half = numpy_helper.from_array(np.array(0.5, np.float32))
     nodes = [
@@ -294,7 +296,7 @@ def test_folded_copy_of_a_tied_weight_is_tied_back():
 
 def test_full_model_is_rewritten_from_per_tensor_files(tmp_path):
     """Above 2 GB torch writes one file per tensor; the full model gets one aligned data file."""
-    from export.storage import all_tensors, write_full_model
+    from export.storage import all_tensors, write_external
 
     model = toy_model()
     big = numpy_helper.from_array(np.arange(4096, dtype=np.float32), "big")  # 16 KiB constant
@@ -324,7 +326,7 @@ def test_full_model_is_rewritten_from_per_tensor_files(tmp_path):
     assert len(list(raw.iterdir())) > 4
 
     loaded = onnx.load(str(raw / "model.onnx"), load_external_data=False)
-    files = write_full_model(loaded, raw, tmp_path / "full" / "model.onnx", tmp_path)
+    files = write_external(loaded, raw, tmp_path / "full" / "model.onnx", tmp_path)
     assert [f.path for f in files] == ["full/model.onnx", "full/model.onnx_data"]
     written = onnx.load(str(tmp_path / "full/model.onnx"), load_external_data=False)
     external = [

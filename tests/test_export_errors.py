@@ -21,8 +21,8 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 from export import storage, verify
-from export.stack import find_layer_stack
 from export.errors import ExportError
+from export.stack import find_layer_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +155,7 @@ def test_python_m_export_runs_the_cli(tmp_path):
     assert "available presets: bert-base, bert-large, gpt2" in proc.stderr
 
 
-# -- checkpoints with files missing or damaged ------------------------------------------------------
+# -- checkpoints with files missing or damaged ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_bert_checkpoint(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel
@@ -206,7 +206,7 @@ def test_checkpoint_with_files_missing_or_damaged(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-# -- a full disk ------------------------------------------------------------------------------------
+# -- a full disk ---------------------------------------------------------------------------------
 def test_disk_full_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
     def no_space(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
@@ -248,7 +248,7 @@ def test_a_really_full_disk_is_named_and_nothing_is_left(tiny_tmpfs, capsys):
     assert list(tiny_tmpfs.iterdir()) == []
 
 
-# -- interrupted from outside -----------------------------------------------------------------------
+# -- interrupted from outside --------------------------------------------------------------------
 def _export_process(out: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,

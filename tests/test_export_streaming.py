@@ -104,3 +104,26 @@ def test_streaming_needs_a_safetensors_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not fx.leftovers(tmp_path)
     assert fx.export_cli(tmp_path / "p", "--preset", "tiny-llama", "--streaming") == 1
     assert "--streaming exports a local checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template_layers", [4, 5])
+def test_any_template_length_gives_the_same_model(tmp_path, monkeypatch, template_layers):
+    """The template's last layer is the source of every later one, whatever the template's
+    length: a 7-layer checkpoint streamed from a 4- or 5-layer template equals its regular export
+    (same logits and KV cache)."""
+    from export import streaming
+
+    monkeypatch.setattr(streaming, "TEMPLATE_LAYERS", template_layers)
+    _tiny_llama(tmp_path / "ckpt", num_layers=7)
+    regular, stream = tmp_path / "regular", tmp_path / "streamed"
+    assert fx.export_cli(regular, "--model", str(tmp_path / "ckpt")) == 0
+    assert fx.export_cli(stream, "--model", str(tmp_path / "ckpt"), "--streaming") == 0
+    manifest = load_manifest(stream)
+    assert f"the {template_layers}-layer template" in manifest.verification["streaming"]
+    assert [b.layers for b in manifest.blocks if b.kind == "layers"] == [(i,) for i in range(7)]
+    with hermes_ort.load(regular) as ma, hermes_ort.load(stream) as mb:
+        feeds = ma.sample_inputs(sequence_length=9, seed=3)
+        want, got = ma.run(feeds), mb.run(feeds)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0)

@@ -21,10 +21,10 @@ from onnxruntime.capi.onnxruntime_inference_collection import InferenceSession a
 from toy_model import reference_logits
 
 import hermes_ort
-from hermes_ort import loader as loader_module
 from bench import cgroups
 from bench.device import Emulation, Launch, run_under
 from bench.records import sample_from_child
+from hermes_ort import loader as loader_module
 
 MIB = 1 << 20
 
@@ -57,7 +57,7 @@ def _kept(model) -> int:
     return len(engine.resident) if hasattr(engine, "resident") else int(engine.session is not None)
 
 
-# -- files removed or damaged during the model's life ------------------------------------------------
+# -- files removed or damaged during the model's life --------------------------------------------
 @pytest.mark.parametrize("strategy", ["pipeload", "ondemand", "pipeswitch"])
 def test_block_file_removed_mid_run(toy_dir, strategy, no_thread_leak):
     victim = toy_dir / "blocks" / "layer_02.data"
@@ -98,7 +98,7 @@ def test_truncated_block_is_named(toy_dir):
         hermes_ort.load(toy_dir, verify="size")
 
 
-# -- a loader failing, Ctrl-C ---------------------------------------------------------------------
+# -- a loader failing, Ctrl-C --------------------------------------------------------------------
 def test_loader_failure_is_raised_before_its_block_is_reached(
     toy_dir, monkeypatch, live_sessions, no_thread_leak
 ):
@@ -236,7 +236,7 @@ def test_ctrl_c_ends_the_command_line_cleanly(toy_dir):
     assert "Traceback" not in err
 
 
-# -- concurrent callers ----------------------------------------------------------------------------
+# -- concurrent callers --------------------------------------------------------------------------
 def test_concurrent_runs_are_serialised(toy_dir, no_thread_leak):
     with hermes_ort.load(toy_dir, window=2) as model:
         feeds = model.sample_inputs()
@@ -292,7 +292,7 @@ def test_close_while_other_threads_run(toy_dir, live_sessions, no_thread_leak):
     assert live_sessions() == 0
 
 
-# -- the process at its memory cap ----------------------------------------------------------------
+# -- the process at its memory cap ---------------------------------------------------------------
 ON_BOARD = os.environ.get("HERMES_ARM_BOARD") == "1"  # arm/run_tests.sh: the emulated board
 not_under_qemu = pytest.mark.skipif(
     ON_BOARD, reason="under qemu-user the address space and resident memory are qemu's own"
@@ -321,7 +321,8 @@ def test_allocation_failure_at_the_address_space_limit_is_clear_and_recoverable(
         feeds = model.sample_inputs()
         expected = model.run(feeds)["logits"]
         big = model.sample_inputs(batch_size=4096, sequence_length=64)  # 32 MiB a hidden state
-        vm = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+        status = open("/proc/self/status").read().splitlines()
+        vm = int(next(l for l in status if l.startswith("VmSize")).split()[1]) * 1024
         limits = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), limits[1]))
         try:

@@ -66,7 +66,7 @@ def settled(monkeypatch):
     monkeypatch.setattr(integrity, "RACY_NS", 0)
 
 
-# -- bytes changed, files swapped -----------------------------------------------------------------
+# -- bytes changed, files swapped ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "rel", ["blocks/layer_01.onnx", "blocks/layer_02.data", "blocks/prologue.data"]
 )
@@ -164,7 +164,7 @@ def test_read_only_model_dir_caches_in_the_user_cache(toy_dir, tmp_path, settled
     assert json.loads(cached.read_text())["files"]
 
 
-# -- hostile directories --------------------------------------------------------------------------
+# -- hostile directories -------------------------------------------------------------------------
 def _point_at(model_dir: Path, block: str, location: str) -> Path:
     """Rewrite a block's external data locations and make the manifest agree."""
     onnx = pytest.importorskip("onnx")  # not on the emulated board: its fixtures are prebuilt
@@ -305,7 +305,7 @@ def test_the_runtime_has_no_pickle_or_eval():
     assert "import json" in (ROOT / "hermes_ort" / "manifest.py").read_text()
 
 
-# -- the wire-format reader ---------------------------------------------------------------------
+# -- the wire-format reader ----------------------------------------------------------------------
 def _leads_to_tensor(desc, seen=()) -> bool:
     if desc.name == "TensorProto":
         return True

@@ -8,7 +8,7 @@ import pytest
 import hermes_ort
 from hermes_ort.costmodel import CostModel, within_margin
 from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
-from hermes_ort.timeline import BlockTimes, simulate
+from hermes_ort.timeline import BlockTimes
 
 MB = 1 << 20
 
@@ -141,18 +141,6 @@ def test_whole_model_plans_name_their_file():
     Manifest.full_model = None  # a streaming export has no whole-model file
     with pytest.raises(hermes_ort.ManifestError, match="no whole-model file"):
         plan_strategy("full", cost, None, manifest=Manifest)
-
-
-def test_timeline_basics():
-    blocks = [BlockTimes(0.05, 0.011, 0.01)] * 10
-    serial = simulate(blocks, 1, 1, frozenset(), True)
-    assert serial == pytest.approx(
-        10 * (0.05 + 0.011) + 9 * 0.0005, rel=1e-6
-    )  # load, run, free, ...
-    overlapped = simulate(blocks, 2, 3, frozenset(), True)
-    assert 10 * 0.05 / 2 <= overlapped < serial
-    everything = frozenset(range(10))
-    assert simulate(blocks, 2, 3, everything, False) == pytest.approx(10 * 0.01)
 
 
 def test_the_calibrated_kept_overhead_is_planned_for():

