@@ -26,7 +26,7 @@ run=$HERMES_ARM_CACHE/run # this run's reports and pytest temp dirs
 # 2-6 MiB a pass as new code runs), so this check passes or fails by chance there; tests/arm checks
 # the same on the guest's own memory (test_streaming_gives_memory_back_in_guest_memory)
 emulation_only_failures=(tests/test_budget.py::test_streaming_gives_memory_back)
-spawning_tests=(tests/test_cli.py tests/test_bench.py) # left out by smoke
+spawning_tests=(tests/test_cli.py tests/test_cli_errors.py tests/test_bench.py) # left out by smoke
 
 now() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }'; }

@@ -10,6 +10,7 @@
     python -m bench objectives models/bert-base --budgets 461MB,none --rounds 5
     python -m bench verify-cost models/bert-base
     python -m bench export-memory --layers 4,8,16
+    python -m bench facts models/bert-base
 
 `matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
 JSON (raw samples, gzip), a Markdown table and PNG plots.
@@ -34,6 +35,7 @@ COMMANDS = {
     "objectives": ("bench.objectives", "the planner's two objectives side by side"),
     "verify-cost": ("bench.verify_cost", "what load()'s integrity checks cost"),
     "export-memory": ("bench.export_memory", "the exporter's peak memory, regular vs streaming"),
+    "facts": ("bench.facts", "the measured facts docs/design.md cites"),
 }
 
 

@@ -1,4 +1,4 @@
-"""How blocks are stored (DESIGN.md §2): each block is an .onnx optimised offline at ORT's portable
+"""How blocks are stored (docs/design.md §2.1): each block is an .onnx optimised offline at ORT's portable
 level, with its weights in an external data file that ORT mmaps.
 
 - Optimisation: ORT_ENABLE_EXTENDED (fusions into contrib ops that exist on every CPU). Never

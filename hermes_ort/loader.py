@@ -34,8 +34,7 @@ class LiveBlock:
 def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
     """Read a block's files into the page cache; bytes read. A layer's own files sequentially;
     shared files and the prologue's (embedding tables, looked up a few rows at a time) in small
-    folios, or a lookup maps whole large ones (bert-base's prologue: 59 MB resident instead of
-    10)."""
+    folios, or a lookup maps whole large ones (docs/design.md §2.4)."""
     return sum(
         read_ahead(str(p), sequential=spec.is_own(f) and spec.kind != "prologue")
         for f, p in zip(spec.files, paths, strict=True)

@@ -73,8 +73,8 @@ if os.name == "posix":
 
 
 def trim_heap() -> None:
-    """Give freed heap pages back to the OS. glibc keeps ~38 MB per destroyed block session
-    otherwise (docs/design.md §2)."""
+    """Give freed heap pages back to the OS: glibc may keep what a destroyed session freed
+    (docs/design.md §2.3)."""
     if _libc is not None:
         _libc.malloc_trim(0)
 

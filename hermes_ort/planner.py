@@ -20,7 +20,7 @@ from hermes_ort.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.strategies import block_loading, get_strategy, whole_model_file
 from hermes_ort.units import format_bytes
 
-MAX_LOADERS = 4  # 2 loaders load 1.9x faster on 2 cores, 4 add nothing (docs/design.md §2)
+MAX_LOADERS = 4  # more agents than cores only contend for them (docs/design.md §2.2)
 MAX_WINDOW = 8
 PASS_TIE = 0.03  # plans whose objective's pass is predicted this close are a tie
 OBJECTIVES = ("repeated", "one-shot")  # what the plan makes fastest: later passes, or the first

@@ -3,12 +3,12 @@
 A session whose weights are mmapped opens in a few ms, but then faults its pages in during the
 first run, on the inference agent's critical path: from storage, if they are not cached. A loading
 agent makes sure they are cached first. It asks the kernel which pages are resident (mincore) and
-reads only the missing ones, so a warm block costs ~0.1 ms of CPU instead of a 29 MB copy that
-would compete with inference for the cores. `pread` releases the GIL: agents read in parallel.
+reads only the missing ones, so a warm block costs a fraction of a millisecond instead of a copy
+that would compete with inference for the cores. `pread` releases the GIL: agents read in parallel.
 
-Reads use POSIX_FADV_RANDOM: the kernel then caches the file in small (4 KiB) folios instead of
-large ones. A session maps whole folios when it faults, so after a sequential read an embedding
-lookup of 128 random rows maps ~65 MB of a 94 MB table; after this read, ~15 MB."""
+Shared files and embedding tables are read with POSIX_FADV_RANDOM: the kernel then caches them in
+small (4 KiB) folios. A session maps whole folios when it faults, so after a sequential read an
+embedding lookup of a few rows maps most of its table (docs/design.md §2.4)."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def _runs(missing: np.ndarray) -> list[tuple[int, int]]:
 def read_ahead(path: str, sequential: bool = False) -> int:
     """Make the whole file page-cache resident; returns the bytes actually read. `sequential`:
     the file is read only by the dense block being loaded (its own .onnx/.data), so large folios
-    cost nothing and the kernel's sequential read-ahead is ~2.5x faster from storage (measured:
-    1.9 vs 0.75 GB/s with two agents); shared files keep small folios (an embedding may be looked
-    up sparsely by another block)."""
+    cost nothing and the kernel's sequential read-ahead is faster from storage (docs/design.md
+    §2.4); shared files keep small folios (an embedding may be looked up sparsely by another
+    block)."""
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = bytearray(_CHUNK_BYTES)

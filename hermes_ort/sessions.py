@@ -1,8 +1,8 @@
 """The session factory: ONNX Runtime sessions opened as SessionSettings (settings.py) say, with the
 settings every strategy shares, and ORT's failures turned into errors that name the block.
 
-No spinning intra-op pools: with ORT's default spinning pools, parallel loading gives no speedup
-and every live session slows compute 2-5x (docs/design.md §2)."""
+No spinning intra-op pools: with ORT's default spinning pools, a block that runs right after others
+ran waits for their spinning threads (docs/design.md §2.2)."""
 
 from __future__ import annotations
 

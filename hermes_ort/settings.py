@@ -2,7 +2,7 @@
 
 - Prepacking off keeps a block's weights file-backed (mmapped from its external data file): it
   opens in a few ms; prepacking copies each weight into an anonymous buffer first (docs/design.md
-  §2).
+  §2.1).
 - One shared arena: a fresh session grows its own arena during its first run (fresh pages, ~25 ms
   a BERT-base layer here); sessions sharing the process's arena run their first pass as fast as
   their second, and activations' memory is reused from block to block.

@@ -1,4 +1,4 @@
-"""The strategies: pipeload and the baselines every benchmark carries (docs/design.md §1). This is
+"""The strategies: pipeload and the baselines every benchmark carries (docs/design.md §1); this is
 the one place that decides which engine, which file and which session settings a strategy uses;
 the planner writes that into the plan, and nothing downstream asks for a strategy's name.
 
