@@ -1,5 +1,5 @@
-"""How blocks are stored (docs/design.md §2.1): each block is an .onnx optimised offline at ORT's portable
-level, with its weights in an external data file that ORT mmaps.
+"""How blocks are stored (docs/design.md §2.1): each block is an .onnx optimised offline at ORT's
+portable level, with its weights in an external data file that ORT mmaps.
 
 - Optimisation: ORT_ENABLE_EXTENDED (fusions into contrib ops that exist on every CPU). Never
   ORT_ENABLE_ALL: its layout transforms (NCHWc) are x86-specific and would bake them into the file.
