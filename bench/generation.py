@@ -153,14 +153,10 @@ def run_matrix(args) -> dict[str, Any]:
 
 def _process_baseline() -> int:
     """RSS of a fresh process that imported the runtime (Python, numpy, ONNX Runtime)."""
-    import subprocess
+    from hermes_ort.fresh import require, run_child
 
-    code = "import hermes_ort; from hermes_ort.memory import rss_bytes; print(rss_bytes())"
-    return int(
-        subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-    )
+    code = "import json, hermes_ort.memory as m; print(json.dumps({'rss': m.rss_bytes()}))"
+    return require(run_child([sys.executable, "-c", code], 120), "the baseline probe")["rss"]
 
 
 def _io_floor(model_bytes: int, budget: int, r: dict, bandwidth: float | None) -> float | None:

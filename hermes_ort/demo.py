@@ -46,8 +46,9 @@ def main(
         return status
     print("profiling the blocks on this machine (once; stored beside the manifest) ...", flush=True)
     profile = [sys.executable, "-m", "hermes_ort", "profile", str(model_dir)]
-    if subprocess.run(profile, capture_output=True).returncode != 0:
-        print("profiling failed: planning from file sizes instead")
+    profiled = run_child(profile)
+    if not profiled.ok:
+        print(f"profiling failed ({profiled.error}): planning from file sizes instead")
     manifest = load_manifest(model_dir)
     files = [model_dir / f.path for f in manifest.block_files().values()]
     files += [model_dir / f.path for f in manifest.full_model.files] if manifest.full_model else []
