@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format bench bench-smoke clean
+.PHONY: setup demo test test-slow lint format bench bench-smoke bench-peers clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,7 @@ LINTED := hermes_ort export bench tests arm
 test: setup
 	$(PY) -m ruff check $(LINTED)
 	$(PY) -m ruff format --check $(LINTED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
@@ -43,8 +43,18 @@ bench: setup
 bench-smoke: setup
 	$(PY) -m bench matrix --matrix smoke --out bench/results/ci --fail-on-error
 
+# The peers (llama.cpp, onnxruntime-genai, AirLLM) and their weights for `python -m bench peers`.
+GENAI := .venv-genai
+bench-peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -e '.[export,text,dev,bench,peers]'
+	test -x $(GENAI)/bin/python || python3 -m venv $(GENAI)
+	$(GENAI)/bin/python -m pip install -q torch==2.13.0 'transformers>=5,<6' onnx_ir onnx \
+		onnxruntime-genai==0.18.0 sentencepiece protobuf safetensors
+	$(PY) -m bench peers --model tinyllama-1.1b --prepare-only
+	$(PY) -m bench peers --model bert-large --prepare-only
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(GENAI) .peers .pytest_cache .ruff_cache *.egg-info
 
 # Prove it on ARM: build an emulated Raspberry Pi 4 (arm64 Debian 12, Python 3.11, qemu-user as a
 # Cortex-A72; needs root, cached in ~/.cache/hermes-ort-arm) and run the torch-free tests there on

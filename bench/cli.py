@@ -11,6 +11,7 @@
     python -m bench verify-cost models/bert-base
     python -m bench export-memory --layers 4,8,16
     python -m bench facts models/bert-base
+    python -m bench peers --model tinyllama-1.1b
 
 `matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
 JSON (raw samples, gzip), a Markdown table and PNG plots.
@@ -36,6 +37,7 @@ COMMANDS = {
     "verify-cost": ("bench.verify_cost", "what load()'s integrity checks cost"),
     "export-memory": ("bench.export_memory", "the exporter's peak memory, regular vs streaming"),
     "facts": ("bench.facts", "the measured facts docs/design.md cites"),
+    "peers": ("bench.peers.run", "the peers side by side on the same weights and boards"),
 }
 
 

@@ -13,7 +13,12 @@ The package in layers (each module imports only from its own layer or those abov
   whole_engine
 - measurement: profiler, calibrate, fresh
 - the API: model, tokenizer, cli, cli_generate, demo
+
+Importing the package is light (the errors only); ONNX Runtime loads with the first name that
+needs it (`load`, `HermesModel`), so a tool importing one module of the data layer stays small.
 """
+
+from importlib import import_module
 
 from hermes_ort.errors import (
     BudgetError,
@@ -28,12 +33,30 @@ from hermes_ort.errors import (
     RunFailed,
     TokenizerError,
 )
-from hermes_ort.manifest import Manifest, load_manifest
-from hermes_ort.model import HermesModel, load
-from hermes_ort.plan import Plan
-from hermes_ort.strategies import STRATEGIES
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "HermesModel": "hermes_ort.model",
+    "load": "hermes_ort.model",
+    "Manifest": "hermes_ort.manifest",
+    "load_manifest": "hermes_ort.manifest",
+    "Plan": "hermes_ort.plan",
+    "STRATEGIES": "hermes_ort.strategies",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hermes_ort' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "STRATEGIES",

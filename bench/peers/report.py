@@ -1,0 +1,215 @@
+"""The peers' report from a stored run: a side-by-side table (s/token or pass time per profile),
+one detailed table per profile, and a plot of s/token against the memory cap per engine."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.peers import ENGINES
+
+
+def _mb(n) -> str:
+    return "-" if n is None else (f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB")
+
+
+def _s(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _by(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        out.setdefault((r["label"], r["profile"]), []).append(r)
+    return out
+
+
+def _median(rs: list[dict], key: str):
+    values = [r[key] for r in rs if r.get("ok") and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _cell(rs: list[dict], key: str) -> str:
+    if not rs:
+        return "not run"
+    if not any(r["ok"] for r in rs):
+        killed = sum(r["killed_for_memory"] for r in rs)
+        return f"**killed** ({killed}/{len(rs)})" if killed else f"failed: {rs[0]['error'][:60]}"
+    value = _median(rs, key)
+    spread = [r.get("s_per_token_range") for r in rs if r.get("ok") and r.get("s_per_token_range")]
+    if key == "s_per_token" and spread:
+        lo, hi = min(s[0] for s in spread), max(s[1] for s in spread)
+        return f"{value:.3f} ({lo:.3f}-{hi:.3f})"
+    return _s(value)
+
+
+def _profile_title(doc: dict, profile: str, rs: list[dict]) -> str:
+    cap = next((r["cap_bytes"] for r in rs if r.get("cap_bytes")), None)
+    return f"`{profile}`" + (f" ({_mb(cap)})" if cap else "")
+
+
+def side_by_side(doc: dict) -> list[str]:
+    decoder = doc["model_kind"] == "decoder"
+    key = "s_per_token" if decoder else "steady_pass_s"
+    groups = _by(doc["records"])
+    labels = list(dict.fromkeys(r["label"] for r in doc["records"]))
+    profiles = doc["profiles"]
+    head = [
+        "engine",
+        "weights",
+        *[
+            _profile_title(doc, p, [r for r in doc["records"] if r["profile"] == p])
+            for p in profiles
+        ],
+    ]
+    what = "s/token, median (range)" if decoder else "steady pass"
+    lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+    for label in labels:
+        rs = [r for r in doc["records"] if r["label"] == label]
+        weights = _mb(rs[0].get("weights_bytes"))
+        cells = [_cell(groups.get((label, p), []), key) for p in profiles]
+        lines.append(f"| {label} | {weights} | {' | '.join(cells)} |")
+    return [f"Side by side ({what}; caps are shares of the fp32 checkpoint):", "", *lines]
+
+
+def detail(doc: dict, profile: str) -> list[str]:
+    decoder = doc["model_kind"] == "decoder"
+    rs = [r for r in doc["records"] if r["profile"] == profile]
+    if decoder:
+        head = [
+            "engine",
+            "first token",
+            "s/token",
+            "tokens/s",
+            "load",
+            "peak RSS",
+            "cgroup peak",
+            "read",
+            "tokens vs transformers",
+        ]
+    else:
+        head = [
+            "engine",
+            "first pass",
+            "steady pass",
+            "load",
+            "peak RSS",
+            "cgroup peak",
+            "read",
+            "outputs vs transformers",
+        ]
+    lines = [
+        "",
+        f"### {_profile_title(doc, profile, rs)}",
+        "",
+        f"| {' | '.join(head)} |",
+        "|" + "---|" * len(head),
+    ]
+    for label, group in _by(rs).items():
+        label = label[0]
+        ok = [r for r in group if r["ok"]]
+        if not ok:
+            lines.append(f"| {label} | {_cell(group, 'x')} |" + " |" * (len(head) - 2))
+            continue
+        r = ok[0]
+        if decoder:
+            agree = (
+                "equal" if r.get("tokens_equal") else f"{r.get('equal_prefix')} equal, then differ"
+            )
+            cells = [
+                _s(_median(ok, "time_to_first_token_s")),
+                _cell(group, "s_per_token"),
+                f"{_median(ok, 'tokens_per_s'):.2f}",
+                _s(_median(ok, "load_s")),
+            ]
+        else:
+            diff = r.get("checksum_rel_diff")
+            agree = "-" if diff is None else f"{diff:.1e} (checksums, relative)"
+            cells = [
+                _s(_median(ok, "first_pass_s")),
+                _s(_median(ok, "steady_pass_s")),
+                _s(_median(ok, "load_s")),
+            ]
+        cells += [
+            _mb(_median(ok, "peak_rss_bytes")),
+            _mb(_median(ok, "cgroup_peak_bytes")),
+            _mb(_median(ok, "read_bytes")),
+            agree,
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines
+
+
+def render(doc: dict) -> str:
+    m = doc["machine"]
+    v = doc["versions"]
+    engines = sorted({r["engine"] for r in doc["records"]})
+    out = [
+        f"# Peers: {doc['model']} ({_mb(doc['fp32_bytes'])} fp32)",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {doc['threads']} threads for every engine; "
+        f"onnxruntime {v.get('onnxruntime')}, hermes-ort {v.get('git_commit', '?')}. Each "
+        "configuration in a fresh process; cold profiles evict every engine's files first; a "
+        "cap is the memory cgroup's hard limit (RSS + page cache); hermes-ort's budget is the "
+        f"cap less {doc['cap_margin']:.0%}. Peak RSS: the kernel's for the process; read: what "
+        "its blkio group read from the disk.",
+    ]
+    if doc["model_kind"] == "decoder":
+        out.append(
+            f"{doc['prompt_tokens']}-token prompt, then {doc['new_tokens']['warm']} new tokens "
+            f"(warm) or {doc['new_tokens']['cold']} (cold profiles), greedy, end of sequence "
+            "ignored; s/token is the median of the decode steps after the first token."
+        )
+    out += [""] + side_by_side(doc)
+    for profile in doc["profiles"]:
+        out += detail(doc, profile)
+    out += ["", "What each engine does:", ""]
+    out += [f"- **{e}**: {ENGINES[e].about}." for e in engines if e in ENGINES]
+    for label, why in doc.get("skipped", {}).items():
+        out.append(f"- skipped {label}: {why}")
+    return "\n".join(out) + "\n"
+
+
+def plot(doc: dict, path: Path) -> Path | None:
+    """s/token (or pass time) against the cap, one line per engine; warm at the right."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    decoder = doc["model_kind"] == "decoder"
+    key = "s_per_token" if decoder else "steady_pass_s"
+    caps = [p for p in doc["profiles"] if p.startswith("cold:")]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label in dict.fromkeys(r["label"] for r in doc["records"]):
+        xs, ys = [], []
+        for p in caps:
+            rs = [r for r in doc["records"] if r["label"] == label and r["profile"] == p]
+            value = _median(rs, key)
+            if value is not None:
+                xs.append(p.split(":")[1])
+                ys.append(value)
+        if ys:
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("memory cap (share of the fp32 checkpoint), page cache evicted first")
+    ax.set_ylabel("s/token (median)" if decoder else "steady pass (s)")
+    ax.set_title(f"{doc['model']}: every engine under the same caps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(doc: dict[str, Any], out: Path, stem: str) -> str:
+    text = render(doc)
+    (out / f"{stem}.md").write_text(text)
+    plot(doc, out / f"{stem}.png")
+    return text

@@ -1,0 +1,272 @@
+"""`python -m bench peers`: every engine on the same weights under the same device profiles.
+
+    python -m bench peers --model tinyllama-1.1b --profiles warm,cold:100%,cold:50%,cold:25%,sd:50%
+    python -m bench peers --model bert-large --engines hermes-ort:fp32,transformers,optimum
+    python -m bench peers --render bench/results/latest/peers/tinyllama-1.1b.json
+
+A configuration is ENGINE:FORMAT[:VARIANT] (llama.cpp's variant `no-repack`: its load-time
+weight repacking off; hermes-ort's `full-mmap`/`full`: that strategy instead of pipeload). A
+profile is a bench device profile (`bench/matrix.py`: STORAGE[:Nc][:CAP]) whose share caps are of
+the fp32 checkpoint's bytes; cold profiles evict every engine's files first, warm ones read the
+engine's own files into the page cache. Each configuration runs in fresh processes; an engine
+that is not installed is skipped with the command that installs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.peers import ENGINES, installed
+
+DECODER_CONFIGS = (
+    "hermes-ort:fp32",
+    "llama.cpp:f32",
+    "llama.cpp:f16",
+    "llama.cpp:q8_0",
+    "llama.cpp:q4_0",
+    "llama.cpp:q4_0:no-repack",
+    "onnxruntime-genai:fp32",
+    "onnxruntime-genai:int4",
+    "transformers:fp32",
+    "accelerate:fp32",
+    "airllm:fp32",
+)
+ENCODER_CONFIGS = (
+    "hermes-ort:fp32",
+    "hermes-ort:fp32:full",
+    "transformers:fp32",
+    "optimum:fp32",
+)
+PROFILES = ("warm", "cold:100%", "cold:50%", "cold:25%", "sd:50%")
+CAP_MARGIN = 0.10  # hermes-ort's budget: the cap less this share (page cache of a block in flight)
+EXACT_FORMATS = ("fp32", "f32", "f16")  # their greedy tokens must equal transformers'
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: str
+    format: str
+    variant: str = ""
+
+    @property
+    def label(self) -> str:
+        return ":".join(x for x in (self.engine, self.format, self.variant) if x)
+
+
+def parse_config(text: str) -> Config:
+    engine, _, rest = text.partition(":")
+    fmt, _, variant = rest.partition(":")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine '{engine}' (choose from {', '.join(ENGINES)})")
+    spec = ENGINES[engine]
+    fmt = fmt or spec.formats[0]
+    if fmt not in spec.formats and not (engine == "hermes-ort"):
+        raise ValueError(f"{engine} runs {', '.join(spec.formats)} here, not '{fmt}'")
+    variants = {"llama.cpp": ("", "no-repack"), "hermes-ort": ("", "full", "full-mmap")}
+    if variant not in variants.get(engine, ("",)):
+        raise ValueError(f"'{text}': {engine} has no variant '{variant}'")
+    return Config(engine, fmt, variant)
+
+
+def _tokens_for(profile, args) -> int:
+    return args.new_tokens if profile.storage.cache == "warm" else args.cold_new_tokens
+
+
+def child_command(config: Config, model, weights: Path, profile, cap: int | None, args) -> list:
+    kind = model.kind
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.peers.child",
+        config.engine,
+        str(weights),
+        "--reference",
+        str(model.reference),
+        "--kind",
+        kind,
+        "--threads",
+        str(args.threads),
+    ]
+    if kind == "decoder":
+        cmd += ["--new-tokens", str(_tokens_for(profile, args))]
+    else:
+        cmd += ["--passes", str(args.passes)]
+    if config.variant == "no-repack":
+        cmd.append("--no-repack")
+    if config.engine == "hermes-ort":
+        cmd += ["--strategy", config.variant or "pipeload"]
+        if cap is not None and not config.variant:
+            cmd += ["--budget", str(int(cap / (1 + CAP_MARGIN)))]
+    if config.engine in ("accelerate", "airllm"):
+        scratch = model.root / ("airllm" if config.engine == "airllm" else "scratch")
+        scratch.mkdir(parents=True, exist_ok=True)
+        cmd += ["--scratch", str(scratch)]
+    return cmd
+
+
+def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, Any]:
+    from bench.device import Launch, prepare_cache, run_under
+    from bench.peers.weights import prepare
+
+    weights = prepare(model, config.engine, config.format)
+    fp32 = sum(p.stat().st_size for p in model.ckpt.glob("*.safetensors"))
+    cap = profile.memory_cap.resolve(fp32, 0) if profile.memory_cap else None
+    every = [p for e in ENGINES for f in ENGINES[e].formats for p in model.files(e, f)]
+    prepare_cache(profile.storage, model.files(config.engine, config.format), every)
+    launch = Launch(
+        emulation,
+        cores=profile.cores,
+        cap_bytes=cap,
+        disk=disk,
+        read_bytes_per_s=profile.storage.read_bytes_per_s,
+        tag="peer",
+    )
+    cmd = child_command(config, model, weights, profile, cap, args)
+    result = run_under(launch, cmd, args.timeout)
+    mem = launch.memory
+    killed = bool(mem and mem.oom_kills) or (launch.cap_enforced and result.returncode == -9)
+    record = {k: v for k, v in result.record.items() if k != "ok"}
+    record.update(
+        engine=config.engine,
+        format=config.format,
+        variant=config.variant,
+        label=config.label,
+        profile=profile.text,
+        cap_bytes=cap if launch.cap_enforced else None,
+        ok=result.ok,
+        error=None if result.ok else ("killed for memory" if killed else result.error),
+        killed_for_memory=killed,
+        peak_rss_bytes=result.peak_rss_bytes,
+        cgroup_peak_bytes=mem.peak_bytes if mem else None,
+        read_bytes=launch.blkio_read_bytes,
+        wall_s=result.wall_s,
+        weights_bytes=sum(p.stat().st_size for p in model.files(config.engine, config.format)),
+    )
+    return record
+
+
+def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """s/token (median of the decode steps, their spread), tokens/s, agreement with transformers."""
+    steps = record.get("token_s") or []
+    if steps:
+        record["s_per_token"] = statistics.median(steps)
+        record["s_per_token_range"] = [min(steps), max(steps)]
+        record["tokens_per_s"] = 1 / record["s_per_token"]
+    passes = record.get("pass_s") or []
+    if passes:
+        record["steady_pass_s"] = statistics.median(passes)
+    new, want = record.get("new_ids"), reference.get("transformers")
+    if new is not None and isinstance(want, list):
+        same = sum(a == b for a, b in zip(new, want, strict=False))
+        prefix = next(
+            (i for i, (a, b) in enumerate(zip(new, want, strict=False)) if a != b), len(new)
+        )
+        record["agreement"] = same / len(new) if new else None
+        record["equal_prefix"] = prefix
+        record["tokens_equal"] = new == want[: len(new)]
+    if "checksums" in record and isinstance(want, dict):
+        diffs = [
+            abs(a - b) / max(1.0, abs(b))
+            for k in want
+            for a, b in zip(record["checksums"].get(k, []), want[k], strict=False)
+        ]
+        record["checksum_rel_diff"] = max(diffs) if diffs else None
+    return record
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tinyllama-1.1b", help="a preset (decoder or encoder)")
+    p.add_argument("--engines", default=None, help="ENGINE:FORMAT[:VARIANT], comma-separated")
+    p.add_argument("--profiles", default=",".join(PROFILES))
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration")
+    p.add_argument("--new-tokens", type=int, default=8, help="decoders, warm profiles")
+    p.add_argument("--cold-new-tokens", type=int, default=4, help="decoders, cold profiles")
+    p.add_argument("--passes", type=int, default=3, help="encoders")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=2400, help="seconds per process")
+    p.add_argument("--prepare-only", action="store_true", help="make the weights and stop")
+    p.add_argument("--out", type=Path, default=Path("bench/results/latest/peers"))
+    p.add_argument("--render", type=Path, metavar="JSON", help="render a stored run again")
+
+
+def run(args) -> int:
+    from bench.peers.report import write_report
+
+    if args.render:
+        doc = json.loads(args.render.read_text())
+        print(write_report(doc, args.render.parent, args.render.stem))
+        return 0
+    from bench.cgroups import disk_of, signals_raise
+    from bench.device import Emulation
+    from bench.matrix import parse_profile
+    from bench.peers.weights import PeerModel, prepare
+    from bench.records import machine_info, versions
+
+    model = PeerModel.named(args.model)
+    defaults = DECODER_CONFIGS if model.kind == "decoder" else ENCODER_CONFIGS
+    configs = [parse_config(c) for c in (args.engines.split(",") if args.engines else defaults)]
+    profiles = [parse_profile(p) for p in args.profiles.split(",")]
+    runnable, skipped = [], {}
+    for c in configs:
+        why = installed(ENGINES[c.engine])
+        if why:
+            skipped[c.label] = why
+            print(f"bench peers: skipped {c.label}: {why}", file=sys.stderr)
+        else:
+            runnable.append(c)
+    for c in runnable:
+        prepare(model, c.engine, c.format)
+    if args.prepare_only:
+        return 0
+    emulation, disk = Emulation.detect(), disk_of(model.root)
+    reference = json.loads(model.reference.read_text())
+    records = []
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with signals_raise():
+        for profile in profiles:
+            for repeat in range(args.repeats):
+                for c in runnable:
+                    r = summarise(run_one(c, model, profile, args, emulation, disk), reference)
+                    r["repeat"] = repeat
+                    records.append(r)
+                    print(_line(r), file=sys.stderr, flush=True)
+    doc = {
+        "kind": "hermes-ort-peers",
+        "created": started,
+        "model": args.model,
+        "model_kind": model.kind,
+        "fp32_bytes": sum(p.stat().st_size for p in model.ckpt.glob("*.safetensors")),
+        "prompt_tokens": len(reference.get("prompt_ids", [])),
+        "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
+        "threads": args.threads,
+        "cap_margin": CAP_MARGIN,
+        "profiles": [p.text for p in profiles],
+        "machine": machine_info(),
+        "versions": versions(),
+        "emulation": emulation.to_json(),
+        "skipped": skipped,
+        "records": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.model}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(write_report(doc, args.out, args.model))
+    return 0
+
+
+def _line(r: dict[str, Any]) -> str:
+    head = f"{r['profile']} {r['label']}"
+    if not r["ok"]:
+        return f"{head}: {r['error']}"
+    if "s_per_token" in r:
+        return (
+            f"{head}: {r['s_per_token']:.3f} s/token, first token "
+            f"{r['time_to_first_token_s']:.2f} s, peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
+            f"tokens equal: {r.get('tokens_equal')}"
+        )
+    return f"{head}: first pass {r['first_pass_s']:.3f} s, steady {r.get('steady_pass_s', 0):.3f} s"

@@ -1,0 +1,311 @@
+"""The same weights for every engine, prepared once under models/peers/NAME/ (each step skipped
+when its output is there):
+
+    ckpt/            the preset with seeded random weights, save_pretrained (fp32 safetensors),
+                     a real tokenizer for decoders (tokenizer.py)
+    reference.json   the prompt (32 random token ids) or encoder inputs; transformers' greedy
+                     tokens on the prompt (every fp32/f16 row must reproduce them)
+    hermes-fp32/     hermes-ort's export of ckpt/
+    gguf/F.gguf      llama.cpp: its vendored converter (f32), then llama_model_quantize (f16,
+                     q8_0, q4_0)
+    genai-P/         onnxruntime-genai's model builder (-p fp32 | int4 -e cpu), in .venv-genai
+    airllm/          AirLLM's per-layer split of ckpt/ (it writes it on its first load)
+    onnx/            optimum's export of ckpt/ (encoders: ORTModelForFeatureExtraction)
+
+Every heavy step runs in a child process (the parent stays small)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import REPO, child_env
+from hermes_ort.errors import ChildFailed
+from hermes_ort.fresh import require, run_child
+
+PROMPT_TOKENS = 32
+REFERENCE_TOKENS = 16  # transformers' greedy tokens kept; runs compare their first N
+ENCODER_TOKENS = 128
+LLAMA_CPP_VERSION = "0.3.36"
+PEERS_DIR = REPO / ".peers"  # the llama-cpp-python sdist (its converter), not in git
+GENAI_PYTHON = REPO / ".venv-genai" / "bin" / "python"
+QUANT_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class PeerModel:
+    preset: str  # a preset of models/presets
+    root: Path
+
+    @classmethod
+    def named(cls, preset: str, models_dir: Path = REPO / "models" / "peers") -> PeerModel:
+        return cls(preset, models_dir / preset)
+
+    @property
+    def kind(self) -> str:
+        config = json.loads((REPO / "models" / "presets" / f"{self.preset}.json").read_text())
+        return "decoder" if config["task"] == "text-generation" else "encoder"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt"
+
+    @property
+    def reference(self) -> Path:
+        return self.root / "reference.json"
+
+    def weights(self, engine: str, fmt: str) -> Path:
+        """What `engine` opens for weight format `fmt`."""
+        paths = {
+            "hermes-ort": self.root / f"hermes-{fmt}",
+            "llama.cpp": self.root / "gguf" / f"{fmt}.gguf",
+            "onnxruntime-genai": self.root / f"genai-{fmt}",
+            "airllm": self.ckpt,
+            "optimum": self.root / "onnx",
+        }
+        return paths.get(engine, self.ckpt)
+
+    def files(self, engine: str, fmt: str) -> list[Path]:
+        """Every file `engine` reads (for the page-cache state of a profile)."""
+        where = self.root / "airllm" if engine == "airllm" else self.weights(engine, fmt)
+        if where.is_file():
+            return [where]
+        return sorted(p for p in where.rglob("*") if p.is_file()) if where.is_dir() else []
+
+
+def _child(cmd: list[str], what: str, timeout_s: float = 7200) -> dict:
+    return require(run_child(cmd, timeout_s, env=child_env()), what)
+
+
+def checkpoint(model: PeerModel) -> None:
+    if (model.ckpt / "config.json").is_file():
+        return
+    log(f"{model.preset}: writing a random-weight checkpoint to {model.ckpt}")
+    code = (
+        "import sys, json; from pathlib import Path; "
+        "from export.presets import build_random_model, load_preset; "
+        "p = load_preset(sys.argv[1]); out = Path(sys.argv[2]); "
+        "m = build_random_model(p, 0); m.save_pretrained(out, safe_serialization=True); "
+        "print(json.dumps({'vocab': m.config.vocab_size}))"
+    )
+    tmp = model.ckpt.with_name("ckpt.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record = _child([sys.executable, "-c", code, model.preset, str(tmp)], "the checkpoint")
+    if model.kind == "decoder":
+        from bench.peers.tokenizer import write_tokenizer
+
+        write_tokenizer(tmp, record["vocab"])
+    os.replace(tmp, model.ckpt)
+
+
+def reference(model: PeerModel) -> None:
+    """The prompt or inputs, and transformers' outputs on them (in a child)."""
+    if model.reference.is_file():
+        return
+    import numpy as np
+
+    config = json.loads((model.ckpt / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    if model.kind == "decoder":
+        doc = {"prompt_ids": rng.integers(3, config["vocab_size"], PROMPT_TOKENS).tolist()}
+    else:
+        ids = rng.integers(0, config["vocab_size"], (1, ENCODER_TOKENS)).tolist()
+        ones = [[1] * ENCODER_TOKENS]
+        doc = {"inputs": {"input_ids": ids, "attention_mask": ones, "token_type_ids": [[0] * 128]}}
+    tmp = model.reference.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    log(f"{model.preset}: transformers' reference outputs")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.peers.child",
+        "transformers",
+        str(model.ckpt),
+        "--reference",
+        str(tmp),
+        "--kind",
+        model.kind,
+        "--new-tokens",
+        str(REFERENCE_TOKENS),
+    ]
+    record = _child(cmd, "the reference run")
+    doc["transformers"] = record.get("new_ids") or record.get("checksums")
+    model.reference.write_text(json.dumps(doc))
+    tmp.unlink()
+
+
+def hermes(model: PeerModel, fmt: str = "fp32") -> None:
+    out = model.weights("hermes-ort", fmt)
+    if (out / "manifest.json").is_file():
+        return
+    log(f"{model.preset}: hermes-ort export ({fmt}) to {out}")
+    cmd = [sys.executable, "-m", "export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
+    require(run_child(cmd, 7200, env=child_env()), "the hermes-ort export")
+
+
+def llama_cpp_sources() -> Path:
+    """The converter vendored by llama-cpp-python's sdist (with its own gguf-py)."""
+    src = PEERS_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+    converter = src / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if converter.is_file() and (converter.parent / "conversion" / "__init__.py").is_file():
+        return converter
+    PEERS_DIR.mkdir(exist_ok=True)
+    sdist = PEERS_DIR / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+    if not sdist.is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(PEERS_DIR),
+            f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+        ]
+        result = run_child(cmd, 1800)
+        if result.returncode != 0:
+            raise ChildFailed(f"cannot download llama-cpp-python's sdist: {result.error}")
+    with tarfile.open(sdist) as tar:
+        wanted = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")  # and its own gguf, models
+        vendored = "/vendor/llama.cpp/"
+        members = [
+            m
+            for m in tar.getmembers()
+            if any(m.name.split(vendored, 1)[-1].startswith(w) for w in wanted)
+            and vendored in m.name
+        ]
+        tar.extractall(PEERS_DIR, members=members, filter="data")
+    return converter
+
+
+def gguf(model: PeerModel, fmt: str) -> None:
+    out = model.weights("llama.cpp", fmt)
+    if out.is_file():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f32 = model.weights("llama.cpp", "f32")
+    if not f32.is_file():
+        log(f"{model.preset}: GGUF f32 with llama.cpp's converter")
+        converter = llama_cpp_sources()
+        tmp = f32.with_suffix(".tmp")
+        cmd = [
+            sys.executable,
+            str(converter),
+            str(model.ckpt),
+            "--outtype",
+            "f32",
+            "--outfile",
+            str(tmp),
+        ]
+        result = run_child(cmd, 7200, env=child_env())
+        if result.returncode != 0:
+            raise ChildFailed(f"llama.cpp's converter failed: {result.error}")
+        os.replace(tmp, f32)
+    if fmt == "f32":
+        return
+    log(f"{model.preset}: GGUF {fmt} with llama_model_quantize")
+    code = (
+        "import sys, json, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+        "p.ftype = int(sys.argv[3]); p.nthread = 2; "
+        "r = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p); "
+        "print(json.dumps({'ok': r == 0, 'error': f'status {r}'}))"
+    )
+    tmp = out.with_suffix(".tmp")
+    _child(
+        [sys.executable, "-c", code, str(f32), str(tmp), str(QUANT_TYPES[fmt])], f"quantize {fmt}"
+    )
+    os.replace(tmp, out)
+
+
+def genai(model: PeerModel, fmt: str) -> None:
+    out = model.weights("onnxruntime-genai", fmt)
+    if (out / "genai_config.json").is_file():
+        return
+    if not GENAI_PYTHON.is_file():
+        raise ChildFailed(f"onnxruntime-genai's builder needs {GENAI_PYTHON}: make bench-peers")
+    log(f"{model.preset}: onnxruntime-genai's builder ({fmt}) to {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache = model.root / ".genai-cache"
+    cmd = [
+        str(GENAI_PYTHON),
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model.ckpt),
+        "-o",
+        str(tmp),
+        "-p",
+        fmt,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
+    result = run_child(cmd, 7200)
+    if result.returncode != 0:
+        raise ChildFailed(f"onnxruntime-genai's builder failed: {result.error}")
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def airllm(model: PeerModel) -> None:
+    """AirLLM splits the checkpoint into per-layer files on its first load: done here, once."""
+    shards = model.root / "airllm"
+    if shards.is_dir() and any(shards.rglob("*.safetensors")):
+        return
+    log(f"{model.preset}: AirLLM's layer split into {shards}")
+    shards.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.peers.child",
+        "airllm",
+        str(model.ckpt),
+        "--reference",
+        str(model.reference),
+        "--new-tokens",
+        "1",
+        "--scratch",
+        str(shards),
+    ]
+    _child(cmd, "AirLLM's split")
+
+
+def onnx(model: PeerModel) -> None:
+    out = model.weights("optimum", "fp32")
+    if (out / "model.onnx").is_file():
+        return
+    log(f"{model.preset}: optimum's ONNX export to {out}")
+    code = (
+        "import sys, json; from optimum.exporters.onnx import main_export; "
+        "main_export(sys.argv[1], output=sys.argv[2], task='feature-extraction'); "
+        "print(json.dumps({}))"
+    )
+    _child([sys.executable, "-c", code, str(model.ckpt), str(out)], "optimum's export")
+
+
+def prepare(model: PeerModel, engine: str, fmt: str) -> Path:
+    """Everything `engine` needs to run `fmt` of `model`; the weights it opens."""
+    checkpoint(model)
+    reference(model)
+    steps = {
+        "hermes-ort": lambda: hermes(model, fmt),
+        "llama.cpp": lambda: gguf(model, fmt),
+        "onnxruntime-genai": lambda: genai(model, fmt),
+        "airllm": lambda: airllm(model),
+        "optimum": lambda: onnx(model),
+    }
+    steps.get(engine, lambda: None)()
+    return model.weights(engine, fmt)
