@@ -117,8 +117,9 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
     weights = prepare(model, config.engine, config.format)
     fp32 = sum(p.stat().st_size for p in model.ckpt.glob("*.safetensors"))
     cap = profile.memory_cap.resolve(fp32, 0) if profile.memory_cap else None
-    every = [p for e in ENGINES for f in ENGINES[e].formats for p in model.files(e, f)]
-    prepare_cache(profile.storage, model.files(config.engine, config.format), every)
+    every = [p for p in model.root.rglob("*") if p.is_file()]  # a cold start evicts them all
+    own = model.files(config.engine, config.format, config.variant)
+    prepare_cache(profile.storage, own, every)
     launch = Launch(
         emulation,
         cores=profile.cores,
@@ -146,7 +147,7 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
         cgroup_peak_bytes=mem.peak_bytes if mem else None,
         read_bytes=launch.blkio_read_bytes,
         wall_s=result.wall_s,
-        weights_bytes=sum(p.stat().st_size for p in model.files(config.engine, config.format)),
+        weights_bytes=sum(p.stat().st_size for p in own),
     )
     return record
 

@@ -12,14 +12,18 @@ from pathlib import Path
 SPECIAL = ("<unk>", "<s>", "</s>")
 
 
-def _pieces(count: int):
-    """`count` distinct normal pieces: letters and digits, then with the word marker, then pairs."""
-    alphabet = string.ascii_letters + string.digits
-    singles = list(alphabet)
-    words = ["\u2581" + c for c in alphabet]
-    pairs = ("".join(p) for p in itertools.product(alphabet, repeat=2))
-    marked = ("\u2581" + "".join(p) for p in itertools.product(alphabet, repeat=2))
-    return list(itertools.islice(itertools.chain(words, singles, marked, pairs), count))
+def _pieces(count: int) -> list[str]:
+    """`count` distinct normal pieces: strings of letters and digits, shortest first, each with
+    the word marker and without."""
+
+    def strings():
+        alphabet = string.ascii_letters + string.digits
+        for length in itertools.count(1):
+            for chars in itertools.product(alphabet, repeat=length):
+                yield "\u2581" + "".join(chars)
+                yield "".join(chars)
+
+    return list(itertools.islice(strings(), count))
 
 
 def sentencepiece_model(vocab_size: int) -> bytes:

@@ -74,8 +74,14 @@ class PeerModel:
         }
         return paths.get(engine, self.ckpt)
 
-    def files(self, engine: str, fmt: str) -> list[Path]:
-        """Every file `engine` reads (for the page-cache state of a profile)."""
+    def files(self, engine: str, fmt: str, variant: str = "") -> list[Path]:
+        """Every file `engine` reads (for the page-cache state of a profile, and its size)."""
+        if engine == "hermes-ort" and (self.weights(engine, fmt) / "manifest.json").is_file():
+            from bench.models import model_files
+            from hermes_ort.manifest import load_manifest
+
+            d = self.weights(engine, fmt)
+            return model_files(load_manifest(d), d, variant or "pipeload")
         where = self.root / "airllm" if engine == "airllm" else self.weights(engine, fmt)
         if where.is_file():
             return [where]
