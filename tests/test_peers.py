@@ -180,3 +180,25 @@ def test_the_report_from_canned_records(tmp_path):
     assert "| hermes-ort:fp32 | 4.40 GB | 0.170 (0.170-0.255) | 2.400 (2.400-3.600) |" in md
     assert "| llama.cpp:q4_0 | 4.40 GB | 0.025 (0.025-0.038) | **killed** (1/1) |" in md
     assert "skipped airllm:fp32: not installed" in md
+
+
+def test_a_rerun_replaces_only_its_own_records():
+    from bench.peers.run import merge_runs
+
+    def rec(label, profile, s):
+        return {"label": label, "profile": profile, "repeat": 0, "s_per_token": s}
+
+    old = {
+        "created": "t0",
+        "profiles": ["warm", "sd:50%"],
+        "records": [rec("a", "warm", 1), rec("b", "warm", 2), rec("a", "sd:50%", None)],
+    }
+    new = {
+        "created": "t1",
+        "profiles": ["sd:50%"],
+        "records": [rec("a", "sd:50%", 3)],
+        "versions": {"git_commit": "abc"},
+    }
+    merged = merge_runs(old, new)
+    assert [r["s_per_token"] for r in merged["records"]] == [1, 2, 3]
+    assert merged["merged"] == [{"created": "t1", "git_commit": "abc", "rerun": [("a", "sd:50%")]}]

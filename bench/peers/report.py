@@ -154,9 +154,13 @@ def render(doc: dict) -> str:
         f"onnxruntime {v.get('onnxruntime')}, hermes-ort {v.get('git_commit', '?')}. Each "
         "configuration in a fresh process; cold profiles evict every engine's files first; a "
         "cap is the memory cgroup's hard limit (RSS + page cache); hermes-ort's budget is the "
-        f"cap less {doc['cap_margin']:.0%}. Peak RSS: the kernel's for the process; read: what "
-        "its blkio group read from the disk.",
+        + (f"cap less {doc['cap_margin']:.0%}" if doc["cap_margin"] else "cap itself")
+        + ". Peak RSS: the kernel's for the process; read: what its blkio group read from the "
+        "disk.",
     ]
+    for m in doc.get("merged", []):
+        rerun = ", ".join(f"{label} {profile}" for label, profile in m["rerun"])
+        out.append(f"Rerun on {m['created']} at hermes-ort {m.get('git_commit', '?')}: {rerun}.")
     if doc["model_kind"] == "decoder":
         out.append(
             f"{doc['prompt_tokens']}-token prompt, then {doc['new_tokens']['warm']} new tokens "

@@ -44,7 +44,9 @@ ENCODER_CONFIGS = (
     "optimum:fp32",
 )
 PROFILES = ("warm", "cold:100%", "cold:50%", "cold:25%", "sd:50%")
-CAP_MARGIN = 0.10  # hermes-ort's budget: the cap less this share (page cache of a block in flight)
+# hermes-ort's budget: the cap less this share (--cap-margin). 0: the cap itself, as the other
+# engines get it; page cache beyond the plan is clean and reclaimed under the cap, not killed
+CAP_MARGIN = 0.0
 EXACT_FORMATS = ("fp32", "f32", "f16")  # their greedy tokens must equal transformers'
 
 
@@ -102,7 +104,7 @@ def child_command(config: Config, model, weights: Path, profile, cap: int | None
     if config.engine == "hermes-ort":
         cmd += ["--strategy", config.variant or "pipeload"]
         if cap is not None and not config.variant:
-            cmd += ["--budget", str(int(cap / (1 + CAP_MARGIN)))]
+            cmd += ["--budget", str(int(cap / (1 + args.cap_margin)))]
     if config.engine in ("accelerate", "airllm"):
         scratch = model.root / ("airllm" if config.engine == "airllm" else "scratch")
         scratch.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,7 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
         label=config.label,
         profile=profile.text,
         cap_bytes=cap if launch.cap_enforced else None,
+        budget_bytes=_budget(cmd),
         ok=result.ok,
         error=None if result.ok else ("killed for memory" if killed else result.error),
         killed_for_memory=killed,
@@ -150,6 +153,10 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
         weights_bytes=sum(p.stat().st_size for p in own),
     )
     return record
+
+
+def _budget(cmd: list) -> int | None:
+    return int(cmd[cmd.index("--budget") + 1]) if "--budget" in cmd else None
 
 
 def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -190,10 +197,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-new-tokens", type=int, default=4, help="decoders, cold profiles")
     p.add_argument("--passes", type=int, default=3, help="encoders")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--cap-margin", type=float, default=CAP_MARGIN, help="hermes-ort's budget: cap/(1+M)"
+    )
     p.add_argument("--timeout", type=float, default=2400, help="seconds per process")
     p.add_argument("--prepare-only", action="store_true", help="make the weights and stop")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest/peers"))
     p.add_argument("--render", type=Path, metavar="JSON", help="render a stored run again")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only these configurations' records in the stored run (a rerun of some)",
+    )
 
 
 def run(args) -> int:
@@ -246,7 +261,7 @@ def run(args) -> int:
         "prompt_tokens": len(reference.get("prompt_ids", [])),
         "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
         "threads": args.threads,
-        "cap_margin": CAP_MARGIN,
+        "cap_margin": args.cap_margin,
         "profiles": [p.text for p in profiles],
         "machine": machine_info(),
         "versions": versions(),
@@ -255,9 +270,38 @@ def run(args) -> int:
         "records": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.model}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    stored = args.out / f"{args.model}.json"
+    if args.merge and stored.is_file():
+        doc = merge_runs(json.loads(stored.read_text()), doc)
+    stored.write_text(json.dumps(doc, indent=1) + "\n")
     print(write_report(doc, args.out, args.model))
     return 0
+
+
+def merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with its records of the (configuration, profile) pairs `new` ran replaced by new's;
+    the merged run keeps old's order and notes when each part was measured."""
+    rerun = {(r["label"], r["profile"]) for r in new["records"]}
+    fresh = {(r["label"], r["profile"], r["repeat"]): r for r in new["records"]}
+    records = []
+    for r in old["records"]:
+        key = (r["label"], r["profile"])
+        if key in rerun:
+            r = fresh.pop((*key, r["repeat"]), None)
+        if r is not None:
+            records.append(r)
+    records += fresh.values()
+    profiles = old["profiles"] + [p for p in new["profiles"] if p not in old["profiles"]]
+    note = {
+        "created": new["created"],
+        "git_commit": new.get("versions", {}).get("git_commit"),
+        "rerun": sorted(rerun),
+    }
+    merged = {**old, "profiles": profiles, "records": records}
+    merged["merged"] = old.get("merged", []) + [note]
+    if any(label.startswith("hermes-ort") for label, _ in rerun):
+        merged["cap_margin"] = new["cap_margin"]
+    return merged
 
 
 def _line(r: dict[str, Any]) -> str:
