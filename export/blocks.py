@@ -31,8 +31,11 @@ def cut_blocks(
     layers_per_block: int,
     progress: bool,
     lap: Callable[[str], None],
+    quantization=None,
 ) -> list[BlockSpec]:
-    """Plan the blocks, optimise each with ORT, lay them out in blocks/."""
+    """Plan the blocks, quantize each (if asked), optimise each with ORT, lay them out in
+    blocks/. Quantized before ORT's optimisation: its fusions turn MatMuls into ops the
+    quantizer does not know."""
     import onnx
 
     from export.cut import block_model, plan_blocks, value_types
@@ -41,7 +44,7 @@ def cut_blocks(
 
     whole = onnx.shape_inference.infer_shapes(whole)
     types = value_types(whole)
-    fused = fuse_transposed_weight_matmuls(whole.graph)
+    fused = fuse_transposed_weight_matmuls(whole.graph)  # a tied head reads the table in place
     if fused:
         print(
             f"{fused} MatMul(x, Transpose(W)) -> FusedMatMul(x, W, transB=1): W read in place",
@@ -58,6 +61,14 @@ def cut_blocks(
         for plan in plans:
             src = tmp / "full" / f".cut-{plan.name}.onnx"  # beside model.onnx_data, its weights
             onnx.save_model(block_model(whole, plan, types), str(src))
+            if quantization is not None:
+                from export.quantize import quantize_file
+
+                quantized = tmp / ".scratch" / "q" / f"{plan.name}.onnx"
+                quantized.parent.mkdir(parents=True, exist_ok=True)
+                quantize_file(src, quantized, quantization)
+                src.unlink()
+                src = quantized
             optimise_block(src, opt_dir / f"{plan.name}.onnx")
             src.unlink()
             optimised.append((plan.name, opt_dir / f"{plan.name}.onnx"))
@@ -88,14 +99,19 @@ def verify_blocks(
     progress: bool,
 ) -> dict[str, Any]:
     """The chained blocks and the whole-model file against PyTorch on the same sample; the
-    manifest's `verification` record, or ExportError past the tolerance."""
+    manifest's `verification` record, or ExportError past the tolerance. A quantized model is
+    held to a cosine floor on its main output instead (quantize.COSINE_FLOOR), and its chained
+    blocks must equal its whole-model file (streaming adds no error of its own)."""
     from export import verify
 
     feed = verify.make_sample(manifest.inputs, dim_sizes(manifest.sample, 1, seq_len))
     with _progress(len(manifest.blocks), "verify blocks", progress) as bar:
         got = verify.run_blocks(tmp, manifest, feed, step=lambda _: bar.update(1))
+    full = verify.run_full(tmp, manifest, feed)
+    if manifest.quantization:
+        return _verify_quantized(manifest, got, full, reference)
     diffs = verify.max_abs_diff(got, reference)
-    full_diffs = verify.max_abs_diff(verify.run_full(tmp, manifest, feed), reference)
+    full_diffs = verify.max_abs_diff(full, reference)
     worst = max(diffs, key=diffs.get)
     worst_full = max(full_diffs, key=full_diffs.get)
     print(
@@ -115,5 +131,34 @@ def verify_blocks(
         "tolerance": tolerance,
         "outputs_max_abs_diff": diffs,
         "full_model_max_abs_diff": full_diffs[worst_full],
+        "sample_seed": verify.SAMPLE_SEED,
+    }
+
+
+def _verify_quantized(manifest: Manifest, got: dict, full: dict, reference: dict) -> dict:
+    from export import verify
+    from export.quantize import check_accuracy, floor_of
+
+    mode, floor = manifest.quantization["mode"], floor_of(manifest.quantization)
+    main = manifest.output_names[0]  # logits, last_hidden_state
+    accuracy = verify.accuracy(got, reference)
+    streaming = max(verify.max_abs_diff(got, full).values())
+    a = accuracy[main]
+    top1 = f", top-1 agreement {a['top1']:.1%}" if "top1" in a else ""
+    print(
+        f"verified against PyTorch fp32 ({mode}): '{main}' cosine {a['cosine']:.5f} (floor "
+        f"{floor}), max abs diff {a['max_abs_diff']:.3g}{top1}; chained blocks vs "
+        f"the whole {mode} model: max abs diff {streaming:.3g}",
+        file=sys.stderr,
+    )
+    check_accuracy(mode, a["cosine"], main, floor)
+    check_accuracy(mode, verify.accuracy(full, reference)[main]["cosine"], main, floor)
+    return {
+        "reference": "pytorch fp32",
+        "quantized": mode,
+        "cosine_floor": floor,
+        "outputs": accuracy,
+        "max_abs_diff": a["max_abs_diff"],
+        "blocks_vs_full_max_abs_diff": streaming,
         "sample_seed": verify.SAMPLE_SEED,
     }

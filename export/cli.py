@@ -68,6 +68,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = parser.add_argument_group("quantization (weight-only; export/quantize.py)")
+    q.add_argument(
+        "--quantize",
+        choices=("int4", "int8"),
+        default=None,
+        help="int4: MatMulNBits (and int4 embedding tables); int8: dynamic (MatMulInteger)",
+    )
+    q.add_argument(
+        "--quant-method",
+        choices=("nbits", "dynamic"),
+        default=None,
+        help="int8: nbits (MatMulNBits, default) or dynamic (MatMulInteger: runs unpacked, "
+        "but its per-tensor activation scales cost accuracy)",
+    )
+    q.add_argument("--quant-block-size", type=int, default=32, metavar="N", help="default 32")
+    q.add_argument(
+        "--quant-asymmetric", action="store_true", help="zero points (default: symmetric)"
+    )
+    q.add_argument(
+        "--quant-accuracy-level",
+        type=int,
+        default=4,
+        choices=(1, 2, 3, 4),
+        help="MatMulNBits' compute: 4 = int8 activations (default), 1 = fp32",
+    )
+    q.add_argument("--quant-algorithm", choices=("rtn", "hqq"), default="rtn")
+    q.add_argument(
+        "--quant-no-embeddings",
+        action="store_true",
+        help="keep embedding tables fp32 (int4 quantizes them by default)",
+    )
+    q.add_argument(
+        "--quant-head-bits",
+        type=int,
+        default=8,
+        choices=(4, 8),
+        help="int4: the LM head's bits (default 8: it sets every logit)",
+    )
+    q.add_argument(
+        "--accuracy-floor",
+        type=float,
+        default=None,
+        metavar="COSINE",
+        help="the verification's floor on the output's cosine with PyTorch fp32 "
+        "(default: int8 0.999, int4 0.99)",
+    )
+    parser.add_argument(
+        "--graph",
+        choices=("auto", "optimum", "fused"),
+        default="auto",
+        help="the whole-model graph: optimum's export, or hermes-ort's fused graph "
+        "for llama/mistral/qwen2 decoders (auto: fused when quantizing one)",
+    )
+
+
+def _quantization(args):
+    if args.quantize is None:
+        return None
+    from export.quantize import Quantization
+
+    return Quantization.make(
+        args.quantize,
+        args.quant_method,
+        block_size=args.quant_block_size,
+        symmetric=not args.quant_asymmetric,
+        accuracy_level=args.quant_accuracy_level,
+        algorithm=args.quant_algorithm,
+        embeddings=not args.quant_no_embeddings,
+        cosine_floor=args.accuracy_floor,
+        head_bits=args.quant_head_bits,
+    )
 
 
 def _interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C
@@ -77,6 +148,11 @@ def _interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C
 def run(args: argparse.Namespace) -> int:
     from export.pipeline import ExportOptions, export_model
 
+    try:
+        quantization = _quantization(args)
+    except ExportError as e:
+        print(f"hermes-ort export: error: {e}", file=sys.stderr)
+        return 1
     opts = ExportOptions(
         out=args.out,
         preset=args.preset,
@@ -92,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         kv_cache=not args.no_kv_cache,
         streaming=args.streaming,
         progress=not args.quiet,
+        quantization=quantization,
+        graph=args.graph,
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
@@ -143,7 +221,14 @@ def print_summary(result) -> None:
     full = format_bytes(m.full_model.bytes) if m.full_model else "-"
     print(f"  blocks total {format_bytes(m.blocks_bytes)}; full model {full}")
     v = m.verification
-    if "max_abs_diff" in v:
+    if "quantized" in v:
+        a = v["outputs"][m.output_names[0]]
+        print(
+            f"  verified vs PyTorch fp32 ({v['quantized']}): '{m.output_names[0]}' cosine "
+            f"{a['cosine']:.5f} (floor {v['cosine_floor']}), max abs diff {a['max_abs_diff']:.3g}; "
+            f"blocks vs the whole {v['quantized']} model {v['blocks_vs_full_max_abs_diff']:.3g}"
+        )
+    elif "max_abs_diff" in v:
         print(
             f"  verified vs PyTorch: max abs diff {v['max_abs_diff']:.3g} "
             f"(full model {v['full_model_max_abs_diff']:.3g}), tolerance {v['tolerance']:g}"

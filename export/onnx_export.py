@@ -18,7 +18,7 @@ from hermes_ort.manifest import TensorSpec
 DEFAULT_OPSET = 17  # optimum's legacy (TorchScript) exporter keeps module scopes in node names
 # optimum's dynamic dims; every other dim gets fixed. A decoder with a KV cache also takes
 # past_sequence_length (0 on the prompt pass) and an attention mask over past + new tokens.
-DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length")
+DYNAMIC_DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
 DIM_ALIASES = {"past_sequence_length + sequence_length": "total_sequence_length"}
 
 
@@ -89,6 +89,7 @@ def _keep_tensor_files():
 
 def onnx_config(model: Any, task: str):
     """optimum's per-architecture ONNX config (input/output names, dynamic axes, dummy inputs)."""
+    from optimum.exporters.onnx import main_export  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
     constructor = TasksManager.get_exporter_config_constructor(

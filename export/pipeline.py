@@ -24,6 +24,7 @@ from hermes_ort.decoder import dim_sizes
 from hermes_ort.manifest import FullModelSpec, Manifest, TensorSpec, check_dataflow
 
 DEFAULT_SEQ_LEN = 128  # the verification sample, where the model has as many positions
+GRAPHS = ("auto", "optimum", "fused")
 VERSIONED_PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
 
@@ -43,6 +44,8 @@ class ExportOptions:
     kv_cache: bool = True  # decoders take and return each layer's past keys/values (generation)
     streaming: bool = False  # --model only: layer by layer from safetensors (streaming.py)
     progress: bool = True
+    quantization: Any = None  # quantize.Quantization, or None: fp32
+    graph: str = "auto"  # "optimum" | "fused" (fused.py) | "auto": fused to quantize a Llama
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError("--streaming exports one layer per block")
     if opts.preset is not None and opts.task is not None:
         raise ExportError("--task applies to --model only (a preset names its task)")
+    if opts.graph not in GRAPHS:
+        raise ExportError(f"--graph {opts.graph}: choose from {', '.join(GRAPHS)}")
     if opts.preset is not None:
         from export.presets import load_preset
 
@@ -147,8 +152,10 @@ class _Export:
             sample=signature.sample,
             verification={"skipped": True},
             versions=_versions(self.opts.opset),
+            quantization=self.opts.quantization.to_json() if self.opts.quantization else None,
         )
         check_dataflow(manifest, "exported manifest")
+        manifest = self.quantize_whole(manifest)
         manifest = self.verify(manifest, reference, signature)
         manifest = self.finish(manifest, streamed)
         manifest.save(tmp)
@@ -173,17 +180,47 @@ class _Export:
             wanted = min(DEFAULT_SEQ_LEN, positions) if positions else DEFAULT_SEQ_LEN
         return wanted
 
+    def fused(self, source: Source) -> bool:
+        """Whether the graph is built by fused.py: asked, or "auto" and a quantized decoder of
+        a family it knows (with its KV cache)."""
+        from export.fused import FAMILIES
+
+        family = source.model.config.model_type
+        if self.opts.graph == "fused":
+            if family not in FAMILIES or not source.task.endswith("-with-past"):
+                raise ExportError(
+                    f"--graph fused builds {', '.join(FAMILIES)} decoders with their KV cache, "
+                    f"not '{family}' ({source.task})"
+                )
+            return True
+        auto = self.opts.graph == "auto" and self.opts.quantization is not None
+        return auto and family in FAMILIES and source.task.endswith("-with-past")
+
     def export_graph(self, source: Source, stack):
-        """optimum's whole-model ONNX, the whole-model files, config and tokenizer."""
+        """The whole-model ONNX (optimum's, or the fused graph), the whole-model files, config
+        and tokenizer."""
         from export import onnx_export
         from export.whole_model import write_full_model
 
         arch = onnx_export.architecture_name(source.model)
         where = f"{stack.num_layers} x {stack.layer_class} in '{stack.path}'"
-        log(f"exporting {arch} ({source.task}, {where})")
-        raw = onnx_export.export_whole_model(
-            source.model, source.task, self.tmp / ".scratch" / "raw", self.opts.opset
-        )
+        raw_dir = self.tmp / ".scratch" / "raw"
+        self.is_fused = self.fused(source)
+        if self.opts.streaming and self.opts.quantization and not self.is_fused:
+            raise ExportError(
+                "--streaming --quantize builds its layers with the fused graph (--graph fused): "
+                "llama, mistral and qwen2 decoders"
+            )
+        if self.is_fused:
+            log(f"building the fused graph of {arch} ({source.task}, {where})")
+            raw = _fused_graph(
+                source, raw_dir, self.opts.opset, untie=self.opts.quantization is not None
+            )
+        else:
+            log(f"exporting {arch} ({source.task}, {where})")
+            raw = onnx_export.export_whole_model(
+                source.model, source.task, raw_dir, self.opts.opset
+            )
         for extra in ("config.json", "generation_config.json"):  # for tokenizers, generation
             if (raw.parent / extra).is_file():
                 os.replace(raw.parent / extra, self.tmp / extra)
@@ -223,7 +260,19 @@ class _Export:
         from export.blocks import cut_blocks
 
         o = self.opts
-        return cut_blocks(whole, stack, arch, self.tmp, o.layers_per_block, o.progress, self.lap)
+        return cut_blocks(
+            whole, stack, arch, self.tmp, o.layers_per_block, o.progress, self.lap, o.quantization
+        )
+
+    def quantize_whole(self, manifest: Manifest) -> Manifest:
+        """The whole-model file quantized as the blocks were (same algorithm, same weights)."""
+        if self.opts.quantization is None or manifest.full_model is None:
+            return manifest
+        from export.whole_model import quantize_full_model
+
+        manifest = quantize_full_model(manifest, self.tmp, self.opts.quantization)
+        self.lap("quantize_full_s")
+        return manifest
 
     def verify(self, manifest: Manifest, reference: dict | None, sig: Signature) -> Manifest:
         if reference is None:
@@ -246,10 +295,13 @@ class _Export:
             manifest = add_inline_full_model(manifest, self.tmp)
             self.lap("inline_full_s")
             return manifest
-        from export.streaming import copy_checkpoint_config, expand_layers
+        from export.streaming import copy_checkpoint_config, expand_fused, expand_layers
 
         template = manifest
-        manifest = expand_layers(self.tmp, template, streamed)
+        if self.is_fused:
+            manifest = expand_fused(self.tmp, template, streamed, self.opts.quantization)
+        else:
+            manifest = expand_layers(self.tmp, template, streamed)
         copy_checkpoint_config(Path(self.opts.model), self.tmp)
         remove_tree(self.tmp / "full")  # the template's whole model: not this model
         t, n = streamed.layers, streamed.num_layers
@@ -259,6 +311,24 @@ class _Export:
         )
         self.lap("streamed_layers_s")
         return replace(manifest, verification={**template.verification, "streaming": note})
+
+
+def _fused_graph(source: Source, raw_dir: Path, opset: int, untie: bool) -> Path:
+    """fused.py's graph of the source's weights, saved as raw_dir/model.onnx + its data."""
+    import json
+
+    from export.fused import Shape, torch_tensors, whole_model
+    from export.storage import save_with_data
+
+    config = source.model.config.to_dict()
+    model = whole_model(Shape.of(config), torch_tensors(source.model), opset, untie)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    save_with_data(model, raw_dir / "model.onnx", "model.onnx_data")
+    source.model.config.to_json_file(raw_dir / "config.json")
+    generation = getattr(source.model, "generation_config", None)
+    if generation is not None:
+        (raw_dir / "generation_config.json").write_text(json.dumps(generation.to_dict()))
+    return raw_dir / "model.onnx"
 
 
 def _versions(opset: int) -> dict[str, Any]:

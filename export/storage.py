@@ -118,6 +118,19 @@ def make_inline(tensor: onnx.TensorProto, data: memoryview | bytes) -> None:
     tensor.raw_data = bytes(data)
 
 
+def save_with_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """onnx's save with every tensor of 1 KiB or more in one data file beside `path` (a scratch
+    copy for ORT's tools and the exporter's later stages, not the model directory's layout)."""
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+
+
 def write_model(model: onnx.ModelProto, path: Path, root: Path) -> FileSpec:
     data = model.SerializeToString()
     path.write_bytes(data)

@@ -315,10 +315,19 @@ def expand_layers(tmp: Path, template: Manifest, streamed: Streamed) -> Manifest
     finally:
         writer.close()
     last = _renamer(writer.scope, t.source_layer, t.num_layers - 1)
+    # the epilogue reads the source layer's output: now the last layer's
+    return _assemble(
+        tmp, template, source, new_blocks, t, lambda x: last(x) if x in source.outputs else x
+    )
+
+
+def _assemble(tmp: Path, template: Manifest, source: BlockSpec, new_blocks, t, rename) -> Manifest:
+    """The template's manifest with `new_blocks` after its `source` layer and its epilogue
+    reading the last layer's output (`rename`)."""
     blocks = []
     for b in template.blocks:
-        if b.kind == "epilogue":  # it reads the source layer's output: now the last layer's
-            b = _retarget_epilogue(tmp, b, lambda x: last(x) if x in source.outputs else x)
+        if b.kind == "epilogue":
+            b = _retarget_epilogue(tmp, b, rename)
         blocks.append(b)
         if b is source:
             blocks.extend(new_blocks)
@@ -366,3 +375,90 @@ def copy_checkpoint_config(ref: Path, tmp: Path) -> None:
     for name in ("config.json", "generation_config.json"):
         if (ref / name).is_file():
             shutil.copyfile(ref / name, tmp / name)
+
+
+def expand_fused(tmp: Path, template: Manifest, streamed: Streamed, quantization) -> Manifest:
+    """Layers T .. N-1 of a fused graph (fused.py), each built alone from the checkpoint's tensors
+    with the same names the cutter gave the template's layers, quantized as they were, optimised
+    and stored; the epilogue then reads the last layer."""
+
+    from export.fused import Graph, Shape, layer_nodes
+    from export.storage import optimise_block, save_with_data, store_blocks
+
+    t = streamed
+    config = json.loads((t.checkpoint.ref / "config.json").read_text())
+    shape = Shape.of(config)
+    layers = [b for b in template.blocks if b.kind == "layers"]
+    if [b.layers for b in layers] != [(i,) for i in range(t.layers)]:
+        raise ExportError("streaming export needs one layer per block")
+    scratch = tmp / ".scratch" / "streamed"
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def tensors(name: str):
+        return t.checkpoint.get(name).float().numpy()
+
+    new_blocks = []
+    for i in range(t.layers, t.num_layers):
+        from export.cut import block_name
+
+        name = block_name((i,), t.num_layers)
+        model = _fused_layer(shape, i, tensors, Graph, layer_nodes)
+        src = scratch / f"{name}.src.onnx"
+        save_with_data(model, src, f"{name}.src.data")
+        del model
+        if quantization is not None:
+            from export.quantize import quantize_file
+
+            quantize_file(src, scratch / f"{name}.q.onnx", quantization)
+            src = scratch / f"{name}.q.onnx"
+        optimise_block(src, scratch / f"{name}.onnx")
+        (stored,) = store_blocks([(name, scratch / f"{name}.onnx")], tmp / "blocks", tmp)
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        new_blocks.append(
+            BlockSpec(
+                name, "layers", (i,), stored.path, stored.inputs, stored.outputs, stored.files
+            )
+        )
+    source = layers[-1]
+    old, new = f"/model/layers.{t.source_layer}/", f"/model/layers.{t.num_layers - 1}/"
+    return _assemble(tmp, template, source, new_blocks, t, lambda x: x.replace(old, new, 1))
+
+
+def _fused_layer(shape, i: int, tensors, Graph, layer_nodes):
+    """Layer i of the fused graph as a model of its own, its inputs named as the cutter names
+    the boundary (the layer before's residual and MLP output, the mask's seqlens and width)."""
+    from onnx import TensorProto, helper
+
+    before = f"/model/layers.{i - 1}"
+    residual = f"{before}/post_attention_layernorm/SkipLayerNorm/output_3"
+    mlp = f"{before}/mlp/down_proj/MatMul/output_0"
+    seqlens, width = (
+        "/model/attn_mask_reformat/Sub/Cast/output_0",
+        "/model/attn_mask_reformat/Gather/Cast/output_0",
+    )
+    g = Graph()
+    out_residual, out_mlp = layer_nodes(g, shape, i, tensors, (residual, mlp), seqlens, width)
+    hidden = ["batch_size", "sequence_length", shape.hidden]
+
+    def cache(name: str, length: str):
+        dims = ["batch_size", shape.kv_heads, length, shape.head_dim]
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+    inputs = [
+        helper.make_tensor_value_info(residual, TensorProto.FLOAT, hidden),
+        helper.make_tensor_value_info(mlp, TensorProto.FLOAT, hidden),
+        helper.make_tensor_value_info(seqlens, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(width, TensorProto.INT32, []),
+        cache(f"past_key_values.{i}.key", "past_sequence_length"),
+        cache(f"past_key_values.{i}.value", "past_sequence_length"),
+    ]
+    outputs = [
+        cache(f"present.{i}.key", "total_sequence_length"),
+        cache(f"present.{i}.value", "total_sequence_length"),
+        helper.make_tensor_value_info(out_residual, TensorProto.FLOAT, hidden),
+        helper.make_tensor_value_info(out_mlp, TensorProto.FLOAT, hidden),
+    ]
+    graph = helper.make_graph(g.nodes, f"layer_{i}", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="hermes-ort fused")

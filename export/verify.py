@@ -130,3 +130,18 @@ def max_abs_diff(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dic
             )
         diffs[name] = float(np.max(np.abs(got[name].astype(np.float64) - ref))) if ref.size else 0.0
     return diffs
+
+
+def accuracy(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per output: max abs diff and cosine similarity with the reference; for logits, how often
+    the top-1 over the vocabulary agrees."""
+    out = {}
+    max_abs = max_abs_diff(got, want)
+    for name, ref in want.items():
+        a, b = got[name].astype(np.float64).reshape(-1), ref.astype(np.float64).reshape(-1)
+        norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+        record = {"max_abs_diff": max_abs[name], "cosine": float(a @ b / norm) if norm else 1.0}
+        if name == "logits":
+            record["top1"] = float(np.mean(got[name].argmax(-1) == ref.argmax(-1)))
+        out[name] = record
+    return out

@@ -50,3 +50,28 @@ def add_inline_full_model(manifest: Manifest, tmp: Path) -> Manifest:
     inline: FileSpec = write_model(whole, tmp / "full" / "model_inline.onnx", tmp)
     spec = FullModelSpec("full/model_inline.onnx", (inline,))
     return replace(manifest, full_model=spec, full_model_mmap=external)
+
+
+def quantize_full_model(manifest: Manifest, tmp: Path, quantization) -> Manifest:
+    """full/model.onnx + data quantized as the blocks were (the same weight-only algorithm on the
+    same weights gives the same quantized weights)."""
+    import onnx
+
+    from export.quantize import quantize_model
+    from export.storage import save_with_data, write_external
+
+    spec = manifest.full_model
+    whole = onnx.load(str(tmp / spec.path))  # every weight in memory: not for streaming exports
+    quantized = quantize_model(whole, quantization)
+    del whole
+    staging = tmp / ".scratch" / "full-q"
+    staging.mkdir(parents=True, exist_ok=True)
+    save_with_data(quantized, staging / "model.onnx", "model.onnx_data")
+    del quantized
+    target = tmp / spec.path
+    for f in spec.files:
+        (tmp / f.path).unlink()
+    reloaded = onnx.load(str(staging / "model.onnx"), load_external_data=False)
+    files = write_external(reloaded, staging, target, tmp)
+    remove_tree(staging)
+    return replace(manifest, full_model=FullModelSpec(spec.path, tuple(files)))

@@ -25,6 +25,7 @@ ESTIMATE_WARMUP_BYTES = 12 << 20  # ONNX Runtime's code and buffers, faulted in 
 SPARSE_FRACTION = 0.5  # a block whose run touches less than this share of its files is sparse
 ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
 ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
+ESTIMATE_PACKING = 0.4e9  # bytes/s a session prepacks int4 MatMulNBits weights at, one core
 # Plans keep their predicted peak this share below the budget: measured passes differ from the
 # prediction by about that much (bert-base, gpt2-medium: up to 2.5% above it).
 SAFETY_MARGIN = 0.03
@@ -50,6 +51,11 @@ class CostModel:
     stream_pass_scale: float = 1.0  # repeated passes that stream: calibrated measured/predicted
     prepack_transient_bytes: tuple[int, ...] = ()  # per block, held for a moment while a
     # prepacked session is created (the mapped originals beside the packed copies), first pass
+    # per block, whether a streamed block is opened prepacked: its weights' kernel needs the
+    # packed layout (int4 MatMulNBits: unpacked, every run dequantizes the whole weight), so its
+    # load (the packing) and first run beat the mapped way's; live/open bytes are then packed
+    stream_prepack: tuple[bool, ...] = ()
+    mapped_live_bytes: tuple[int, ...] = ()  # per block, an unpacked session's (default: live)
 
     @property
     def blocks(self) -> int:
@@ -63,12 +69,12 @@ class CostModel:
         """The costs when only the resident blocks in `prepacked` are prepacked; the others keep
         their weights mmapped (the live size and run times of a streamed block)."""
         plain = self.plain_resident_times or self.resident_times
+        mapped = self.mapped_live_bytes or self.live_bytes
         on = [i in prepacked and self.resident_prepack[i] for i in range(self.blocks)]
         return replace(
             self,
             resident_bytes=tuple(
-                r if p else live
-                for r, live, p in zip(self.resident_bytes, self.live_bytes, on, strict=True)
+                r if p else live for r, live, p in zip(self.resident_bytes, mapped, on, strict=True)
             ),
             resident_times=tuple(
                 r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
@@ -97,11 +103,10 @@ class CostModel:
             cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
         kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
+        packed = [i for i in keep if self.resident_prepack[i]]
+        packed += [i for i in streamed if self.stream_prepack and self.stream_prepack[i]]
         packing = (
-            sorted(
-                (self.prepack_transient_bytes[i] for i in keep if self.resident_prepack[i]),
-                reverse=True,
-            )[:loaders]
+            sorted((self.prepack_transient_bytes[i] for i in packed), reverse=True)[:loaders]
             if self.prepack_transient_bytes
             else []
         )
@@ -129,19 +134,29 @@ class CostModel:
         Runtime's code and buffers to the baseline)."""
         sizes = [b.bytes for b in manifest.blocks]
         sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
+        # MatMulNBits blocks run only prepacked: packed at ~0.4 GB/s of CPU (docs/design.md §2.7)
+        packed = tuple(manifest.packed_weights and not sp for sp in sparse)
         if warmup_pending:
             baseline_bytes += ESTIMATE_WARMUP_BYTES
         live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
         times = tuple(
-            BlockTimes(s / ESTIMATE_BANDWIDTH + 0.003, s / ESTIMATE_COMPUTE, s / ESTIMATE_COMPUTE)
-            for s in sizes
+            BlockTimes(
+                s / ESTIMATE_BANDWIDTH + (s / ESTIMATE_PACKING if pk else 0.0) + 0.003,
+                s / ESTIMATE_COMPUTE,
+                s / ESTIMATE_COMPUTE,
+                s / ESTIMATE_PACKING if pk else 0.0,
+            )
+            for s, pk in zip(sizes, packed, strict=True)
         )
         return cls(
             baseline_bytes=baseline_bytes,
             live_bytes=live,
-            open_bytes=(SESSION_OVERHEAD_BYTES,) * len(sizes),
+            open_bytes=tuple(
+                x if pk else SESSION_OVERHEAD_BYTES for x, pk in zip(live, packed, strict=True)
+            ),
             resident_bytes=live,
-            resident_prepack=(False,) * len(sizes),
+            resident_prepack=packed,
+            stream_prepack=packed,
             sparse=sparse,
             activation_bytes=2 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
             stream_times=times,
@@ -166,6 +181,10 @@ class CostModel:
         blocks = profile.blocks
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
         sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
+        packed = tuple(
+            b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s) and not sp
+            for b, sp in zip(blocks, sparse, strict=True)
+        )
         now = cached or (None,) * len(blocks)
 
         def read(b, sparse: bool, from_storage: bool) -> tuple[float, float]:  # (time, CPU)
@@ -184,8 +203,10 @@ class CostModel:
             return BlockTimes(t + create, run1, run, cpu + create, first)
 
         stream = tuple(
-            times(b, sp, c, b.create_s, b.first_run_s, b.run_s, cold)
-            for b, sp, c in zip(blocks, sparse, now, strict=True)
+            times(b, sp, c, b.create_prepack_s, b.run_prepack_s, b.run_prepack_s, cold)
+            if pk
+            else times(b, sp, c, b.create_s, b.first_run_s, b.run_s, cold)
+            for b, sp, c, pk in zip(blocks, sparse, now, packed, strict=True)
         )
         plain = tuple(
             times(b, False, c, b.create_s, b.first_run_s, b.run_s, False)
@@ -203,8 +224,16 @@ class CostModel:
             first_extra = profile.first_pass_extra_s
         return cls(
             baseline_bytes=baseline_bytes,
-            live_bytes=tuple(b.live_bytes for b in blocks),
-            open_bytes=tuple(b.open_bytes for b in blocks),
+            live_bytes=tuple(
+                b.live_prepack_bytes if pk else b.live_bytes
+                for b, pk in zip(blocks, packed, strict=True)
+            ),
+            open_bytes=tuple(
+                b.live_prepack_bytes if pk else b.open_bytes
+                for b, pk in zip(blocks, packed, strict=True)
+            ),
+            stream_prepack=packed,
+            mapped_live_bytes=tuple(b.live_bytes for b in blocks),
             resident_bytes=tuple(
                 b.live_prepack_bytes if p else b.live_bytes
                 for b, p in zip(blocks, prepack, strict=True)

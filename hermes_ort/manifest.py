@@ -4,7 +4,7 @@ On disk it is `manifest.json` at the root of a model directory (schema below). I
 of frozen dataclasses. Every path is relative to the model directory and must stay inside it.
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "name": "bert-base", "family": "bert", "task": "feature-extraction",
       "source": {"kind": "preset" | "checkpoint" | "hub", "name": "..."},
       "inputs":  [{"name": "input_ids", "dtype": "int64",
@@ -20,7 +20,8 @@ of frozen dataclasses. Every path is relative to the model directory and must st
       "full_model_mmap": {"path": "full/model.onnx", "files": [... "full/model.onnx_data"]},
       "sample": {"batch_size": 1, "sequence_length": 128},
       "verification": {"reference": "pytorch", "max_abs_diff": 1e-6, "tolerance": 1e-4},
-      "versions": {"onnxruntime": "...", ...}
+      "versions": {"onnxruntime": "...", ...},
+      "quantization": null | {"mode": "int4", "method": "nbits", "block_size": 32, ...}
     }
 """
 
@@ -33,7 +34,8 @@ from typing import Any
 
 from hermes_ort.errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `quantization` (schema 1 directories still load: unquantized)
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 BLOCK_KINDS = ("prologue", "layers", "epilogue")
 
@@ -100,7 +102,16 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     full_model_mmap: FullModelSpec | None = None  # same weights in an external data file (mmap)
+    # how the weights were quantized (export/quantize.py: mode int4|int8, method nbits|dynamic,
+    # block_size, symmetric, accuracy_level, algorithm, embeddings); None: fp32
+    quantization: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def packed_weights(self) -> bool:
+        """Whether its weights run only prepacked (MatMulNBits: unpacked, every run dequantizes
+        the whole weight into fp32 and takes another kernel, docs/design.md §2.7)."""
+        return (self.quantization or {}).get("method") == "nbits"
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -221,15 +232,23 @@ def _full_model(data: Any, where: str) -> FullModelSpec | None:
     )
 
 
+def _quantization(data: Any, source: str) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("mode") not in ("int4", "int8"):
+        raise ManifestError(f"{source}: quantization must be null or name its mode (int4, int8)")
+    return data
+
+
 def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     """Validate a decoded manifest.json; every problem raises ManifestError naming the field."""
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: expected a JSON object at the top level")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise ManifestError(
             f"{source}: unsupported schema_version {version!r} "
-            f"(this hermes-ort reads {SCHEMA_VERSION})"
+            f"(this hermes-ort reads {', '.join(map(str, READABLE_SCHEMAS))})"
         )
     blocks = tuple(
         _block(b, f"{source}: blocks[{i}]")
@@ -258,6 +277,7 @@ def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         sample=data.get("sample", {}),
         verification=data.get("verification", {}),
         versions=data.get("versions", {}),
+        quantization=_quantization(data.get("quantization"), source),
     )
     check_dataflow(manifest, source)
     return manifest

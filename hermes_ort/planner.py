@@ -9,7 +9,7 @@ strategy is, from strategies.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hermes_ort.costmodel import CostModel, room, within_margin
 from hermes_ort.errors import BudgetError, OptionError
@@ -172,10 +172,13 @@ def plan_pipeload(
     kept = set(best.resident)
     packed = {i for i in kept if best.cost.resident_prepack[i]}
     drop = budget is not None  # under a budget, streamed pages go back (docs/design.md §4)
+    streamed_packed = best.cost.stream_prepack or (False,) * n
     blocks = tuple(
         BlockMechanism(
             resident=i in kept,
-            settings=PREPACKED_STREAMING if i in packed else STREAMING,
+            settings=PREPACKED_STREAMING
+            if (i in packed if i in kept else streamed_packed[i])
+            else STREAMING,
             readahead=not best.cost.sparse[i],  # sparse: pages fault in on demand
             drop_pages=drop and (i in packed if i in kept else not best.cost.sparse[i]),
         )
@@ -254,11 +257,16 @@ def plan_strategy(
         if manifest is None:
             raise OptionError(f"strategy '{strategy}' is planned with the model's manifest")
         whole = whole_model_file(manifest, spec)
-        return Plan(
-            strategy, "whole", 0, 1, whole=whole, whole_settings=spec.whole_settings, **common
-        )
+        whole_settings = spec.whole_settings
+        if manifest.packed_weights:  # mapped, MatMulNBits would dequantize on every run
+            whole_settings = replace(whole_settings, prepack=True)
+        return Plan(strategy, "whole", 0, 1, whole=whole, whole_settings=whole_settings, **common)
     keep = spec.residency == "all"
-    blocks = (BlockMechanism(keep, settings, readahead),) * n
+    packed = cost.stream_prepack or (False,) * n  # MatMulNBits blocks open prepacked, always
+    blocks = tuple(
+        BlockMechanism(keep, replace(settings, prepack=True) if pk else settings, readahead)
+        for pk in packed
+    )
     # pipeswitch keeps everything (its window never binds); ondemand: window 2 = one block of
     # prefetch, as AirLLM's
     w = window or (n if keep else 1)

@@ -12,7 +12,8 @@ the planner writes that into the plan, and nothing downstream asks for a strateg
 
 The per-block baselines load each block the way ORT does by default (load path "default":
 prepacking on, no read-ahead) or, for the ablations, on pipeload's path ("stream": weights mmapped,
-no prepacking, read-ahead)."""
+no prepacking, read-ahead). Whatever the strategy, MatMulNBits weights (int4, int8 nbits) are
+opened prepacked: their fast kernel reads only the packed layout."""
 
 from __future__ import annotations
 

@@ -173,3 +173,42 @@ def test_measured_costs_from_a_profile():
 def test_a_block_that_touches_little_of_its_files_is_sparse():
     c = CostModel.from_profile(_manifest(), _profile(live_bytes=1000), 0, cold=True)
     assert c.sparse == (True,) * 4 and c.stream_times[0].load_s == pytest.approx(0.002)
+
+
+def test_a_block_that_runs_only_prepacked_is_streamed_prepacked():
+    """int4 MatMulNBits unpacked dequantizes its weight every run: measured slower to run than
+    to pack, such a block is streamed prepacked, with the packed bytes live and opened ahead."""
+    slow_unpacked = dict(
+        create_s=0.008,
+        first_run_s=0.25,
+        run_s=0.25,
+        create_prepack_s=0.07,
+        run_prepack_s=0.003,
+        live_bytes=27_000,
+        open_bytes=10,
+        live_prepack_bytes=41_000,
+        prepack_transient_bytes=30_000,
+    )
+    m, p = _manifest(), _profile(**slow_unpacked)
+    c = CostModel.from_profile(m, p, 50_000, cold=True)
+    assert c.stream_prepack == (True,) * 4
+    assert c.stream_times[1].load_s == pytest.approx(0.5 + 0.07)
+    assert c.stream_times[1].first_run_s == 0.003
+    assert c.live_bytes[1] == c.open_bytes[1] == 41_000
+    # streaming one at a time still pays one packing transient
+    assert c.peak((), 1, 0) == 50_000 + 41_000 + c.activation_bytes + 30_000
+    # kept unpacked, it is the mapped session's size (and its slow runs)
+    assert c.with_prepack(frozenset()).resident_bytes[1] == 27_000
+    fp32 = CostModel.from_profile(m, _profile(), 50_000, cold=True)
+    assert fp32.stream_prepack == (False,) * 4  # mapped: 2 ms + 20 ms beats 50 ms + 5 ms
+
+
+def test_estimates_stream_nbits_blocks_prepacked():
+    from dataclasses import replace
+
+    m = replace(_manifest(), quantization={"mode": "int4", "method": "nbits"})
+    c = CostModel.estimate(m, 50_000)
+    assert c.stream_prepack == (False, True, True, True)  # the prologue is a sparse lookup
+    assert c.stream_times[1].load_cpu_s > 0 and c.open_bytes[1] == c.live_bytes[1]
+    dynamic = replace(m, quantization={"mode": "int8", "method": "dynamic"})
+    assert CostModel.estimate(dynamic, 50_000).stream_prepack == (False,) * 4

@@ -18,6 +18,7 @@ REAL_SIZES_M = {
     "gpt2-xl": 1557.6,
     "tinyllama-1.1b": 1100.0,
     "llama-3.2-1b": 1235.8,
+    "llama-2-7b": 6738.4,
     "qwen2.5-1.5b": 1543.7,
 }
 TINY = {"tiny-bert", "tiny-vit", "tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-mistral"}

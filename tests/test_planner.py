@@ -120,10 +120,11 @@ def test_whole_model_plans_name_their_file():
     from hermes_ort.manifest import FullModelSpec
     from hermes_ort.settings import ORT_DEFAULT, WHOLE_MMAP
 
-    class Manifest:  # the two fields a whole-model plan reads
+    class Manifest:  # the fields a whole-model plan reads
         name = "m"
         full_model = FullModelSpec("full/model_inline.onnx", ())
         full_model_mmap = FullModelSpec("full/model.onnx", ())
+        packed_weights = False  # fp32: full-mmap keeps its weights mapped
 
     cost = synthetic()
     full = plan_strategy("full", cost, None, manifest=Manifest)
@@ -134,6 +135,9 @@ def test_whole_model_plans_name_their_file():
         ORT_DEFAULT,
     )
     assert (mmap.whole.path, mmap.whole_settings) == ("full/model.onnx", WHOLE_MMAP)
+    Manifest.packed_weights = True  # MatMulNBits: mapped, it would dequantize on every run
+    assert plan_strategy("full-mmap", cost, None, manifest=Manifest).whole_settings.prepack
+    Manifest.packed_weights = False
     Manifest.full_model_mmap = None  # an older export: full-mmap opens what there is
     assert plan_strategy("full-mmap", cost, None, manifest=Manifest).whole.path.endswith(
         "inline.onnx"
