@@ -90,7 +90,14 @@ def test_a_decoder_peer_generates_transformers_tokens(tiny, config):
 
 @pytest.mark.parametrize(
     "config",
-    ["llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_0:no-repack", "onnxruntime-genai:int4"],
+    [
+        "hermes-ort:int8",
+        "hermes-ort:int4",
+        "llama.cpp:q8_0",
+        "llama.cpp:q4_0",
+        "llama.cpp:q4_0:no-repack",
+        "onnxruntime-genai:int4",
+    ],
 )
 def test_a_quantized_peer_reports_its_agreement(tiny, config):
     r = _run(tiny["tiny-llama"], config)
@@ -111,11 +118,21 @@ def test_a_quantized_peer_reports_its_agreement(tiny, config):
     )
 
 
-@pytest.mark.parametrize("config", ["hermes-ort:fp32", "hermes-ort:fp32:full", "optimum:fp32"])
-def test_an_encoder_peer_matches_transformers(tiny, config):
+# relative difference of the outputs' checksums from transformers': fp32 engines to rounding;
+# int8 weights (tiny-bert's last hidden state: cosine 0.99999 with fp32) within 1%
+@pytest.mark.parametrize(
+    "config, tolerance",
+    [
+        ("hermes-ort:fp32", 1e-4),
+        ("hermes-ort:fp32:full", 1e-4),
+        ("optimum:fp32", 1e-4),
+        ("hermes-ort:int8", 1e-2),
+    ],
+)
+def test_an_encoder_peer_matches_transformers(tiny, config, tolerance):
     extra = ("--strategy", "full") if config.endswith(":full") else ()
     r = _run(tiny["tiny-bert"], config, *extra)
-    assert r["checksum_rel_diff"] < 1e-4 and len(r["pass_s"]) == 2
+    assert r["checksum_rel_diff"] < tolerance and len(r["pass_s"]) == 2
 
 
 def test_configurations_are_checked():

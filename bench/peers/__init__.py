@@ -34,7 +34,7 @@ ENGINES: dict[str, Engine] = {
         Engine(
             "hermes-ort",
             "both",
-            ("fp32",),
+            ("fp32", "int4", "int8"),
             "onnxruntime",
             "this repository",
             "per-block sessions streamed by loading agents; the planner keeps what fits the "

@@ -188,24 +188,40 @@ def plot(doc: dict, path: Path) -> Path | None:
         return None
     decoder = doc["model_kind"] == "decoder"
     key = "s_per_token" if decoder else "steady_pass_s"
-    caps = [p for p in doc["profiles"] if p.startswith("cold:")]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for label in dict.fromkeys(r["label"] for r in doc["records"]):
+    caps = {}  # cold profile -> its cap in bytes, largest first
+    for r in doc["records"]:
+        if r["profile"].startswith("cold:") and r.get("cap_bytes"):
+            caps[r["profile"]] = r["cap_bytes"]
+    caps = dict(sorted(caps.items(), key=lambda kv: -kv[1]))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    colours = plt.get_cmap("tab20").colors
+    labels = list(dict.fromkeys(r["label"] for r in doc["records"]))
+    for k, label in enumerate(labels):
         xs, ys = [], []
-        for p in caps:
+        for x, p in enumerate(caps):
             rs = [r for r in doc["records"] if r["label"] == label and r["profile"] == p]
             value = _median(rs, key)
             if value is not None:
-                xs.append(p.split(":")[1])
+                xs.append(x)
                 ys.append(value)
         if ys:
-            ax.plot(xs, ys, marker="o", label=label)
+            ours = label.startswith("hermes-ort")
+            ax.plot(
+                xs,
+                ys,
+                marker="os^vD<>"[k % 7],
+                color=colours[(2 * k) % 20 if k < 10 else (2 * k + 1) % 20],
+                linestyle="-" if ours else "--",
+                linewidth=2.4 if ours else 1.2,
+                label=label,
+            )
+    ax.set_xticks(range(len(caps)), [f"{p.split(':')[1]}\n{_mb(b)}" for p, b in caps.items()])
     ax.set_yscale("log")
-    ax.set_xlabel("memory cap (share of the fp32 checkpoint), page cache evicted first")
+    ax.set_xlabel("memory cap (RSS + page cache), cold start; a missing point: killed")
     ax.set_ylabel("s/token (median)" if decoder else "steady pass (s)")
     ax.set_title(f"{doc['model']}: every engine under the same caps")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,7 +81,8 @@ class PeerModel:
             from hermes_ort.manifest import load_manifest
 
             d = self.weights(engine, fmt)
-            return model_files(load_manifest(d), d, variant or "pipeload")
+            strategy = variant if variant in ("full", "full-mmap") else "pipeload"
+            return model_files(load_manifest(d), d, strategy)
         where = self.root / "airllm" if engine == "airllm" else self.weights(engine, fmt)
         if where.is_file():
             return [where]
@@ -96,6 +97,17 @@ def checkpoint(model: PeerModel) -> None:
     if (model.ckpt / "config.json").is_file():
         return
     log(f"{model.preset}: writing a random-weight checkpoint to {model.ckpt}")
+    preset = REPO / "models" / "presets" / f"{model.preset}.json"
+    if "tensorwise_dtype" in json.loads(preset.read_text()):
+        tmp = model.ckpt.with_name("ckpt.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "bench.peers.tensorwise", str(preset), str(tmp)]
+        record = _child(cmd, "the checkpoint")
+        from bench.peers.tokenizer import write_tokenizer
+
+        write_tokenizer(tmp, record["vocab"])
+        os.replace(tmp, model.ckpt)
+        return
     code = (
         "import sys, json; from pathlib import Path; "
         "from export.presets import build_random_model, load_preset; "
@@ -149,12 +161,23 @@ def reference(model: PeerModel) -> None:
     tmp.unlink()
 
 
+# The accuracy floors of these random-weight checkpoints' quantized exports. A random deep network
+# amplifies any perturbation of its weights: TinyLlama shapes reach logits cosine 0.996 with
+# PyTorch fp32 at int8 (the same at MatMulNBits accuracy levels 1 and 4: the weights' rounding, not
+# the activations') and 0.47 at int4, whose rounding steps are 16x coarser (llama.cpp's q4_0 of the
+# same checkpoint shares no greedy token with fp32 either); the exporter's floors (0.999, 0.99)
+# are for trained models. The measured cosines are in each manifest and the README.
+RANDOM_WEIGHTS_FLOOR = {"int8": 0.99, "int4": 0.4}
+
+
 def hermes(model: PeerModel, fmt: str = "fp32") -> None:
     out = model.weights("hermes-ort", fmt)
     if (out / "manifest.json").is_file():
         return
     log(f"{model.preset}: hermes-ort export ({fmt}) to {out}")
     cmd = [sys.executable, "-m", "export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
+    if fmt != "fp32":  # the exporter's defaults for the mode (export/quantize.py)
+        cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]
     require(run_child(cmd, 7200, env=child_env()), "the hermes-ort export")
 
 
