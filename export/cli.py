@@ -79,8 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quant-method",
         choices=("nbits", "dynamic"),
         default=None,
-        help="int8: nbits (MatMulNBits, default) or dynamic (MatMulInteger: runs unpacked, "
-        "but its per-tensor activation scales cost accuracy)",
+        help="int8: nbits (MatMulNBits; default for decoders) or dynamic (MatMulInteger, "
+        "runs unpacked; default for encoders)",
     )
     q.add_argument("--quant-block-size", type=int, default=32, metavar="N", help="default 32")
     q.add_argument(

@@ -127,6 +127,9 @@ class _Export:
         self.tmp = tmp
         onnx_export.quiet_libraries()
         source = self.load()
+        if self.opts.quantization is not None:
+            q = self.opts.quantization.for_model(decoder=source.task.startswith("text-generation"))
+            self.opts = replace(self.opts, quantization=q)
         stack = find_layer_stack(source.model)  # an uncuttable model fails before the export
         signature = self.describe(source)
         whole, full_files = self.export_graph(source, stack)

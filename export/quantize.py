@@ -5,11 +5,11 @@
   (Gather of a constant) become GatherBlockQuantized; ONNX Runtime's MatMulNBitsQuantizer does it
   (round to nearest by default, or HQQ). MatMulNBits runs its fast kernel only on prepacked
   weights: these blocks are opened with prepacking (docs/design.md §2.7).
-- int8: `method="nbits"` (default): MatMulNBits with 8 bits, prepacked like int4;
-  `method="dynamic"`: ONNX Runtime's dynamic quantization (MatMulInteger, per channel weights,
-  each activation tensor quantized at run time with one scale): it runs fast without prepacking
-  (a streamed block opens in milliseconds, weights file-backed), but the one scale costs
-  accuracy: measured under int8's floor on bert-large and on a tiny Llama (see `Quantization.make`).
+- int8: `method="nbits"` (decoders' default): MatMulNBits with 8 bits, prepacked like int4;
+  `method="dynamic"` (encoders' default): ONNX Runtime's dynamic quantization (MatMulInteger, per
+  channel weights, each activation tensor quantized at run time with one scale): it runs without
+  prepacking (a streamed block opens in milliseconds, weights file-backed), but the one scale
+  costs accuracy (`Quantization.for_model`).
 
 A tied embedding keeps one table: only the MatMul side (the LM head) is quantized when the same
 initializer also feeds a Gather, which then reads it as it was."""
@@ -33,7 +33,7 @@ COSINE_FLOOR = {"int8": 0.999, "int4": 0.99}
 @dataclass(frozen=True)
 class Quantization:
     mode: str  # "int4" | "int8"
-    method: str = "nbits"  # "nbits" (MatMulNBits) | "dynamic" (MatMulInteger, int8 only)
+    method: str | None = "nbits"  # "nbits" (MatMulNBits) | "dynamic" (MatMulInteger, int8 only)
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # MatMulNBits' compute: 4 = int8 activations, 1 = fp32
@@ -46,11 +46,8 @@ class Quantization:
     def make(cls, mode: str, method: str | None = None, **kw) -> Quantization:
         if mode not in MODES:
             raise ExportError(f"--quantize {mode}: choose from {', '.join(MODES)}")
-        # int8's default too: dynamic quantizes each activation tensor with one scale, and the
-        # outputs fall under int8's floor (cosine 0.992 on bert-large, 0.996 on a tiny Llama's
-        # logits); MatMulNBits quantizes activations per block of K (0.99996 on the tiny Llama)
-        method = method or "nbits"
-        if method not in METHODS or (mode == "int4" and method == "dynamic"):
+        method = method or ("nbits" if mode == "int4" else None)  # int8: for_model decides
+        if method not in (*METHODS, None) or (mode == "int4" and method == "dynamic"):
             raise ExportError(f"--quantize {mode} with method '{method}' is not supported")
         q = cls(mode, method, **kw)
         if q.algorithm not in ALGORITHMS:
@@ -67,6 +64,15 @@ class Quantization:
         if q.block_size < 16 or q.block_size & (q.block_size - 1):
             raise ExportError(f"block size {q.block_size} must be a power of two, >= 16")
         return q
+
+    def for_model(self, decoder: bool) -> Quantization:
+        """int8's method where none was asked, by measurement (docs/design.md §2.7): decoders
+        MatMulNBits (dynamic's one scale per activation tensor put a tiny Llama's logits at
+        cosine 0.996, MatMulNBits at 0.99996), encoders dynamic (MatMulNBits 8-bit runs
+        bert-large's 128-token pass 3.7x slower than fp32 here; dynamic runs unpacked)."""
+        if self.method is not None:
+            return self
+        return replace(self, method="nbits" if decoder else "dynamic")
 
     @property
     def bits(self) -> int:

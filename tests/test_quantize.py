@@ -23,7 +23,7 @@ pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 b
 
 EXACT = 1e-5
 CASES = {
-    "bert-int8": ["--preset", "tiny-bert", "--quantize", "int8", "--quant-method", "dynamic"],
+    "bert-int8": ["--preset", "tiny-bert", "--quantize", "int8"],  # encoders: dynamic
     "bert-int4": ["--preset", "tiny-bert", "--quantize", "int4", "--quant-block-size", "16"],
     "llama-int4": ["--preset", "tiny-llama", "--quantize", "int4", "--quant-block-size", "16"],
     "llama-int8": ["--preset", "tiny-llama", "--quantize", "int8"],
@@ -81,7 +81,7 @@ def test_int4_blocks_use_matmulnbits_and_int8_dynamic_matmulinteger(exported):
     llama = _ops(exported["llama-int4"])  # the fused graph: ONNX Runtime's contrib ops
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= llama
     assert "GatherBlockQuantized" in llama  # the embedding table too
-    # int8's default is MatMulNBits (dynamic's per-tensor activation scales lose accuracy)
+    # int8 decoders default to MatMulNBits (dynamic's per-tensor activation scales lose accuracy)
     assert "MatMulNBits" in _ops(exported["llama-int8"])
     assert hermes_ort.load_manifest(exported["llama-int8"]).quantization["method"] == "nbits"
 

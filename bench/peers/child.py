@@ -243,7 +243,7 @@ def hermes_ort_encoder(args, feeds: dict) -> dict[str, Any]:
     loaded = time.perf_counter()
     with model:
         record = _passes(lambda: model.run(feeds), args.passes)
-    return {**record, "loaded": loaded}
+    return {**record, "loaded": loaded, "budget_bytes": model.plan.budget_bytes}
 
 
 def transformers_encoder(args, feeds: dict) -> dict[str, Any]:

@@ -3,6 +3,7 @@ one detailed table per profile, and a plot of s/token against the memory cap per
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,17 @@ def _by(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def _labels(doc: dict) -> list[str]:
+    """The configurations in the order of the default lists (hermes-ort's first), then others."""
+    from bench.peers.run import DECODER_CONFIGS, ENCODER_CONFIGS
+
+    order = {
+        c: i for i, c in enumerate((*DECODER_CONFIGS, *ENCODER_CONFIGS, "hermes-ort:fp32:min"))
+    }
+    found = list(dict.fromkeys(r["label"] for r in doc["records"]))
+    return sorted(found, key=lambda label: order.get(label, len(order)))
+
+
 def _median(rs: list[dict], key: str):
     values = [r[key] for r in rs if r.get("ok") and r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -37,7 +49,13 @@ def _cell(rs: list[dict], key: str) -> str:
         return "not run"
     if not any(r["ok"] for r in rs):
         killed = sum(r["killed_for_memory"] for r in rs)
-        return f"**killed** ({killed}/{len(rs)})" if killed else f"failed: {rs[0]['error'][:60]}"
+        if killed:
+            return f"**killed** ({killed}/{len(rs)})"
+        error = rs[0]["error"]
+        least = re.search(r"smallest workable budget is ([0-9.]+ [kMG]?B)", error)
+        if least:  # hermes-ort refuses a budget it cannot keep, before running
+            return f"refused (needs {least.group(1)})"
+        return f"failed: {error[:60]}"
     value = _median(rs, key)
     spread = [r.get("s_per_token_range") for r in rs if r.get("ok") and r.get("s_per_token_range")]
     if key == "s_per_token" and spread:
@@ -55,7 +73,7 @@ def side_by_side(doc: dict) -> list[str]:
     decoder = doc["model_kind"] == "decoder"
     key = "s_per_token" if decoder else "steady_pass_s"
     groups = _by(doc["records"])
-    labels = list(dict.fromkeys(r["label"] for r in doc["records"]))
+    labels = _labels(doc)
     profiles = doc["profiles"]
     head = [
         "engine",
@@ -195,7 +213,7 @@ def plot(doc: dict, path: Path) -> Path | None:
     caps = dict(sorted(caps.items(), key=lambda kv: -kv[1]))
     fig, ax = plt.subplots(figsize=(9.5, 5))
     colours = plt.get_cmap("tab20").colors
-    labels = list(dict.fromkeys(r["label"] for r in doc["records"]))
+    labels = _labels(doc)
     for k, label in enumerate(labels):
         xs, ys = [], []
         for x, p in enumerate(caps):

@@ -147,7 +147,7 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
         label=config.label,
         profile=profile.text,
         cap_bytes=cap if launch.cap_enforced else None,
-        budget_bytes=_budget(cmd),
+        budget_bytes=_budget(cmd) or result.record.get("budget_bytes"),
         ok=result.ok,
         error=None if result.ok else ("killed for memory" if killed else result.error),
         killed_for_memory=killed,
@@ -161,7 +161,9 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
 
 
 def _budget(cmd: list) -> int | None:
-    return int(cmd[cmd.index("--budget") + 1]) if "--budget" in cmd else None
+    """The budget in bytes given to hermes-ort (None: none, or "min", which the child reports)."""
+    text = cmd[cmd.index("--budget") + 1] if "--budget" in cmd else ""
+    return int(text) if text.isdigit() else None
 
 
 def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
