@@ -32,9 +32,9 @@ def _labels(doc: dict) -> list[str]:
     """The configurations in the order of the default lists (hermes-ort's first), then others."""
     from bench.peers.run import DECODER_CONFIGS, ENCODER_CONFIGS
 
-    order = {
-        c: i for i, c in enumerate((*DECODER_CONFIGS, *ENCODER_CONFIGS, "hermes-ort:fp32:min"))
-    }
+    order: dict[str, int] = {}
+    for c in (*DECODER_CONFIGS, *ENCODER_CONFIGS, "hermes-ort:fp32:min", "hermes-ort:int8:min"):
+        order.setdefault(c, len(order))
     found = list(dict.fromkeys(r["label"] for r in doc["records"]))
     return sorted(found, key=lambda label: order.get(label, len(order)))
 
