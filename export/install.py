@@ -10,7 +10,6 @@ import glob
 import os
 import secrets
 import shutil
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +32,11 @@ def install_atomically(out: Path, force: bool, build: Callable[[Path], T]) -> T:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # the pid in the name: a later export can tell the leftovers of a killed one (remove_stale)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        # the pid in the name: a later export can tell the leftovers of a killed one (remove_stale).
+        # Named before it exists: a Ctrl-C or SIGTERM landing right after the mkdir still finds
+        # it in `tmp` (with mkdtemp it could land before the assignment and leave it behind)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir(mode=0o700)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
