@@ -9,17 +9,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+
+pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 board)")
+
+import onnx  # noqa: E402
 
 try:
     import export_fixtures as fx
 except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
-import hermes_ort
-
-pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 board)")
+import hermes_ort  # noqa: E402
 
 EXACT = 1e-5
 CASES = {
