@@ -132,6 +132,19 @@ def _linear(g: Graph, x: str, tensors: Tensors, key: str, name: str) -> str:
     return g.node("MatMul", [x, w], name)
 
 
+def _skip_norm(g: Graph, x: str, residual: str, weight: str, name: str, eps: float):
+    """SkipSimplifiedLayerNormalization: (RMSNorm(x + residual), x + residual)."""
+    outs = g.node(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, weight],
+        name,
+        outputs=4,
+        domain=MS,
+        epsilon=eps,
+    )
+    return outs[0], outs[3]
+
+
 def prologue_nodes(g: Graph, shape: Shape, tensors: Tensors) -> tuple[str, str, str]:
     """(hidden states, seqlens_k, total_seq_len) from input_ids and attention_mask."""
     one = g.weight("/model/constants/one", np.array([1], np.int64))
@@ -176,15 +189,8 @@ def layer_nodes(
         )
         residual = inputs[0]
     else:
-        outs = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [inputs[1], inputs[0], w_in],
-            f"{p}/input_layernorm/SkipLayerNorm",
-            outputs=4,
-            domain=MS,
-            epsilon=shape.eps,
-        )
-        normed, residual = outs[0], outs[3]
+        name = f"{p}/input_layernorm/SkipLayerNorm"
+        normed, residual = _skip_norm(g, inputs[1], inputs[0], w_in, name, shape.eps)
     a = f"{key}.self_attn"
     qkv_w = np.concatenate([tensors(f"{a}.{x}_proj.weight").T for x in "qkv"], axis=1)
     qkv = g.node(
@@ -230,15 +236,8 @@ def layer_nodes(
     w_post = g.weight(
         f"{key}.post_attention_layernorm.weight", tensors(f"{key}.post_attention_layernorm.weight")
     )
-    outs = g.node(
-        "SkipSimplifiedLayerNormalization",
-        [out, residual, w_post],
-        f"{p}/post_attention_layernorm/SkipLayerNorm",
-        outputs=4,
-        domain=MS,
-        epsilon=shape.eps,
-    )
-    normed, residual = outs[0], outs[3]
+    name = f"{p}/post_attention_layernorm/SkipLayerNorm"
+    normed, residual = _skip_norm(g, out, residual, w_post, name, shape.eps)
     m = f"{key}.mlp"
     gate = _linear(g, normed, tensors, f"{m}.gate_proj", f"{p}/mlp/gate_proj/MatMul")
     up = _linear(g, normed, tensors, f"{m}.up_proj", f"{p}/mlp/up_proj/MatMul")
@@ -257,20 +256,13 @@ def epilogue_nodes(
     blocks share its bytes), unless `untie`: quantizing, the head gets its own [hidden, vocab]
     copy, quantized as a MatMul, and the embedding its own Gather-quantized table."""
     w = g.weight("model.norm.weight", tensors("model.norm.weight"))
-    outs = g.node(
-        "SkipSimplifiedLayerNormalization",
-        [mlp, residual, w],
-        "/model/norm/SkipLayerNorm",
-        outputs=4,
-        domain=MS,
-        epsilon=shape.eps,
-    )
+    normed, _ = _skip_norm(g, mlp, residual, w, "/model/norm/SkipLayerNorm", shape.eps)
     if shape.tied and not untie:  # the embedding table itself, [vocab, hidden]: stored once
         table = g.weight("model.embed_tokens.weight", tensors("model.embed_tokens.weight"))
         g.nodes.append(
             g.helper.make_node(
                 "FusedMatMul",
-                [outs[0], table],
+                [normed, table],
                 ["logits"],
                 name="/lm_head/FusedMatMul",
                 domain=MS,
@@ -281,7 +273,7 @@ def epilogue_nodes(
     head = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
     w_head = g.weight("lm_head.weight.T", tensors(head).T)
     g.nodes.append(
-        g.helper.make_node("MatMul", [outs[0], w_head], ["logits"], name="/lm_head/MatMul")
+        g.helper.make_node("MatMul", [normed, w_head], ["logits"], name="/lm_head/MatMul")
     )
 
 

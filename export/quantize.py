@@ -178,11 +178,6 @@ def quantize_file(src: Path, dst: Path, q: Quantization) -> None:
     save_with_data(quantized, dst, dst.stem + ".bin")
 
 
-def runs_packed(q: dict[str, Any] | None) -> bool:
-    """Whether a model quantized as `q` (the manifest's record) needs prepacked sessions."""
-    return bool(q) and q.get("method") == "nbits"
-
-
 def check_accuracy(mode: str, cosine: float, output: str, floor: float) -> None:
     if not cosine >= floor:
         raise ExportError(

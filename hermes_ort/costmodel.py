@@ -25,7 +25,7 @@ ESTIMATE_WARMUP_BYTES = 12 << 20  # ONNX Runtime's code and buffers, faulted in 
 SPARSE_FRACTION = 0.5  # a block whose run touches less than this share of its files is sparse
 ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
 ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
-ESTIMATE_PACKING = 0.4e9  # bytes/s a session prepacks int4 MatMulNBits weights at, one core
+ESTIMATE_PACKING = 0.26e9  # bytes/s a session prepacks MatMulNBits weights at (design.md §2.7)
 # Plans keep their predicted peak this share below the budget: measured passes differ from the
 # prediction by about that much (bert-base, gpt2-medium: up to 2.5% above it).
 SAFETY_MARGIN = 0.03
@@ -134,7 +134,7 @@ class CostModel:
         Runtime's code and buffers to the baseline)."""
         sizes = [b.bytes for b in manifest.blocks]
         sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
-        # MatMulNBits blocks run only prepacked: packed at ~0.4 GB/s of CPU (docs/design.md §2.7)
+        # MatMulNBits blocks run only prepacked: packed at ~0.26 GB/s of CPU (docs/design.md §2.7)
         packed = tuple(manifest.packed_weights and not sp for sp in sparse)
         if warmup_pending:
             baseline_bytes += ESTIMATE_WARMUP_BYTES
