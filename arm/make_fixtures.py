@@ -3,7 +3,8 @@
     .venv/bin/python arm/make_fixtures.py OUT_DIR
 
 OUT_DIR/
-  models/NAME/            tiny-bert, tiny-vit, tiny-gpt2 (exported here), toy (tests/toy_model.py)
+  models/NAME/            tiny-bert, tiny-vit, tiny-gpt2, tiny-llama-int4, tiny-bert-int8 (exported
+                          here), toy (tests/toy_model.py)
   models/NAME.inputs.npz  sample inputs (batch 2, padded where the model has an attention_mask)
   models/NAME.full-x86.npz  the x86-64 `full` outputs for them: the board's reference
   toy/KEY/, toy/KEY.weights.npz  every toy variant the tests build (the board has no `onnx`)
@@ -27,7 +28,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-PRESETS = ("tiny-bert", "tiny-vit", "tiny-gpt2")
+PRESETS = {  # fixture name -> export arguments
+    "tiny-bert": ["--preset", "tiny-bert"],
+    "tiny-vit": ["--preset", "tiny-vit"],
+    "tiny-gpt2": ["--preset", "tiny-gpt2"],
+    # quantized blocks: which kernels run on the Cortex-A72 (no dot product: MatMulNBits' int8
+    # activations fall back to fp32 compute) and how far they land from x86-64's
+    "tiny-llama-int4": ["--preset", "tiny-llama", "--quantize", "int4", "--quant-block-size", "16"],
+    "tiny-bert-int8": ["--preset", "tiny-bert", "--quantize", "int8"],
+}
 TOY_DEFAULTS = {"layers": 4, "hidden": 32, "vocab": 50, "seed": 0}  # write_toy_model's defaults
 TOO_SMALL_BUDGET = "1MB"
 BATCH, SEQ = 2, 16
@@ -110,9 +119,9 @@ def write_toys(out: Path) -> None:
 def export_presets(models: Path) -> None:
     from export.cli import main as export_main  # what `python -m export` runs
 
-    for name in PRESETS:
+    for name, args in PRESETS.items():
         t0 = time.perf_counter()
-        code = export_main(["--preset", name, "--out", str(models / name), "--quiet"])
+        code = export_main([*args, "--out", str(models / name), "--quiet"])
         if code:
             sys.exit(f"make_fixtures: exporting {name} failed (exit {code})")
         print(f"  exported {name} in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -7,8 +7,9 @@ model.stats   # per-block load/run times, peak resident bytes, bytes read
 model.close()
 
 The package in layers (each module imports only from its own layer or those above it here):
-- data and arithmetic, no ONNX Runtime: errors, units, machine, manifest, settings, strategies,
-  profile, timeline, costmodel, plan, planner, dataflow, inputs, decoder, stats, generate
+- data and arithmetic, no ONNX Runtime: errors, units, machine, pagecache, manifest, settings,
+  strategies, profile, timeline, costmodel, plan, planner, batch, dataflow, inputs, decoder,
+  stats, trace, generate
 - mechanism: memory, readahead, external_data, integrity, sessions, loader, daemon, engine,
   whole_engine
 - measurement: profiler, calibrate, fresh

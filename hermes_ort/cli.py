@@ -32,6 +32,20 @@ def _add_plan_options(p, objective_default: str | None) -> None:
         help="what pipeload's plan makes fastest: later passes or the first",
     )
     p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows of the batch to plan for / run (default: the manifest's sample)",
+    )
+    p.add_argument(
+        "--page-cache",
+        default="auto",
+        choices=("auto", "keep", "drop"),
+        help="under a budget, drop streamed blocks' file pages after their run (auto: only where "
+        "the memory cgroup or available memory has no room for the model's files)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="measure a layer profile first if none is stored (measured costs for the planner)",
@@ -52,6 +66,13 @@ def _add_run(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="passes to run (stats of each printed)")
     p.add_argument("--save-outputs", type=Path, default=None, help="write the outputs to this .npz")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write a Chrome trace-event JSON of the load and every pass (open it in Perfetto)",
+    )
     p.add_argument(
         "--verify",
         default="once",
@@ -83,7 +104,10 @@ def cmd_run(args) -> int:
     if args.repeat < 1:
         raise OptionError(f"--repeat must be at least 1, got {args.repeat}")
     feeds = None if args.input == "random" else read_inputs(args.input)
+    _check_batch(args.batch)
     objective = args.objective or ("one-shot" if args.repeat <= 1 else "repeated")
+    if args.trace is not None and not args.trace.parent.is_dir():
+        raise InputError(f"--trace '{args.trace}': directory '{args.trace.parent}' does not exist")
     model = hermes_ort.load(
         args.model_dir,
         memory_budget=args.budget,
@@ -93,11 +117,13 @@ def cmd_run(args) -> int:
         load_path=args.load_path,
         verify=args.verify,
         objective=objective,
+        page_cache=args.page_cache,
         profile=True if args.profile else None,
+        trace=args.trace is not None,
     )
     with model:
         if feeds is None:
-            feeds = model.sample_inputs(sequence_length=args.seq_len)
+            feeds = model.sample_inputs(batch_size=args.batch or 1, sequence_length=args.seq_len)
         runs = []
         for _ in range(args.repeat):
             outputs = None  # not held through the next pass (gpt2-medium's logits: 26 MB)
@@ -108,6 +134,11 @@ def cmd_run(args) -> int:
                 np.savez(args.save_outputs, **outputs)
             except OSError as e:
                 raise InputError(f"cannot write --save-outputs '{args.save_outputs}': {e}") from e
+    if args.trace is not None:
+        try:
+            args.trace.write_text(json.dumps(model.take_trace()))
+        except OSError as e:
+            raise InputError(f"cannot write --trace '{args.trace}': {e}") from e
     if args.json:
         record = {
             "model_dir": str(args.model_dir),
@@ -272,12 +303,19 @@ def _add_plan(sub) -> None:
     p.add_argument("model_dir", type=Path)
     _add_plan_options(p, "repeated")
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
+    p.add_argument("--seq-len", type=int, default=None, help="positions of --batch's rows")
     p.set_defaults(func=cmd_plan)
+
+
+def _check_batch(batch: int | None) -> None:
+    if batch is not None and batch < 1:
+        raise OptionError(f"--batch must be at least 1, got {batch}")
 
 
 def cmd_plan(args) -> int:
     import hermes_ort
 
+    _check_batch(args.batch)
     with hermes_ort.load(
         args.model_dir,
         memory_budget=args.budget,
@@ -286,7 +324,10 @@ def cmd_plan(args) -> int:
         window=args.window,
         profile=not args.no_profile,
         objective=args.objective,
+        page_cache=args.page_cache,
     ) as model:
+        if args.batch is not None or args.seq_len is not None:
+            model.plan_batch(args.batch or 1, args.seq_len)
         print(model.plan.describe())
         everything = model.cost.peak(tuple(range(model.cost.blocks)), 1)
         print(
@@ -320,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hermes-ort: interrupted", file=sys.stderr)
         return interrupted_status()
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # a bug of ours: still one line, the traceback on request
         if os.environ.get("HERMES_ORT_TRACEBACK"):
             raise

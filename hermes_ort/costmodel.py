@@ -56,6 +56,10 @@ class CostModel:
     # load (the packing) and first run beat the mapped way's; live/open bytes are then packed
     stream_prepack: tuple[bool, ...] = ()
     mapped_live_bytes: tuple[int, ...] = ()  # per block, an unpacked session's (default: live)
+    # the part of `activation_bytes` that is tensors between blocks (it grows with the whole
+    # batch); the rest is a block's own intermediates (they grow with the rows run at once)
+    inflight_bytes: int = 0
+    fixed_activation_bytes: int = 0  # the part that does not grow with a batch (ORT's own)
 
     @property
     def blocks(self) -> int:
@@ -80,6 +84,32 @@ class CostModel:
                 r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
             ),
             resident_prepack=tuple(on),
+        )
+
+    def at_batch(self, batch_scale: float, micro_scale: float) -> CostModel:
+        """The costs of a batch whose activations and compute are `batch_scale` times the
+        sample's, each block run `micro_scale` of the sample's rows at a time (batch.py): the
+        tensors between blocks scale with the batch, a block's intermediates with the
+        micro-batch, its run time with the batch (as many rows computed, in any chunks)."""
+        if batch_scale == 1.0 and micro_scale == 1.0:
+            return self
+        fixed = self.fixed_activation_bytes
+        own = self.activation_bytes - self.inflight_bytes - fixed
+
+        def runs(t: BlockTimes) -> BlockTimes:
+            return replace(
+                t,
+                first_run_s=t.first_run_s * batch_scale,
+                steady_run_s=t.steady_run_s * batch_scale,
+            )
+
+        return replace(
+            self,
+            activation_bytes=int(fixed + own * micro_scale + self.inflight_bytes * batch_scale),
+            inflight_bytes=int(self.inflight_bytes * batch_scale),
+            stream_times=tuple(runs(t) for t in self.stream_times),
+            resident_times=tuple(runs(t) for t in self.resident_times),
+            plain_resident_times=tuple(runs(t) for t in self.plain_resident_times),
         )
 
     def min_budget(self) -> int:
@@ -158,7 +188,10 @@ class CostModel:
             resident_prepack=packed,
             stream_prepack=packed,
             sparse=sparse,
-            activation_bytes=2 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
+            # in flight: a block's input and output; its own: as much again, and the reserve
+            activation_bytes=4 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
+            inflight_bytes=2 * output_bytes(manifest),
+            fixed_activation_bytes=ACTIVATION_RESERVE_BYTES,
             stream_times=times,
             resident_times=times,
             source="estimate",
@@ -241,6 +274,8 @@ class CostModel:
             resident_prepack=prepack,
             sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
+            inflight_bytes=inflight_peak(manifest, profile),
+            fixed_activation_bytes=profile.engine_overhead_bytes,
             stream_times=stream,
             resident_times=resident,
             source="profile",
@@ -274,6 +309,22 @@ def activation_peak(manifest: Manifest, profile: Profile) -> int:
         )
         worst = max(worst, block.transient_bytes + in_flight)
     return worst
+
+
+def inflight_peak(manifest: Manifest, profile: Profile) -> int:
+    """The most bytes of block outputs still in flight while some block runs."""
+    last = last_consumers(manifest)
+    return max(
+        (
+            sum(
+                p.output_bytes
+                for j, p in enumerate(profile.blocks[: i + 1])
+                if any(last.get(t, -1) >= i for t in manifest.blocks[j].outputs)
+            )
+            for i in range(len(profile.blocks))
+        ),
+        default=0,
+    )
 
 
 def output_bytes(manifest: Manifest) -> int:

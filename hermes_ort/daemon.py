@@ -7,6 +7,7 @@ agent's critical path, and only then is the block's window slot handed back."""
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from hermes_ort.loader import LiveBlock
 from hermes_ort.manifest import BlockSpec
 from hermes_ort.memory import drop_file_cache, trim_heap
+from hermes_ort.trace import Trace
 
 
 def destroy(block: LiveBlock, model_dir: Path, drop_cache: bool, keep_cached: set[str]) -> None:
@@ -38,17 +40,21 @@ def drop_own_files(spec: BlockSpec, model_dir: Path) -> None:
 class Daemon:
     """One background thread; `release` queues a block for destruction and calls `done` after."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, trace: Trace | None = None):
         self.model_dir = model_dir
+        self.trace = trace
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hermes-daemon")
 
     def release(
         self, block: LiveBlock, drop_cache: bool, keep_cached: set[str], done: Callable[[], None]
     ) -> Future:
         def work() -> None:
+            t0 = time.perf_counter()
             try:
                 destroy(block, self.model_dir, drop_cache, keep_cached)
             finally:
+                if self.trace is not None:
+                    self.trace.add(block.spec.name, "free", t0)
                 done()
 
         return self._pool.submit(work)

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from hermes_ort.batch import batch_shape, run_in_micro_batches, symbolic_first_dim
 from hermes_ort.daemon import Daemon, destroy
 from hermes_ort.dataflow import Tensors
 from hermes_ort.integrity import Verifier
@@ -25,6 +26,7 @@ from hermes_ort.memory import PassMeasure, rss_bytes, trim_heap
 from hermes_ort.plan import Plan
 from hermes_ort.sessions import run_session
 from hermes_ort.stats import BlockStats, RunStats
+from hermes_ort.trace import Trace
 
 
 @contextlib.contextmanager
@@ -106,13 +108,16 @@ class _Slots:
 
 
 class BlockEngine:
-    def __init__(self, manifest: Manifest, plan: Plan, verifier: Verifier):
+    def __init__(
+        self, manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace | None = None
+    ):
         self.model_dir = verifier.model_dir
         self.manifest = manifest
         self.plan = plan
+        self.trace = trace or Trace(enabled=False)
         self.resident: dict[int, LiveBlock] = {}
-        self.loaders = LoadingAgents(verifier, max(1, plan.loaders))
-        self.daemon = Daemon(self.model_dir)
+        self.loaders = LoadingAgents(verifier, max(1, plan.loaders), trace)
+        self.daemon = Daemon(self.model_dir, trace)
         self.keep_cached = _keep_cached(manifest, plan)
 
     def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
@@ -123,6 +128,7 @@ class BlockEngine:
         slots = _Slots(self)
         block_stats: list[BlockStats] = []
         tensors = Tensors(self.manifest, feeds)
+        rows = batch_shape(self.manifest, feeds).rows
         block = None
         with PassMeasure() as m:
             try:
@@ -136,10 +142,18 @@ class BlockEngine:
                     wait_s = time.perf_counter() - t_wait
                     t_run = time.perf_counter()
                     what = f"block '{spec.name}'"
-                    values = run_session(
-                        block.session, list(spec.outputs), tensors.inputs_of(i), what
+                    values = run_in_micro_batches(
+                        lambda x, b=block, o=list(spec.outputs), w=what: run_session(
+                            b.session, o, x, w
+                        ),
+                        tensors.inputs_of(i),
+                        rows,
+                        self.plan.micro_batch or rows,
+                        *(per_row(block, spec.outputs) if self.plan.micro_batch else (None, None)),
                     )
                     run_s = time.perf_counter() - t_run
+                    self.trace.add(spec.name, "wait", t_wait, t_run)
+                    self.trace.add(spec.name, "run", t_run, t_run + run_s)
                     tensors.put(i, values)
                     load = (0.0, 0.0) if kept else (block.readahead_s, block.create_s)
                     block_stats.append(BlockStats(spec.name, kept, wait_s, *load, run_s))
@@ -170,6 +184,7 @@ class BlockEngine:
                 raise
             finally:
                 self._drain(slots)
+        self.trace.add("", "pass", m.t0, m.t0 + m.latency_s)
         stats = RunStats(
             strategy=self.plan.strategy,
             loaders=self.plan.loaders,
@@ -232,3 +247,12 @@ def _keep_cached(manifest: Manifest, plan: Plan) -> list[set[str]]:
         keep.append(later | always)
         later = later | {f.path for f in spec.files}
     return keep[::-1]
+
+
+def per_row(block: LiveBlock, outputs: tuple[str, ...]) -> tuple[set[str], list[bool]]:
+    """The block's inputs and outputs (in `outputs` order) that carry the batch on axis 0, as its
+    session declares them."""
+    session = block.session
+    ins = {x.name for x in session.get_inputs() if symbolic_first_dim(x.shape)}
+    declared = {x.name: symbolic_first_dim(x.shape) for x in session.get_outputs()}
+    return ins, [declared.get(name, True) for name in outputs]

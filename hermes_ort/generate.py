@@ -1,9 +1,10 @@
 """Text generation on a decoder exported with its KV cache: one prompt pass (prefill), then one
 token per pass, each block reading and returning its own layer's cache.
 
-The cache lives in this loop (numpy arrays, [1, kv_heads, tokens, head_dim] per layer and
-key/value),
-between passes; the engine streams or keeps resident the blocks as its plan says.
+The cache lives in this loop (numpy arrays, [B, kv_heads, tokens, head_dim] per layer and
+key/value) between passes; the engine streams or keeps resident the blocks as its plan says. A
+batch of prompts is left-padded with its attention mask and position ids as transformers pads it,
+so each row's greedy tokens are those of its prompt alone.
 """
 
 from __future__ import annotations
@@ -51,23 +52,65 @@ class GenerationStats:
     peak_rss_bytes: int  # the highest of the passes' peaks
     bytes_read: int  # from storage, all passes
     cache_bytes: int  # the KV cache at the end
-    stopped_by: str  # "eos" | "max_new_tokens"
+    stopped_by: str  # "eos" (every row) | "max_new_tokens"
+    batch_size: int = 1  # prompts generated at once (new_tokens: over all of them)
 
 
-def prompt_ids(input_ids: Any) -> np.ndarray:
-    """A prompt as int64 [1, T]: a list of ids, a 1-D array or a [1, T] array."""
+@dataclass(frozen=True)
+class Prompts:
+    """Prompts as one left-padded batch: ids [B, T] int64, the attention mask [B, T] (0 over the
+    padding), and the form they came in (`single`: a list or [T] / [1, T] array; `ragged`: a list
+    of lists of different lengths)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    single: bool
+    ragged: bool
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [int(n) for n in self.mask.sum(axis=1)]
+
+
+def prompt_batch(input_ids: Any, pad_id: int = 0) -> Prompts:
+    """One prompt (a list of ids, [T] or [1, T]), a batch ([B, T]) or prompts of different
+    lengths (a list of lists: left-padded with `pad_id`, the mask 0 there)."""
+    ragged = isinstance(input_ids, (list, tuple)) and any(
+        isinstance(x, (list, tuple, np.ndarray)) for x in input_ids
+    )
+    if ragged:
+        rows = [np.asarray(r) for r in input_ids]
+        for i, r in enumerate(rows):
+            if r.ndim != 1 or r.size == 0:
+                raise InputError(f"prompt {i} must be a non-empty list of ids, got shape {r.shape}")
+            if not np.issubdtype(r.dtype, np.integer):
+                raise InputError(f"prompt {i} must hold integer token ids, got dtype {r.dtype}")
+        width = max(r.size for r in rows)
+        ids = np.full((len(rows), width), pad_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, width - r.size :] = r
+            mask[i, width - r.size :] = 1
+        return Prompts(ids, mask, single=False, ragged=len({r.size for r in rows}) > 1)
     ids = np.asarray(input_ids)
+    single = ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] == 1)
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or ids.shape[0] != 1:
+    if ids.ndim != 2 or ids.shape[0] == 0:
         raise InputError(
-            f"input_ids must be one prompt: a list, [T] or [1, T] array, got shape {ids.shape}"
+            f"input_ids must be a list, [T] or [B, T] array, or a list of prompts; got shape "
+            f"{ids.shape}"
         )
     if ids.shape[1] == 0:
         raise InputError("input_ids is empty: give at least one prompt token")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-    return ids.astype(np.int64)
+    ids = ids.astype(np.int64)
+    return Prompts(ids, np.ones_like(ids), single=single, ragged=False)
 
 
 def default_eos(model_dir: Path) -> tuple[int, ...]:
@@ -104,58 +147,90 @@ def choose_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 
 
 def step_feeds(
-    sig: DecoderSignature, ids: np.ndarray, past_len: int, cache: dict[str, np.ndarray]
+    sig: DecoderSignature,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    positions: np.ndarray,
+    cache: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Inputs of one pass: `ids` [1, n] new tokens after `past_len` cached ones."""
-    n = ids.shape[1]
-    feeds = {"input_ids": ids, "attention_mask": np.ones((1, past_len + n), np.int64), **cache}
+    """Inputs of one pass: `ids` [B, n] new tokens, `mask` [B, past + n] over every position so
+    far (0 over left padding), `positions` [B, n] their position ids."""
+    feeds = {"input_ids": ids, "attention_mask": mask, **cache}
     if sig.takes_position_ids:
-        feeds["position_ids"] = np.arange(past_len, past_len + n, dtype=np.int64)[None]
+        feeds["position_ids"] = positions
     return feeds
+
+
+def prompt_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids of left-padded prompts, as transformers makes them: each row counts from 0 at
+    its first real token; padding gets 1 (masked out anyway)."""
+    positions = np.cumsum(mask, axis=1) - 1
+    return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
 def generate_tokens(
     run: Callable[[dict[str, np.ndarray]], tuple[dict[str, np.ndarray], Any]],
     sig: DecoderSignature,
-    ids: np.ndarray,
+    prompts: Prompts,
     max_new_tokens: int,
     sampling: Sampling,
     eos: Sequence[int],
-    streamer: Callable[[int], Any] | None = None,
-) -> tuple[list[int], GenerationStats]:
-    """The loop. `run(feeds)` -> (outputs, RunStats) is one pass of the model."""
+    streamer: Callable[[Any], Any] | None = None,
+    pad_id: int = 0,
+) -> tuple[list[list[int]], GenerationStats]:
+    """The loop, over a batch: each pass runs every row's next token at once (`run(feeds)` ->
+    (outputs, RunStats) is one pass of the model, which streams each block once for the whole
+    batch). A row that meets an end-of-sequence id stops there (later passes feed it `pad_id`,
+    its tokens discarded); the loop stops when every row has. streamer(token) for one prompt,
+    streamer(list of B tokens, None where a row has stopped) for a batch."""
     rng = np.random.default_rng(sampling.seed)
-    cache = sig.empty_cache()
-    past_len, new, peak, read = 0, [], 0, 0
+    rows = prompts.rows
+    cache = sig.empty_cache(rows)
+    mask = prompts.mask
+    positions = prompt_positions(mask)
+    new: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    peak, read = 0, 0
     t0 = time.perf_counter()
     first_s, stopped_by = 0.0, "max_new_tokens"
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        outputs, stats = run(step_feeds(sig, step_ids, past_len, cache))
-        past_len += step_ids.shape[1]
+    step_ids = prompts.ids
+    for step in range(max_new_tokens):
+        outputs, stats = run(step_feeds(sig, step_ids, mask, positions, cache))
         cache = {s.past: outputs[s.present] for s in sig.slots}
         peak, read = max(peak, stats.peak_rss_bytes), read + stats.bytes_read
-        token = choose_next(outputs[sig.logits][0, -1], sampling, rng)
-        new.append(token)
-        if len(new) == 1:
+        logits = outputs[sig.logits][:, -1]
+        chosen: list[int | None] = []
+        for r in range(rows):
+            if done[r]:
+                chosen.append(None)
+                continue
+            token = choose_next(logits[r], sampling, rng)
+            new[r].append(token)
+            chosen.append(token)
+            done[r] = token in eos
+        if step == 0:
             first_s = time.perf_counter() - t0
         if streamer is not None:
-            streamer(token)
-        if token in eos:
+            streamer(chosen[0] if prompts.single else chosen)
+        if all(done):
             stopped_by = "eos"
             break
-        step_ids = np.array([[token]], np.int64)
+        step_ids = np.array([[pad_id if t is None else t] for t in chosen], np.int64)
+        mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
     total = time.perf_counter() - t0
     decode_s = total - first_s
+    count = sum(len(n) for n in new)
     stats = GenerationStats(
-        prompt_tokens=ids.shape[1],
-        new_tokens=len(new),
+        prompt_tokens=int(prompts.mask.sum()),
+        new_tokens=count,
         time_to_first_token_s=first_s,
         total_s=total,
-        decode_tokens_per_s=(len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else 0.0,
+        decode_tokens_per_s=(count - rows) / decode_s if count > rows and decode_s > 0 else 0.0,
         peak_rss_bytes=peak,
         bytes_read=read,
         cache_bytes=sum(v.nbytes for v in cache.values()),
         stopped_by=stopped_by,
+        batch_size=rows,
     )
     return new, stats

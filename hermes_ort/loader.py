@@ -17,6 +17,7 @@ from hermes_ort.manifest import BlockSpec
 from hermes_ort.readahead import read_ahead
 from hermes_ort.sessions import create_session
 from hermes_ort.settings import SessionSettings
+from hermes_ort.trace import Trace
 
 
 @dataclass
@@ -74,8 +75,9 @@ def load_block(
 class LoadingAgents:
     """k loading agents. `submit` returns a Future of a LiveBlock."""
 
-    def __init__(self, verifier: Verifier, agents: int):
+    def __init__(self, verifier: Verifier, agents: int, trace: Trace | None = None):
         self.verifier = verifier
+        self.trace = trace
         self.agents = agents
         self._pool = ThreadPoolExecutor(max_workers=agents, thread_name_prefix="hermes-loader")
 
@@ -88,11 +90,18 @@ class LoadingAgents:
         self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
     ) -> LiveBlock:
         try:
-            return load_block(self.verifier, index, spec, settings, readahead)
+            block = load_block(self.verifier, index, spec, settings, readahead)
         except HermesError:
             raise
         except Exception as e:  # anything else: still name the block
             raise LoadError(f"block '{spec.name}': {type(e).__name__}: {e}") from e
+        if self.trace is not None and isinstance(block, LiveBlock):  # spans from its timings
+            end = time.perf_counter()
+            created = end - block.create_s
+            if readahead:
+                self.trace.add(spec.name, "read", created - block.readahead_s, created)
+            self.trace.add(spec.name, "create", created, end)
+        return block
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hermes_ort.batch import BatchShape, batch_shape, micro_batches, sample_shape
 from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
 from hermes_ort.decoder import decoder_signature
@@ -20,17 +22,25 @@ from hermes_ort.generate import (
     Sampling,
     default_eos,
     generate_tokens,
-    prompt_ids,
+    prompt_batch,
 )
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.integrity import Verifier, check_verify_mode
+from hermes_ort.machine import available_memory, cgroup_memory_limit
 from hermes_ort.manifest import Manifest, load_manifest
+from hermes_ort.pagecache import (
+    MemorySituation,
+    PageCachePolicy,
+    check_policy,
+    page_cache_policy,
+)
 from hermes_ort.plan import Plan
-from hermes_ort.planner import check_budget, check_objective, plan_strategy
+from hermes_ort.planner import PASS_TIE, check_budget, check_objective, plan_strategy
 from hermes_ort.profile import read_profile
-from hermes_ort.profiler import costs_now
+from hermes_ort.profiler import baseline_now, costs_now
 from hermes_ort.stats import RunStats
 from hermes_ort.strategies import block_loading, get_strategy, opened_graphs
+from hermes_ort.trace import Trace, chrome_trace
 from hermes_ort.units import format_bytes, parse_bytes
 from hermes_ort.whole_engine import WholeEngine
 
@@ -45,8 +55,9 @@ class HermesModel:
         plan: Plan,
         cost: CostModel,
         verifier: Verifier,
-        replan: Callable[[int], Plan] | None = None,
+        replan: Callable[..., Plan] | None = None,
         smallest: bool = False,
+        trace: Trace | None = None,
     ):
         self.model_dir = verifier.model_dir
         self.manifest = manifest
@@ -56,7 +67,8 @@ class HermesModel:
         self.stats: RunStats | None = None
         self.generation_stats: GenerationStats | None = None
         self.decoder = decoder_signature(manifest)
-        self._engine = make_engine(manifest, plan, verifier)
+        self.trace = trace or Trace(enabled=False)  # load(trace=True): spans for `take_trace`
+        self._engine = make_engine(manifest, plan, verifier, self.trace)
         self._replan = replan  # budget for the blocks -> plan (to make room for a KV cache)
         self._blocks_budget = plan.budget_bytes
         self._smallest = smallest  # the budget is "min"
@@ -64,14 +76,45 @@ class HermesModel:
         self._closed = False
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One forward pass. `inputs`: name -> numpy array, as `manifest.inputs` describes.
-        Returns name -> numpy array for every model output; `self.stats` describes the pass."""
+        """One forward pass. `inputs`: name -> numpy array, as `manifest.inputs` describes; any
+        batch. Returns name -> numpy array for every model output; `self.stats` describes the
+        pass. Under a budget, a batch other than the plan's is planned for first: its
+        activations counted, each block run over the whole batch in micro-batches that fit
+        (batch.py), or refused with the budget it needs."""
         feeds = check_inputs(self.manifest, inputs)
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
+            self._plan_batch(batch_shape(self.manifest, feeds))
             outputs, self.stats = self._engine.run(feeds)
         return outputs
+
+    def plan_batch(self, rows: int, positions: int | None = None) -> Plan:
+        """The plan a batch of `rows` x `positions` (default: the sample's) runs with, made now
+        (as `run` does on such a batch); BudgetError if the budget cannot hold it."""
+        shape = BatchShape(rows, positions or sample_shape(self.manifest).positions)
+        with self._lock:
+            self._plan_batch(shape)
+        return self.plan
+
+    def _plan_batch(self, shape: BatchShape) -> None:
+        """Re-plan under the same budget for a batch of `shape`, when it is not the plan's."""
+        if self._replan is None or self.plan.budget_bytes is None or self.plan.engine == "whole":
+            return
+        planned = BatchShape(
+            self.plan.batch_rows or sample_shape(self.manifest).rows,
+            self.plan.batch_positions or sample_shape(self.manifest).positions,
+        )
+        if shape == planned or self.decoder is not None:  # decoders: _reserve_cache
+            return
+        plan = self._replan(None if self._smallest else self.plan.budget_bytes, shape)
+        self._switch(plan)
+
+    def _switch(self, plan: Plan) -> None:
+        if replace(plan, budget_bytes=None) != replace(self.plan, budget_bytes=None):
+            self._engine.close()  # resident sessions of the old plan go; the new plan opens its own
+            self._engine = make_engine(self.manifest, plan, self.verifier, self.trace)
+        self.plan = plan
 
     def generate(
         self,
@@ -85,71 +128,102 @@ class HermesModel:
         seed: int | None = None,
         streamer: Callable[[int], Any] | None = None,
     ) -> np.ndarray:
-        """Generate up to `max_new_tokens` after the prompt `input_ids` (a list, [T] or [1, T]);
-        returns the prompt and the new ids, in the prompt's form ([T + N] or [1, T + N]). Greedy
-        unless do_sample. eos_token_id: stop ids (default: the model's generation_config.json; []
-        for none). streamer(token_id) is called as each token is chosen. `generation_stats`
-        describes the call. Under a memory budget, the KV cache of the prompt plus max_new_tokens
-        is reserved first and the blocks are planned in what is left."""
+        """Generate up to `max_new_tokens` after the prompt `input_ids` (a list, [T] or [1, T]),
+        or after each of a batch of prompts ([B, T], or a list of lists of different lengths,
+        left-padded with the attention mask): every pass streams each block once for the whole
+        batch. Returns the prompt and the new ids in the prompt's form ([T + N] or [1, T + N]);
+        for a batch, [B, T + N] (rows that stopped early padded with the first EOS id) or, for a
+        list of lists, a list of arrays (each prompt and its new ids). Greedy unless do_sample.
+        eos_token_id: stop ids (default: the model's generation_config.json; [] for none); a row
+        stops at its own. streamer(token_id) is called as each token is chosen (a batch: a list,
+        None for stopped rows). `generation_stats` describes the call. Under a memory budget,
+        the KV cache of the whole batch (prompt plus max_new_tokens) is reserved first and the
+        blocks are planned in what is left, for the batch's activations."""
         if self.decoder is None:
             raise HermesError(
                 f"model '{self.model_dir}' has no KV cache inputs (past_key_values.*): export a "
                 f"decoder with its cache (the default; not --no-kv-cache) to generate"
             )
-        ids = prompt_ids(input_ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        total = ids.shape[1] + max_new_tokens
-        limit = self.decoder.max_positions
-        if limit and total > limit:
-            raise InputError(
-                f"prompt of {ids.shape[1]} tokens + max_new_tokens {max_new_tokens} = {total} "
-                f"positions, more than the model supports ({limit})"
-            )
-        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        sampling.check()
         if eos_token_id is None:
             eos = default_eos(self.model_dir)
         else:
             eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+        pad = eos[0] if eos else 0
+        prompts = prompt_batch(input_ids, pad)
+        if prompts.ragged and not self.decoder.takes_position_ids:
+            raise InputError(
+                f"model '{self.model_dir}' takes no position_ids (its graph computes positions "
+                f"from the attention mask, for unpadded rows): give prompts of equal length"
+            )
+        width = prompts.ids.shape[1]
+        total = width + max_new_tokens
+        limit = self.decoder.max_positions
+        if limit and total > limit:
+            raise InputError(
+                f"prompt of {width} tokens + max_new_tokens {max_new_tokens} = {total} "
+                f"positions, more than the model supports ({limit})"
+            )
+        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        sampling.check()
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
-            self._reserve_cache(self.decoder.cache_bytes(total))
+            batch = BatchShape(prompts.rows, width) if prompts.rows > 1 else None
+            self._reserve_cache(self.decoder.cache_bytes(total, prompts.rows), batch)
 
             def run(feeds):
                 outputs, self.stats = self._engine.run(check_inputs(self.manifest, feeds))
                 return outputs, self.stats
 
             new, self.generation_stats = generate_tokens(
-                run, self.decoder, ids, max_new_tokens, sampling, eos, streamer
+                run, self.decoder, prompts, max_new_tokens, sampling, eos, streamer, pad
             )
-        out = np.concatenate([ids, np.array([new], np.int64)], axis=1)
-        return out if np.ndim(input_ids) == 2 else out[0]
+        if prompts.single:
+            out = np.concatenate([prompts.ids, np.array(new, np.int64)], axis=1)
+            return out if np.ndim(input_ids) == 2 else out[0]
+        if isinstance(input_ids, (list, tuple)):  # a list of prompts: a list of rows
+            return [
+                np.concatenate([prompts.ids[r, width - n :], np.array(new[r], np.int64)])
+                for r, n in enumerate(prompts.lengths)
+            ]
+        longest = max(len(n) for n in new)
+        tail = np.full((prompts.rows, longest), pad, np.int64)
+        for r, n in enumerate(new):
+            tail[r, : len(n)] = n
+        return np.concatenate([prompts.ids, tail], axis=1)
 
-    def _reserve_cache(self, cache_bytes: int) -> None:
-        """Re-plan the blocks in the budget minus the KV cache, when that changes the plan. The
-        plan keeps the user's budget: its predicted peak is the blocks' (cache excluded)."""
+    def _reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
+        """Re-plan the blocks in the budget minus the KV cache (for a batch's activations, if
+        given), when that changes the plan. The plan keeps the user's budget: its predicted peak
+        is the blocks' (cache excluded)."""
         budget = self.plan.budget_bytes
         if self._replan is None or budget is None or self.plan.engine == "whole":
             return
         if self._smallest:  # "min": the smallest budget of the blocks, plus this cache
             budget = self.cost.min_budget() + cache_bytes
         blocks_budget = budget - cache_bytes
-        if self._blocks_budget == blocks_budget and self.plan.budget_bytes == budget:
+        planned = (self.plan.batch_rows, self.plan.batch_positions)
+        wanted = (batch.rows, batch.positions) if batch else (None, None)
+        same = self._blocks_budget == blocks_budget and self.plan.budget_bytes == budget
+        if same and planned == wanted:
             return
         try:
-            plan = replace(self._replan(blocks_budget), budget_bytes=budget)
+            plan = replace(self._replan(blocks_budget, batch), budget_bytes=budget)
         except BudgetError as e:
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} minus the KV cache of this generation "
                 f"({format_bytes(cache_bytes)}) is too small for the blocks: {e}"
             ) from None
-        if replace(plan, budget_bytes=None) != replace(self.plan, budget_bytes=None):
-            self._engine.close()  # resident sessions of the old plan go; the new plan opens its own
-            self._engine = make_engine(self.manifest, plan, self.verifier)
-        self.plan = plan
+        self._switch(plan)
         self._blocks_budget = blocks_budget
+
+    def take_trace(self) -> dict:
+        """Chrome trace-event JSON (Perfetto, chrome://tracing) of everything since `load()` or
+        the last call: load()'s checks and plan, each block's read-ahead, session creation, wait,
+        run and free, one row per thread. Empty unless loaded with `trace=True`."""
+        return chrome_trace(self.trace.take())
 
     def sample_inputs(
         self, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
@@ -173,11 +247,13 @@ class HermesModel:
         return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {blocks} blocks)"
 
 
-def make_engine(manifest: Manifest, plan: Plan, verifier: Verifier) -> BlockEngine | WholeEngine:
+def make_engine(
+    manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace
+) -> BlockEngine | WholeEngine:
     """The engine the plan names."""
     if plan.engine == "whole":
-        return WholeEngine(manifest, plan, verifier)
-    return BlockEngine(manifest, plan, verifier)
+        return WholeEngine(manifest, plan, verifier, trace)
+    return BlockEngine(manifest, plan, verifier, trace)
 
 
 def load(
@@ -190,6 +266,8 @@ def load(
     profile: bool | None = None,
     verify: str = "once",
     objective: str = "repeated",
+    page_cache: str = "auto",
+    trace: bool = False,
 ) -> HermesModel:
     """Open an exported model directory.
 
@@ -209,11 +287,20 @@ def load(
         data that leave the model directory. See docs/reliability.md.
     objective: what pipeload's plan makes fastest: "repeated" (default) = later passes (a model
         loaded once and run many times); "one-shot" = the first pass (load, run once, close).
+    page_cache: under a budget, whether streamed blocks' file pages are dropped after their run
+        (later passes read them from storage again) or left to the kernel: "auto" (default) drops
+        them only where the process's memory cgroup or the available memory has no room for the
+        model's files beside the budget (pagecache.py; the plan says which and why); "keep",
+        "drop" force it.
+    trace: record a timeline of every load, run and free (`model.take_trace()`: Chrome
+        trace-event JSON; `hermes-ort run --trace FILE`).
     """
+    t_open = time.perf_counter()
     spec = get_strategy(strategy)  # every option is checked before any file is read
     block_loading(load_path)
     check_objective(objective)
     check_verify_mode(verify)
+    check_policy(page_cache)
     for name, value in (("loaders", loaders), ("window", window)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -226,12 +313,21 @@ def load(
     stored = None
     if profile is not False:
         stored = ensure_profile(model_dir) if profile else read_profile(model_dir)
-    cost = costs_now(model_dir, manifest, stored, cold=budget is not None or smallest)
-    if smallest:  # the least memory that works, as the cost model predicts it
-        budget = cost.min_budget()
-    names = tuple(b.name for b in manifest.blocks)
+    costs: dict[bool, CostModel] = {}
+    baseline = baseline_now()  # one baseline: "min" of one cost model must fit the other
 
-    def make_plan(budget: int | None) -> Plan:
+    def cost_for(cold: bool) -> CostModel:  # cold: streamed blocks are read from storage each pass
+        if cold not in costs:
+            costs[cold] = costs_now(model_dir, manifest, stored, cold, baseline)
+        return costs[cold]
+
+    if smallest:  # the least memory that works, as the cost model predicts it
+        budget = cost_for(True).min_budget()
+    names = tuple(b.name for b in manifest.blocks)
+    situation = MemorySituation(cgroup_memory_limit(), available_memory())
+    sample = sample_shape(manifest)
+
+    def plan_one(budget: int | None, cost: CostModel, policy: PageCachePolicy) -> Plan:
         if spec.engine == "blocks":
             check_budget(cost, budget, names)
         return plan_strategy(
@@ -243,7 +339,56 @@ def load(
             window=window,
             objective=objective,
             manifest=manifest,
+            page_cache=policy,
+        )
+
+    def make_plan(budget: int | None, batch: BatchShape | None = None) -> Plan:
+        """The plan under `budget` (None with a batch: "min" at that batch) for `batch` (None:
+        the manifest's sample)."""
+        if batch is None:
+            policy = page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation)
+            return plan_one(budget, cost_for(policy.drop), policy)
+        return plan_batch(budget, batch)
+
+    def plan_batch(budget: int | None, batch: BatchShape) -> Plan:
+        scale = batch.scale(sample)
+        if budget is None:  # "min": the least memory this batch runs in, one row at a time
+            budget = cost_for(True).at_batch(scale, batch.with_rows(1).scale(sample)).min_budget()
+        policy = page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation)
+        base = cost_for(policy.drop)
+        found: list[tuple[int, Plan]] = []
+        error: BudgetError | None = None
+        micro = micro_batches(batch.rows) if spec.residency == "planned" else [batch.rows]
+        for m in micro:
+            try:
+                cost = base.at_batch(scale, batch.with_rows(m).scale(sample))
+                found.append((m, plan_one(budget, cost, policy)))
+            except BudgetError as e:
+                error = e
+        if not found:
+            raise BudgetError(f"a batch of {batch.rows} x {batch.positions} positions: {error}")
+        fastest = min(p.predicted_latency_s or 0.0 for _, p in found)
+        m, plan = next(  # the largest micro-batch predicted as fast (fewer, larger runs)
+            (m, p) for m, p in found if (p.predicted_latency_s or 0.0) <= fastest * (1 + PASS_TIE)
+        )
+        between = format_bytes(base.at_batch(scale, 1.0).inflight_bytes)
+        how = "at once" if m == batch.rows else f"{m} row{'s' if m != 1 else ''} at a time"
+        reason = (
+            f"batch {batch.rows} x {batch.positions}: each block runs over the whole batch, "
+            f"{how}; its {between} of tensors between blocks counted in the budget"
+        )
+        return replace(
+            plan,
+            batch_rows=batch.rows,
+            batch_positions=batch.positions,
+            micro_batch=m if m < batch.rows else None,
+            reasons=(*plan.reasons, reason),
         )
 
     plan = make_plan(budget)
-    return HermesModel(manifest, plan, cost, verifier, replan=make_plan, smallest=smallest)
+    cost = cost_for(page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation).drop)
+    timeline = Trace(enabled=trace)
+    timeline.add("", "open", t_open)
+    return HermesModel(
+        manifest, plan, cost, verifier, replan=make_plan, smallest=smallest, trace=timeline
+    )

@@ -43,6 +43,11 @@ class Plan:
     predicted_first_latency_s: float | None = None  # the first pass (every block loads)
     cost_source: str = "estimate"
     reasons: tuple[str, ...] = field(default=())
+    # the batch it was planned for (None: the manifest's sample) and the rows each block runs at
+    # once (None: the whole batch); each block still runs over the whole batch before the next
+    batch_rows: int | None = None
+    batch_positions: int | None = None
+    micro_batch: int | None = None
 
     @property
     def resident(self) -> tuple[int, ...]:
@@ -63,6 +68,10 @@ class Plan:
                 f"{len(self.resident)} resident block(s), {self._packing()}, read-ahead {readahead}"
             )
         lines = [f"strategy {self.strategy}: {head}"]
+        if self.batch_rows is not None:
+            rows = f"{self.micro_batch} row{'s' if self.micro_batch != 1 else ''}"
+            micro = f", each block run {rows} at a time" if self.micro_batch else ""
+            lines.append(f"batch {self.batch_rows} x {self.batch_positions} positions{micro}")
         if self.budget_bytes is not None:
             lines.append(f"budget {format_bytes(self.budget_bytes)}")
         if self.predicted_peak_bytes is not None:
@@ -102,6 +111,9 @@ class Plan:
             "predicted_latency_s": self.predicted_latency_s,
             "cost_source": self.cost_source,
             "reasons": list(self.reasons),
+            "batch_rows": self.batch_rows,
+            "batch_positions": self.batch_positions,
+            "micro_batch": self.micro_batch,
         }
 
 

@@ -15,6 +15,7 @@ from hermes_ort.costmodel import CostModel, room, within_margin
 from hermes_ort.errors import BudgetError, OptionError
 from hermes_ort.machine import default_threads
 from hermes_ort.manifest import Manifest
+from hermes_ort.pagecache import PageCachePolicy
 from hermes_ort.plan import BlockMechanism, Plan
 from hermes_ort.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.strategies import block_loading, get_strategy, whole_model_file
@@ -141,6 +142,7 @@ def plan_pipeload(
     loaders: int | None = None,
     window: int | None = None,
     objective: str = "repeated",
+    page_cache: PageCachePolicy | None = None,
 ) -> Plan:
     """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`.
     objective "repeated": the fastest later pass (kept blocks prepacked where that speeds their
@@ -171,7 +173,9 @@ def plan_pipeload(
         raise BudgetError(f"window {w} needs {need}, over the budget {format_bytes(budget)}")
     kept = set(best.resident)
     packed = {i for i in kept if best.cost.resident_prepack[i]}
-    drop = budget is not None  # under a budget, streamed pages go back (docs/design.md §4)
+    if page_cache is None:  # the policy of a budget where memory is short (pagecache.py)
+        page_cache = PageCachePolicy(budget is not None, "")
+    drop = page_cache.drop
     streamed_packed = best.cost.stream_prepack or (False,) * n
     blocks = tuple(
         BlockMechanism(
@@ -196,7 +200,8 @@ def plan_pipeload(
         predicted_latency_s=best.steady,
         predicted_first_latency_s=best.first,
         cost_source=best.cost.source,
-        reasons=_reasons(best, budget, cores, len(packed), loaders, window, objective),
+        reasons=_reasons(best, budget, cores, len(packed), loaders, window, objective)
+        + ((page_cache.reason,) if page_cache.reason and len(kept) < n else ()),
     )
 
 
@@ -243,6 +248,7 @@ def plan_strategy(
     window: int | None = None,
     objective: str = "repeated",
     manifest: Manifest | None = None,
+    page_cache: PageCachePolicy | None = None,
 ) -> Plan:
     """The plan of any strategy (strategies.py): pipeload's from the search above, the baselines'
     fixed. The whole-model strategies need the manifest (the file they open)."""
@@ -251,7 +257,9 @@ def plan_strategy(
     check_objective(objective)
     n = cost.blocks
     if spec.residency == "planned":
-        return plan_pipeload(cost, budget, loaders=loaders, window=window, objective=objective)
+        return plan_pipeload(
+            cost, budget, loaders=loaders, window=window, objective=objective, page_cache=page_cache
+        )
     common = dict(budget_bytes=budget, cost_source=cost.source, reasons=(spec.about,))
     if spec.engine == "whole":
         if manifest is None:

@@ -174,17 +174,28 @@ def profile_model(
     )
 
 
+def baseline_now() -> int:
+    """The process baseline a plan is made with: its resident set now."""
+    return rss_bytes()
+
+
 def costs_now(
-    model_dir: Path, manifest: Manifest, profile: Profile | None, cold: bool
+    model_dir: Path,
+    manifest: Manifest,
+    profile: Profile | None,
+    cold: bool,
+    baseline_bytes: int | None = None,
 ) -> CostModel:
     """The cost model a plan is made with now: measured costs from `profile`, else estimates from
-    file sizes; this process's RSS as the baseline, whether it has yet to pay ONNX Runtime's
-    warm-up, and which blocks' files the page cache holds (the first pass reads those from it)."""
+    file sizes; this process's RSS (or `baseline_bytes`) as the baseline, whether it has yet to
+    pay ONNX Runtime's warm-up, and which blocks' files the page cache holds (the first pass
+    reads those from it)."""
     pending = warmup_pending()
+    baseline = rss_bytes() if baseline_bytes is None else baseline_bytes
     if profile is None:
-        return CostModel.estimate(manifest, rss_bytes(), pending)
+        return CostModel.estimate(manifest, baseline, pending)
     cached = cached_now(model_dir, manifest)
-    return CostModel.from_profile(manifest, profile, rss_bytes(), cold, cached, pending)
+    return CostModel.from_profile(manifest, profile, baseline, cold, cached, pending)
 
 
 def cached_now(model_dir: Path, manifest: Manifest) -> tuple[bool, ...] | None:

@@ -13,11 +13,15 @@ from hermes_ort.memory import PassMeasure, rss_bytes, trim_heap
 from hermes_ort.plan import Plan
 from hermes_ort.sessions import create_session, run_session
 from hermes_ort.stats import BlockStats, RunStats
+from hermes_ort.trace import Trace
 
 
 class WholeEngine:
-    def __init__(self, manifest: Manifest, plan: Plan, verifier: Verifier):
+    def __init__(
+        self, manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace | None = None
+    ):
         self.verifier = verifier
+        self.trace = trace or Trace(enabled=False)
         self.manifest = manifest
         self.plan = plan
         self.session = None
@@ -35,9 +39,11 @@ class WholeEngine:
                     path, self.plan.whole_settings, "the whole model", paths, self.verifier
                 )
                 create_s = time.perf_counter() - t0
+                self.trace.add("full", "create", t0, t0 + create_s)
             t1 = time.perf_counter()
             values = run_session(self.session, names, feeds, "the whole model")
             run_s = time.perf_counter() - t1
+            self.trace.add("full", "run", t1, t1 + run_s)
         block = BlockStats("full", create_s == 0.0, 0.0, 0.0, create_s, run_s)
         stats = RunStats(
             strategy=self.plan.strategy,

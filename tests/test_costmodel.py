@@ -121,7 +121,7 @@ def test_estimates_from_file_sizes():
     c = CostModel.estimate(m, 50_000)
     assert c.source == "estimate" and c.sparse == (True, False, False, False)  # the prologue
     assert c.baseline_bytes == 50_000
-    assert c.activation_bytes == 2 * output_bytes(m) + ACTIVATION_RESERVE_BYTES
+    assert c.activation_bytes == 4 * output_bytes(m) + ACTIVATION_RESERVE_BYTES
     assert c.live_bytes[1] > 4000 and c.live_bytes[1] == c.live_bytes[2]
     warm = CostModel.estimate(m, 50_000, warmup_pending=True)
     assert warm.baseline_bytes == 50_000 + ESTIMATE_WARMUP_BYTES

@@ -179,7 +179,11 @@ def test_prompt_forms(decoders):
     ("call", "error", "message"),
     [
         (lambda m: m.generate([], max_new_tokens=3), hermes_ort.InputError, "empty"),
-        (lambda m: m.generate([[1, 2], [3, 4]], 3), hermes_ort.InputError, "one prompt"),
+        (
+            lambda m: m.generate(np.zeros((1, 2, 3), np.int64), 3),
+            hermes_ort.InputError,
+            "a list, \\[T\\] or \\[B, T\\] array, or a list of prompts",
+        ),
         (lambda m: m.generate([1.5, 2.0], 3), hermes_ort.InputError, "integer token ids"),
         (lambda m: m.generate(PROMPT, max_new_tokens=0), hermes_ort.InputError, "max_new_tokens"),
         (lambda m: m.generate(PROMPT, 200), hermes_ort.InputError, r"208 positions.*\(128\)"),
@@ -272,3 +276,42 @@ def decoder_signature_of(model_dir):
     from hermes_ort.manifest import load_manifest
 
     return decoder_signature(load_manifest(model_dir))
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 11], [9, 8, 7], [100, 3, 5, 61, 2]]
+
+
+@pytest.mark.parametrize("budget", [None, "min"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_batch_of_prompts_equals_each_prompt_alone(decoders, name, budget):
+    """Prompts of different lengths, left-padded in one batch: each row's greedy tokens are
+    transformers' on that prompt alone; every pass streams each block once for all rows."""
+    model_dir, torch_model = decoders[name]
+    with hermes_ort.load(model_dir, memory_budget=budget) as model:
+        if not model.decoder.takes_position_ids:
+            with pytest.raises(hermes_ort.InputError, match="give prompts of equal length"):
+                model.generate(PROMPTS, max_new_tokens=4, eos_token_id=[])
+            return
+        got = model.generate(PROMPTS, max_new_tokens=12, eos_token_id=[])
+        stats = model.generation_stats
+        passes = model.stats
+    assert stats.batch_size == 3 and stats.new_tokens == 36
+    assert len(passes.blocks) == len(hermes_ort.load_manifest(model_dir).blocks)  # once each
+    for prompt, row in zip(PROMPTS, got, strict=True):
+        np.testing.assert_array_equal(row, hf_generate(torch_model, prompt, 12))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_row_stops_at_its_own_eos(decoders, name):
+    model_dir, torch_model = decoders[name]
+    prompts = np.array([PROMPTS[0], PROMPTS[0][::-1]])  # equal lengths: a [2, T] array
+    alone = [hf_generate(torch_model, list(p), 10)[len(p) :] for p in prompts]
+    eos = int(alone[0][2])  # row 0 meets it at its third token
+    with hermes_ort.load(model_dir) as model:
+        got = model.generate(prompts, max_new_tokens=10, eos_token_id=eos)
+    assert got.shape[0] == 2
+    first = list(alone[0]).index(eos)
+    np.testing.assert_array_equal(got[0, 8 : 8 + first + 1], alone[0][: first + 1])
+    assert (got[0, 8 + first + 1 :] == eos).all()  # padded with the EOS id after it stopped
+    stop = list(alone[1]).index(eos) + 1 if eos in alone[1] else 10
+    np.testing.assert_array_equal(got[1, 8 : 8 + stop], alone[1][:stop])

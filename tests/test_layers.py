@@ -12,8 +12,8 @@ import hermes_ort
 PACKAGE = Path(hermes_ort.__file__).parent
 # bottom to top, as hermes_ort/__init__.py's docstring lists them
 LAYERS = {
-    "data": """errors units machine manifest settings strategies profile timeline costmodel plan
-               planner dataflow inputs decoder stats generate""",
+    "data": """errors units machine pagecache manifest settings strategies profile timeline
+               costmodel plan planner batch dataflow inputs decoder stats trace generate""",
     "mechanism": """memory readahead external_data integrity sessions loader daemon engine
                     whole_engine""",
     "measurement": "profiler calibrate fresh",

@@ -21,6 +21,7 @@ def write(preset: Path, out: Path) -> dict:
     dtype = getattr(torch, spec["tensorwise_dtype"])
     config = getattr(transformers, spec["config_class"])(**spec["config"])
     config.torch_dtype = spec["tensorwise_dtype"]
+    config.architectures = [spec["model_class"]]  # llama.cpp's converter reads it
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     with torch.device("meta"):  # shapes only

@@ -56,6 +56,12 @@ class PeerModel:
         return "decoder" if config["task"] == "text-generation" else "encoder"
 
     @property
+    def tensorwise(self) -> bool:
+        """Too large to build as a torch model here: written tensor by tensor (tensorwise.py)."""
+        config = json.loads((REPO / "models" / "presets" / f"{self.preset}.json").read_text())
+        return "tensorwise_dtype" in config
+
+    @property
     def ckpt(self) -> Path:
         return self.root / "ckpt"
 
@@ -98,7 +104,7 @@ def checkpoint(model: PeerModel) -> None:
         return
     log(f"{model.preset}: writing a random-weight checkpoint to {model.ckpt}")
     preset = REPO / "models" / "presets" / f"{model.preset}.json"
-    if "tensorwise_dtype" in json.loads(preset.read_text()):
+    if model.tensorwise:
         tmp = model.ckpt.with_name("ckpt.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "bench.peers.tensorwise", str(preset), str(tmp)]
@@ -139,6 +145,10 @@ def reference(model: PeerModel) -> None:
         ids = rng.integers(0, config["vocab_size"], (1, ENCODER_TOKENS)).tolist()
         ones = [[1] * ENCODER_TOKENS]
         doc = {"inputs": {"input_ids": ids, "attention_mask": ones, "token_type_ids": [[0] * 128]}}
+    if model.tensorwise:  # 27 GB as fp32: no transformers run here; runs compare to each other
+        doc["transformers"] = None
+        model.reference.write_text(json.dumps(doc))
+        return
     tmp = model.reference.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
     log(f"{model.preset}: transformers' reference outputs")
@@ -178,6 +188,8 @@ def hermes(model: PeerModel, fmt: str = "fp32") -> None:
     cmd = [sys.executable, "-m", "export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
     if fmt != "fp32":  # the exporter's defaults for the mode (export/quantize.py)
         cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]
+    if model.tensorwise:  # layer by layer: the model never fits in memory as fp32
+        cmd.append("--streaming")
     require(run_child(cmd, 7200, env=child_env()), "the hermes-ort export")
 
 
@@ -219,41 +231,45 @@ def llama_cpp_sources() -> Path:
 
 
 def gguf(model: PeerModel, fmt: str) -> None:
+    """llama.cpp's converter to a source GGUF, then `llama_model_quantize` to `fmt`. The source is
+    f32, except for a tensorwise checkpoint (27 GB as f32, more than this disk holds beside it):
+    the converter's own q8_0, re-quantized (q4_0 from q8_0 rounds twice; random weights anyway)."""
     out = model.weights("llama.cpp", fmt)
     if out.is_file():
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    f32 = model.weights("llama.cpp", "f32")
-    if not f32.is_file():
-        log(f"{model.preset}: GGUF f32 with llama.cpp's converter")
+    source_fmt = "q8_0" if model.tensorwise else "f32"
+    source = model.weights("llama.cpp", source_fmt)
+    if not source.is_file():
+        log(f"{model.preset}: GGUF {source_fmt} with llama.cpp's converter")
         converter = llama_cpp_sources()
-        tmp = f32.with_suffix(".tmp")
+        tmp = source.with_suffix(".tmp")
         cmd = [
             sys.executable,
             str(converter),
             str(model.ckpt),
             "--outtype",
-            "f32",
+            source_fmt,
             "--outfile",
             str(tmp),
         ]
         result = run_child(cmd, 7200, env=child_env())
         if result.returncode != 0:
             raise ChildFailed(f"llama.cpp's converter failed: {result.error}")
-        os.replace(tmp, f32)
-    if fmt == "f32":
+        os.replace(tmp, source)
+    if fmt == source_fmt:
         return
-    log(f"{model.preset}: GGUF {fmt} with llama_model_quantize")
+    log(f"{model.preset}: GGUF {fmt} from {source_fmt} with llama_model_quantize")
     code = (
         "import sys, json, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
-        "p.ftype = int(sys.argv[3]); p.nthread = 2; "
+        "p.ftype = int(sys.argv[3]); p.nthread = 2; p.allow_requantize = sys.argv[4] == '1'; "
         "r = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p); "
         "print(json.dumps({'ok': r == 0, 'error': f'status {r}'}))"
     )
     tmp = out.with_suffix(".tmp")
-    _child(
-        [sys.executable, "-c", code, str(f32), str(tmp), str(QUANT_TYPES[fmt])], f"quantize {fmt}"
-    )
+    requantize = "1" if source_fmt != "f32" else "0"
+    cmd = [sys.executable, "-c", code, str(source), str(tmp), str(QUANT_TYPES[fmt]), requantize]
+    _child(cmd, f"quantize {fmt}")
     os.replace(tmp, out)
 
 
