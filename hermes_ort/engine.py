@@ -69,7 +69,7 @@ class _Slots:
                 self.max_live = max(self.max_live, self.live + len(e.resident))
                 how = e.plan.blocks[i]
                 self.futures[i] = e.loaders.submit(
-                    i, e.manifest.blocks[i], how.settings, how.readahead
+                    i, e.manifest.blocks[i], how.settings, how.readahead, how.drop_pages
                 )
                 self.next += 1
             self.cond.notify_all()

@@ -14,6 +14,7 @@ import onnxruntime as ort
 from hermes_ort.errors import HermesError, LoadError
 from hermes_ort.integrity import Verifier
 from hermes_ort.manifest import BlockSpec
+from hermes_ort.memory import drop_file_cache
 from hermes_ort.readahead import read_ahead
 from hermes_ort.sessions import create_session
 from hermes_ort.settings import SessionSettings
@@ -82,12 +83,25 @@ class LoadingAgents:
         self._pool = ThreadPoolExecutor(max_workers=agents, thread_name_prefix="hermes-loader")
 
     def submit(
-        self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+        self,
+        index: int,
+        spec: BlockSpec,
+        settings: SessionSettings,
+        readahead: bool,
+        drop_packed_pages: bool = False,
     ) -> Future:
-        return self._pool.submit(self._load, index, spec, settings, readahead)
+        """Load block `index`; `drop_packed_pages`: once its session is created prepacked, drop
+        its own files' pages (its weights now live in the packed copies; under a memory cgroup
+        those pages would take the room the next block's read-ahead needs)."""
+        return self._pool.submit(self._load, index, spec, settings, readahead, drop_packed_pages)
 
     def _load(
-        self, index: int, spec: BlockSpec, settings: SessionSettings, readahead: bool
+        self,
+        index: int,
+        spec: BlockSpec,
+        settings: SessionSettings,
+        readahead: bool,
+        drop_packed_pages: bool = False,
     ) -> LiveBlock:
         try:
             block = load_block(self.verifier, index, spec, settings, readahead)
@@ -95,6 +109,10 @@ class LoadingAgents:
             raise
         except Exception as e:  # anything else: still name the block
             raise LoadError(f"block '{spec.name}': {type(e).__name__}: {e}") from e
+        if drop_packed_pages and settings.prepack:
+            for f in spec.files:
+                if spec.is_own(f):
+                    drop_file_cache(str(self.verifier.model_dir / f.path))
         if self.trace is not None and isinstance(block, LiveBlock):  # spans from its timings
             end = time.perf_counter()
             created = end - block.create_s
