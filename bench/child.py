@@ -82,7 +82,7 @@ def cmd_run(args) -> dict[str, Any]:
         )
         t_loaded = time.time()
         with model:
-            feeds = model.sample_inputs()
+            feeds = model.sample_inputs(batch_size=args.batch, sequence_length=args.seq_len)
             model.run(feeds)
             t_outputs = time.time()
             passes = [model.stats]
@@ -134,7 +134,10 @@ def cmd_generate(args) -> dict[str, Any]:
     t_loaded = time.time()
     with model:
         vocab = next(t.sample["high"] for t in model.manifest.inputs if t.name == "input_ids")
-        prompt = np.random.default_rng(0).integers(0, vocab, args.prompt_tokens)
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, vocab, args.prompt_tokens)
+        if args.prompts > 1:  # a batch: rows of the same length, each its own ids
+            prompt = rng.integers(0, vocab, (args.prompts, args.prompt_tokens))
         times: list[float] = []
         last = [time.perf_counter()]
 
@@ -152,7 +155,9 @@ def cmd_generate(args) -> dict[str, Any]:
         "time_to_first_token_s": s.time_to_first_token_s,
         "token_s": times[1:],  # each decode pass (the first entry is the prompt pass)
         "decode_tokens_per_s": s.decode_tokens_per_s,
-        "new_ids": [int(t) for t in out[args.prompt_tokens :]],
+        "new_ids": np.asarray(out)[..., args.prompt_tokens :].tolist(),
+        "new_tokens": s.new_tokens,
+        "prompts": args.prompts,
         "peak_rss_bytes": s.peak_rss_bytes,
         "bytes_read": storage_read_bytes() - read0,
         "cache_bytes": s.cache_bytes,
@@ -180,6 +185,7 @@ def cmd_describe(args) -> dict[str, Any]:
         "model_bytes": manifest.blocks_bytes,
         "full_bytes": manifest.full_model.bytes if manifest.full_model else None,
         "min_budget_bytes": cost.min_budget(),
+        "baseline_bytes": cost.baseline_bytes,
         "resident_peak_bytes": cost.peak(tuple(range(cost.blocks)), 1),
         "cost_source": cost.source,
         "profile_compute_s": compute,
@@ -224,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--loaders", type=int, default=None)
     run.add_argument("--window", type=int, default=None)
     run.add_argument("--sample-interval", type=float, default=0.01, help="RSS sampling, seconds")
+    run.add_argument("--batch", type=int, default=1, help="rows of the sample inputs")
+    run.add_argument("--seq-len", type=int, default=None, help="positions of the sample inputs")
     run.set_defaults(func=cmd_run)
     gen = sub.add_parser("generate")
     gen.add_argument("model_dir", type=Path)
@@ -231,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget", type=int, default=None)
     gen.add_argument("--prompt-tokens", type=int, default=32)
     gen.add_argument("--new-tokens", type=int, default=16)
+    gen.add_argument("--prompts", type=int, default=1, help="prompts generated at once (a batch)")
     gen.add_argument("--warm", action="store_true", help="read the model files first")
     gen.set_defaults(func=cmd_generate)
     describe = sub.add_parser("describe")

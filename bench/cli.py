@@ -38,6 +38,7 @@ COMMANDS = {
     "export-memory": ("bench.export_memory", "the exporter's peak memory, regular vs streaming"),
     "facts": ("bench.facts", "the measured facts docs/design.md cites"),
     "peers": ("bench.peers.run", "the peers side by side on the same weights and boards"),
+    "batches": ("bench.batches", "a batch under a budget against full; batched generation"),
 }
 
 

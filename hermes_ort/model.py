@@ -26,16 +26,23 @@ from hermes_ort.generate import (
 )
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.integrity import Verifier, check_verify_mode
-from hermes_ort.machine import available_memory, cgroup_memory_limit
+from hermes_ort.machine import available_memory, cgroup_memory_limit, default_threads
 from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.pagecache import (
     MemorySituation,
     PageCachePolicy,
+    cgroup_headroom,
     check_policy,
     page_cache_policy,
 )
 from hermes_ort.plan import Plan
-from hermes_ort.planner import PASS_TIE, check_budget, check_objective, plan_strategy
+from hermes_ort.planner import (
+    MAX_LOADERS,
+    PASS_TIE,
+    check_budget,
+    check_objective,
+    plan_strategy,
+)
 from hermes_ort.profile import read_profile
 from hermes_ort.profiler import baseline_now, costs_now
 from hermes_ort.stats import RunStats
@@ -327,13 +334,19 @@ def load(
     situation = MemorySituation(cgroup_memory_limit(), available_memory())
     sample = sample_shape(manifest)
 
+    largest_block = max(b.bytes for b in manifest.blocks)
+
     def plan_one(budget: int | None, cost: CostModel, policy: PageCachePolicy) -> Plan:
         if spec.engine == "blocks":
             check_budget(cost, budget, names)
-        return plan_strategy(
+        in_flight = min(loaders or default_threads(), MAX_LOADERS) * largest_block
+        planned, note = cgroup_headroom(
+            budget, situation.cgroup_limit_bytes, in_flight, cost.min_budget()
+        )
+        plan = plan_strategy(
             strategy,
             cost,
-            budget,
+            planned if spec.residency == "planned" else budget,
             load_path=load_path,
             loaders=loaders,
             window=window,
@@ -341,6 +354,9 @@ def load(
             manifest=manifest,
             page_cache=policy,
         )
+        if note and spec.residency == "planned":
+            plan = replace(plan, budget_bytes=budget, reasons=(*plan.reasons, note))
+        return plan
 
     def make_plan(budget: int | None, batch: BatchShape | None = None) -> Plan:
         """The plan under `budget` (None with a batch: "min" at that batch) for `batch` (None:

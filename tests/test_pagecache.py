@@ -80,3 +80,16 @@ def test_available_memory_reads_meminfo(tmp_path):
     info.write_text("MemTotal:       24000 kB\nMemAvailable:   1000 kB\n")
     assert available_memory(str(info)) == 1000 * 1024
     assert available_memory(str(tmp_path / "missing")) is None
+
+
+def test_blocks_being_read_ahead_get_room_below_a_cgroup_limit():
+    from hermes_ort.pagecache import cgroup_headroom
+
+    mb = 1 << 20
+    # a 2 GiB cap, 2 loaders reading 130 MB blocks: planned in the cap minus their pages
+    planned, note = cgroup_headroom(2 * GB, 2 * GB, 260 * mb, smallest=500 * mb)
+    assert planned == 2 * GB - 260 * mb and "charged to the memory cgroup" in note
+    assert cgroup_headroom(GB, 2 * GB, 260 * mb, 500 * mb) == (GB, "")  # room already
+    assert cgroup_headroom(GB, None, 260 * mb, 500 * mb) == (GB, "")  # no cgroup limit
+    planned, note = cgroup_headroom(600 * mb, 600 * mb, 260 * mb, smallest=500 * mb)
+    assert planned == 600 * mb and "read twice" in note  # too little: the budget as given
