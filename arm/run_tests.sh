@@ -74,7 +74,8 @@ for xml in sorted(run.glob("*.xml")):
         kind = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
         counts[{"error": "failed", "failure": "failed"}.get(kind, kind)] += 1
 records = [json.loads(l) for l in (run / "report.jsonl").read_text().splitlines()] if (run / "report.jsonl").exists() else []
-diffs = [(max(r["max_abs_diff"].values()), r["model"], r["strategy"]) for r in records if "max_abs_diff" in r]
+diffs = [(max(r["max_abs_diff"].values()), r["model"], r["strategy"]) for r in records if "max_abs_diff" in r and not r.get("mode")]
+quantized = [(min(r["cosine"].values()), r["model"], r["mode"]) for r in records if r.get("mode")]
 machines = sorted({r["machine"] for r in records})
 print(f"== summary ({', '.join(machines) or 'no report'})")
 print(f"  tests on the board: {counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
@@ -82,6 +83,10 @@ if diffs:
     worst = max(diffs)
     print(f"  {len(diffs)} model x strategy runs vs the x86-64 full outputs: largest abs diff "
           f"{worst[0]:.3g} ({worst[1]}, {worst[2]}); tolerance 1e-4")
+if quantized:
+    low = min(quantized)
+    print(f"  {len(quantized)} quantized model x strategy runs vs the x86-64 full outputs: lowest cosine "
+          f"{low[0]:.6f} ({low[1]}); floors int8 0.999, int4 0.99 (the board's kernels differ)")
 for r in records:
     if "smallest_budget_bytes" in r:
         print(f"  smallest workable budget on the board, {r['model']}: {r['smallest_budget_bytes'] / 2**20:.0f} MiB "
