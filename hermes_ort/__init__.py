@@ -13,7 +13,7 @@ The package in layers (each module imports only from its own layer or those abov
 - mechanism: memory, readahead, external_data, integrity, sessions, loader, daemon, engine,
   whole_engine
 - measurement: profiler, calibrate, fresh
-- the API: model, tokenizer, cli, cli_generate, demo
+- the API: planning, model, tokenizer, cli, cli_generate, demo
 
 Importing the package is light (the errors only); ONNX Runtime loads with the first name that
 needs it (`load`, `HermesModel`), so a tool importing one module of the data layer stays small.

@@ -56,8 +56,10 @@ def batch_shape(manifest: Manifest, feeds: dict[str, np.ndarray]) -> BatchShape:
 
 
 def _holds_batch_shape(value: np.ndarray, rows: int) -> bool:
-    is_shape = value.ndim <= 1 and value.size <= 8 and np.issubdtype(value.dtype, np.integer)
-    return is_shape and bool((value == rows).any())
+    """An integer shape vector whose batch axis (its first entry) is the whole batch's rows
+    (-1, "infer", works for any chunk)."""
+    is_shape = value.ndim == 1 and 0 < value.size <= 8 and np.issubdtype(value.dtype, np.integer)
+    return is_shape and int(value[0]) == rows
 
 
 def symbolic_first_dim(shape: Sequence[int | str | None] | None) -> bool:
@@ -100,16 +102,22 @@ def run_in_micro_batches(
     whole_shape = any(_holds_batch_shape(v, rows) for k, v in inputs.items() if k not in split)
     if micro >= rows or not split or whole_shape:
         return list(run(inputs))
-    parts: list[Sequence[np.ndarray]] = []
+    joined: list[np.ndarray] = []
+    rowwise: list[bool] = []
     for start in range(0, rows, micro):
         chunk = {k: v[start : start + micro] if k in split else v for k, v in inputs.items()}
-        parts.append(run(chunk))
-    joined = []
-    for k, first in enumerate(parts[0]):
-        rowwise = (
-            per_row_outputs[k]
-            if per_row_outputs is not None
-            else first.ndim >= 1 and first.shape[0] == min(micro, rows)
-        )
-        joined.append(np.concatenate([p[k] for p in parts], axis=0) if rowwise else first)
+        values = run(chunk)
+        if not joined:  # the outputs allocated once: no second copy of the batch's outputs
+            for k, first in enumerate(values):
+                per = (
+                    per_row_outputs[k]
+                    if per_row_outputs is not None
+                    else first.ndim >= 1 and first.shape[0] == min(micro, rows)
+                )
+                rowwise.append(per)
+                joined.append(np.empty((rows, *first.shape[1:]), first.dtype) if per else first)
+        for k, value in enumerate(values):
+            if rowwise[k]:
+                joined[k][start : start + micro] = value
+        del values
     return joined

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from hermes_ort.loader import LiveBlock
-from hermes_ort.manifest import BlockSpec
+from hermes_ort.loader import LiveBlock, drop_own_files  # noqa: F401  (re-exported)
 from hermes_ort.memory import drop_file_cache, trim_heap
 from hermes_ort.trace import Trace
 
@@ -27,14 +26,6 @@ def destroy(block: LiveBlock, model_dir: Path, drop_cache: bool, keep_cached: se
         for f in block.spec.files:
             if f.path not in keep_cached:
                 drop_file_cache(str(model_dir / f.path))
-
-
-def drop_own_files(spec: BlockSpec, model_dir: Path) -> None:
-    """Drop the page cache of the block's own files (not shared ones): a kept prepacked block's
-    weights live in its packed copies."""
-    for f in spec.files:
-        if spec.is_own(f):
-            drop_file_cache(str(model_dir / f.path))
 
 
 class Daemon:
@@ -58,10 +49,6 @@ class Daemon:
                 done()
 
         return self._pool.submit(work)
-
-    def drop_own_files(self, spec: BlockSpec) -> Future:
-        """`drop_own_files`, in the background."""
-        return self._pool.submit(drop_own_files, spec, self.model_dir)
 
     def release_barrier(self) -> None:
         """Wait until every queued release has finished."""

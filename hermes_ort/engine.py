@@ -161,11 +161,7 @@ class BlockEngine:
                         continue
                     if how.resident:
                         self.resident[i] = block
-                        slots.free_one()
-                        if how.drop_pages:
-                            # its weights now live in prepacked copies: under a budget, its file
-                            # pages would only push out the mapped pages of other kept blocks
-                            self.daemon.drop_own_files(spec)
+                        slots.free_one()  # its pages: dropped by its loader (`drop_packed_pages`)
                         continue
                     if self.plan.lag == 0:
                         # unmap now, in this thread: nothing to wait for on the critical path;

@@ -33,6 +33,14 @@ class LiveBlock:
     bytes_read_ahead: int = 0
 
 
+def drop_own_files(spec: BlockSpec, model_dir: Path) -> None:
+    """Drop the page cache of the block's own files (not shared ones): a prepacked block's
+    weights live in its packed copies."""
+    for f in spec.files:
+        if spec.is_own(f):
+            drop_file_cache(str(model_dir / f.path))
+
+
 def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
     """Read a block's files into the page cache; bytes read. A layer's own files sequentially;
     shared files and the prologue's (embedding tables, looked up a few rows at a time) in small
@@ -109,16 +117,14 @@ class LoadingAgents:
             raise
         except Exception as e:  # anything else: still name the block
             raise LoadError(f"block '{spec.name}': {type(e).__name__}: {e}") from e
-        if drop_packed_pages and settings.prepack:
-            for f in spec.files:
-                if spec.is_own(f):
-                    drop_file_cache(str(self.verifier.model_dir / f.path))
-        if self.trace is not None and isinstance(block, LiveBlock):  # spans from its timings
+        if self.trace is not None:  # spans from its timings
             end = time.perf_counter()
             created = end - block.create_s
             if readahead:
                 self.trace.add(spec.name, "read", created - block.readahead_s, created)
             self.trace.add(spec.name, "create", created, end)
+        if drop_packed_pages and settings.prepack:
+            drop_own_files(spec, self.verifier.model_dir)
         return block
 
     def shutdown(self) -> None:

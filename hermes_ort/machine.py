@@ -44,7 +44,7 @@ def cgroup_memory_limit(proc_cgroup: str | None = None, root: str = "/sys/fs/cgr
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":  # v2: one unified tree
-            mounts, name = ("", os.path.join(root, "unified"), root), "memory.max"
+            mounts, name = (os.path.join(root, "unified"), root), "memory.max"
         elif "memory" in controllers.split(","):
             mounts, name = (os.path.join(root, "memory"),), "memory.limit_in_bytes"
         else:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.batch import BatchShape, batch_shape, micro_batches, sample_shape
+from hermes_ort.batch import BatchShape, batch_shape, sample_shape
 from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
 from hermes_ort.decoder import decoder_signature
@@ -26,25 +26,16 @@ from hermes_ort.generate import (
 )
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.integrity import Verifier, check_verify_mode
-from hermes_ort.machine import available_memory, cgroup_memory_limit, default_threads
 from hermes_ort.manifest import Manifest, load_manifest
 from hermes_ort.pagecache import (
-    MemorySituation,
-    PageCachePolicy,
-    cgroup_headroom,
     check_policy,
-    page_cache_policy,
 )
 from hermes_ort.plan import Plan
 from hermes_ort.planner import (
-    MAX_LOADERS,
-    PASS_TIE,
-    check_budget,
     check_objective,
-    plan_strategy,
 )
+from hermes_ort.planning import ModelPlanner, PlanOptions
 from hermes_ort.profile import read_profile
-from hermes_ort.profiler import baseline_now, costs_now
 from hermes_ort.stats import RunStats
 from hermes_ort.strategies import block_loading, get_strategy, opened_graphs
 from hermes_ort.trace import Trace, chrome_trace
@@ -81,6 +72,7 @@ class HermesModel:
         self._smallest = smallest  # the budget is "min"
         self._lock = threading.Lock()
         self._closed = False
+        self._batch_plans: dict[tuple, Plan] = {}  # (budget, BatchShape) -> plan
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One forward pass. `inputs`: name -> numpy array, as `manifest.inputs` describes; any
@@ -98,7 +90,11 @@ class HermesModel:
 
     def plan_batch(self, rows: int, positions: int | None = None) -> Plan:
         """The plan a batch of `rows` x `positions` (default: the sample's) runs with, made now
-        (as `run` does on such a batch); BudgetError if the budget cannot hold it."""
+        (as `run` does on such a batch); BudgetError if the budget cannot hold it. Without a
+        budget, or for a decoder (whose batch `generate` plans), the plan stays as it is."""
+        for name, value in (("rows", rows), ("positions", positions)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
         shape = BatchShape(rows, positions or sample_shape(self.manifest).positions)
         with self._lock:
             self._plan_batch(shape)
@@ -114,13 +110,20 @@ class HermesModel:
         )
         if shape == planned or self.decoder is not None:  # decoders: _reserve_cache
             return
-        plan = self._replan(None if self._smallest else self.plan.budget_bytes, shape)
-        self._switch(plan)
+        budget = None if self._smallest else self.plan.budget_bytes
+        key = (budget, shape)
+        if key not in self._batch_plans:
+            self._batch_plans[key] = self._replan(budget, shape)
+        self._switch(self._batch_plans[key])
 
     def _switch(self, plan: Plan) -> None:
-        if replace(plan, budget_bytes=None) != replace(self.plan, budget_bytes=None):
-            self._engine.close()  # resident sessions of the old plan go; the new plan opens its own
+        """Run with `plan`: a new engine where its blocks' mechanism differs (resident sessions
+        of the old plan go), else the same engine with the new plan (its micro-batch)."""
+        if _mechanism(plan) != _mechanism(self.plan):
+            self._engine.close()
             self._engine = make_engine(self.manifest, plan, self.verifier, self.trace)
+        else:
+            self._engine.plan = plan
         self.plan = plan
 
     def generate(
@@ -208,8 +211,11 @@ class HermesModel:
         budget = self.plan.budget_bytes
         if self._replan is None or budget is None or self.plan.engine == "whole":
             return
-        if self._smallest:  # "min": the smallest budget of the blocks, plus this cache
-            budget = self.cost.min_budget() + cache_bytes
+        if (
+            self._smallest
+        ):  # "min": the smallest budget of the blocks (for the batch), plus this cache
+            smallest = self._replan(None, batch).budget_bytes if batch else self.cost.min_budget()
+            budget = smallest + cache_bytes
         blocks_budget = budget - cache_bytes
         planned = (self.plan.batch_rows, self.plan.batch_positions)
         wanted = (batch.rows, batch.positions) if batch else (None, None)
@@ -320,91 +326,40 @@ def load(
     stored = None
     if profile is not False:
         stored = ensure_profile(model_dir) if profile else read_profile(model_dir)
-    costs: dict[bool, CostModel] = {}
-    baseline = baseline_now()  # one baseline: "min" of one cost model must fit the other
-
-    def cost_for(cold: bool) -> CostModel:  # cold: streamed blocks are read from storage each pass
-        if cold not in costs:
-            costs[cold] = costs_now(model_dir, manifest, stored, cold, baseline)
-        return costs[cold]
-
+    planner = ModelPlanner(
+        model_dir,
+        manifest,
+        strategy,
+        stored,
+        PlanOptions(load_path, loaders, window, objective, page_cache),
+    )
     if smallest:  # the least memory that works, as the cost model predicts it
-        budget = cost_for(True).min_budget()
-    names = tuple(b.name for b in manifest.blocks)
-    situation = MemorySituation(cgroup_memory_limit(), available_memory())
-    sample = sample_shape(manifest)
-
-    largest_block = max(b.bytes for b in manifest.blocks)
-
-    def plan_one(budget: int | None, cost: CostModel, policy: PageCachePolicy) -> Plan:
-        if spec.engine == "blocks":
-            check_budget(cost, budget, names)
-        in_flight = min(loaders or default_threads(), MAX_LOADERS) * largest_block
-        planned, note = cgroup_headroom(
-            budget, situation.cgroup_limit_bytes, in_flight, cost.min_budget()
-        )
-        plan = plan_strategy(
-            strategy,
-            cost,
-            planned if spec.residency == "planned" else budget,
-            load_path=load_path,
-            loaders=loaders,
-            window=window,
-            objective=objective,
-            manifest=manifest,
-            page_cache=policy,
-        )
-        if note and spec.residency == "planned":
-            plan = replace(plan, budget_bytes=budget, reasons=(*plan.reasons, note))
-        return plan
-
-    def make_plan(budget: int | None, batch: BatchShape | None = None) -> Plan:
-        """The plan under `budget` (None with a batch: "min" at that batch) for `batch` (None:
-        the manifest's sample)."""
-        if batch is None:
-            policy = page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation)
-            return plan_one(budget, cost_for(policy.drop), policy)
-        return plan_batch(budget, batch)
-
-    def plan_batch(budget: int | None, batch: BatchShape) -> Plan:
-        scale = batch.scale(sample)
-        if budget is None:  # "min": the least memory this batch runs in, one row at a time
-            budget = cost_for(True).at_batch(scale, batch.with_rows(1).scale(sample)).min_budget()
-        policy = page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation)
-        base = cost_for(policy.drop)
-        found: list[tuple[int, Plan]] = []
-        error: BudgetError | None = None
-        micro = micro_batches(batch.rows) if spec.residency == "planned" else [batch.rows]
-        for m in micro:
-            try:
-                cost = base.at_batch(scale, batch.with_rows(m).scale(sample))
-                found.append((m, plan_one(budget, cost, policy)))
-            except BudgetError as e:
-                error = e
-        if not found:
-            raise BudgetError(f"a batch of {batch.rows} x {batch.positions} positions: {error}")
-        fastest = min(p.predicted_latency_s or 0.0 for _, p in found)
-        m, plan = next(  # the largest micro-batch predicted as fast (fewer, larger runs)
-            (m, p) for m, p in found if (p.predicted_latency_s or 0.0) <= fastest * (1 + PASS_TIE)
-        )
-        between = format_bytes(base.at_batch(scale, 1.0).inflight_bytes)
-        how = "at once" if m == batch.rows else f"{m} row{'s' if m != 1 else ''} at a time"
-        reason = (
-            f"batch {batch.rows} x {batch.positions}: each block runs over the whole batch, "
-            f"{how}; its {between} of tensors between blocks counted in the budget"
-        )
-        return replace(
-            plan,
-            batch_rows=batch.rows,
-            batch_positions=batch.positions,
-            micro_batch=m if m < batch.rows else None,
-            reasons=(*plan.reasons, reason),
-        )
-
-    plan = make_plan(budget)
-    cost = cost_for(page_cache_policy(page_cache, budget, manifest.blocks_bytes, situation).drop)
+        budget = planner.min_budget()
+    plan = planner.plan(budget)
+    cost = planner.cost_under(budget)
     timeline = Trace(enabled=trace)
     timeline.add("", "open", t_open)
     return HermesModel(
-        manifest, plan, cost, verifier, replan=make_plan, smallest=smallest, trace=timeline
+        manifest, plan, cost, verifier, replan=planner.plan, smallest=smallest, trace=timeline
+    )
+
+
+def _mechanism(plan: Plan) -> Plan:
+    """What a plan's engine is built from: its blocks, loaders, window, lag and whole-model file,
+    without the budget, predictions, reasons and batch bookkeeping it runs with (and without the
+    loaders, window and lag where every block stays resident: nothing is streamed)."""
+    everything = bool(plan.blocks) and all(b.resident for b in plan.blocks)
+    return replace(
+        plan,
+        loaders=0 if everything else plan.loaders,
+        window=0 if everything else plan.window,
+        lag=0 if everything else plan.lag,
+        budget_bytes=None,
+        predicted_peak_bytes=None,
+        predicted_latency_s=None,
+        predicted_first_latency_s=None,
+        reasons=(),
+        batch_rows=None,
+        batch_positions=None,
+        micro_batch=None,
     )

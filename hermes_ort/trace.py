@@ -38,8 +38,8 @@ class Trace:
 
     def take(self) -> tuple[Span, ...]:
         """The spans recorded so far, and a fresh start."""
-        spans, self.spans = tuple(self.spans), []
-        return spans
+        spans, self.spans = self.spans, []
+        return tuple(spans)
 
 
 def thread_order(name: str) -> tuple[int, str]:

@@ -109,3 +109,30 @@ def test_cli_plans_and_runs_a_batch(wide):
     assert json.loads(r.stdout)["outputs"]["logits"]["shape"][0] == 8
     r = hermes("run", str(wide), "--batch", "0")
     assert r.returncode == 2 and "--batch must be at least 1, got 0" in r.stderr
+
+
+def test_a_whole_batch_shape_vector_keeps_the_block_whole():
+    x = np.ones((6, 4), np.float32)
+    seen = []
+
+    def run(feeds):
+        seen.append(feeds["x"].shape[0])
+        return [feeds["x"]]
+
+    run_in_micro_batches(run, {"x": x, "shape": np.array([6, 4])}, rows=6, micro=4)
+    assert seen == [6]  # its chunks would not match a shape computed for 6 rows
+    seen.clear()
+    out = run_in_micro_batches(run, {"x": x, "shape": np.array([-1, 6])}, rows=6, micro=4)
+    assert seen == [4, 2] and out[0].shape == (6, 4)  # -1 (and a 6 elsewhere) fit any chunk
+
+
+def test_the_engine_is_kept_across_batch_shapes(wide):
+    with hermes_ort.load(wide, memory_budget="1GB") as model:  # everything resident
+        engine = model._engine
+        for rows, positions in ((4, 16), (4, 32), (2, 16), (4, 16)):
+            model.run(batch_of(model, rows, positions))
+            assert model.plan.batch_rows == rows and model.plan.batch_positions == positions
+        assert model._engine is engine  # resident sessions not opened again
+    model = hermes_ort.load(wide, memory_budget="min")
+    with model, pytest.raises(hermes_ort.OptionError, match="rows must be a whole number"):
+        model.plan_batch(0)

@@ -89,26 +89,27 @@ def test_resident_blocks_stay_mapped(wide_toy):
     assert kept > 0.5 * hermes_ort.load_manifest(wide_toy).blocks_bytes
 
 
-def test_the_page_cache_policy_is_planned_and_explained(wide_toy):
+def test_the_page_cache_policy_is_planned_and_explained(wide_toy, monkeypatch):
     """Under a budget that streams, "drop" has the daemon drop streamed blocks' pages, "keep"
-    leaves them to the kernel, and the plan's reasons say which; "auto" decides it from this
-    process's cgroup limit and available memory, as pagecache.py does."""
-    from hermes_ort.machine import available_memory, cgroup_memory_limit
-    from hermes_ort.pagecache import MemorySituation, page_cache_policy
+    leaves them to the kernel, and the plan's reasons say which; "auto" drops them under a
+    memory cgroup limit with no room for the model's files, and keeps them with room to spare."""
+    import hermes_ort.planning as planning
 
-    manifest = hermes_ort.load_manifest(wide_toy)
     minimum = hermes_ort.load(wide_toy, memory_budget="min").plan.budget_bytes + 4 * MB
     plans = {}
-    for policy in ("drop", "keep", "auto"):
+    for policy in ("drop", "keep"):
         with hermes_ort.load(wide_toy, memory_budget=minimum, page_cache=policy) as model:
             plans[policy] = model.plan
     streamed = [i for i, b in enumerate(plans["drop"].blocks) if not b.resident]
     assert streamed and any(plans["drop"].blocks[i].drop_pages for i in streamed)  # not sparse
     assert not any(b.drop_pages for b in plans["keep"].blocks)
     assert any("page cache: 'drop' as asked" in r for r in plans["drop"].reasons)
-    situation = MemorySituation(cgroup_memory_limit(), available_memory())
-    want = page_cache_policy("auto", minimum, manifest.blocks_bytes, situation)
-    assert any(b.drop_pages for b in plans["auto"].blocks) == want.drop
-    assert want.reason in plans["auto"].reasons
+    monkeypatch.setattr(planning, "available_memory", lambda: 64 << 30)
+    for limit, drops in ((minimum + MB, True), (None, False)):  # a cgroup with no room; none
+        monkeypatch.setattr(planning, "cgroup_memory_limit", lambda limit=limit: limit)
+        with hermes_ort.load(wide_toy, memory_budget=minimum) as model:
+            assert any(b.drop_pages for b in model.plan.blocks) == drops
+            why = [r for r in model.plan.reasons if r.startswith("page cache:")]
+            assert why and ("cgroup limit" in why[0]) == drops and ("kept" in why[0]) != drops
     with pytest.raises(hermes_ort.OptionError, match="page_cache must be one of"):
         hermes_ort.load(wide_toy, memory_budget=minimum, page_cache="sometimes")

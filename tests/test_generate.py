@@ -315,3 +315,14 @@ def test_each_row_stops_at_its_own_eos(decoders, name):
     assert (got[0, 8 + first + 1 :] == eos).all()  # padded with the EOS id after it stopped
     stop = list(alone[1]).index(eos) + 1 if eos in alone[1] else 10
     np.testing.assert_array_equal(got[1, 8 : 8 + stop], alone[1][:stop])
+
+
+def test_a_batch_longer_than_the_sample_at_min(decoders):
+    """'min' for a batch is the smallest budget of the blocks at that batch, plus its cache."""
+    model_dir, torch_model = decoders["tiny-gpt2"]
+    prompts = [[(7 * i + j) % 900 + 3 for j in range(99)] for i in range(4)]
+    with hermes_ort.load(model_dir, memory_budget="min") as model:
+        got = model.generate(prompts, max_new_tokens=2, eos_token_id=[])
+        assert model.plan.batch_rows == 4
+    for prompt, row in zip(prompts, got, strict=True):
+        np.testing.assert_array_equal(row, hf_generate(torch_model, prompt, 2))

@@ -17,7 +17,7 @@ LAYERS = {
     "mechanism": """memory readahead external_data integrity sessions loader daemon engine
                     whole_engine""",
     "measurement": "profiler calibrate fresh",
-    "api": "model tokenizer cli cli_generate cli_profile demo __init__ __main__",
+    "api": "planning model tokenizer cli cli_generate cli_profile demo __init__ __main__",
 }
 RANK = {m: rank for rank, names in enumerate(LAYERS.values()) for m in names.split()}
 HEAVY = {"onnxruntime", "psutil"}
