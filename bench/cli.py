@@ -39,6 +39,7 @@ COMMANDS = {
     "facts": ("bench.facts", "the measured facts docs/design.md cites"),
     "peers": ("bench.peers.run", "the peers side by side on the same weights and boards"),
     "batches": ("bench.batches", "a batch under a budget against full; batched generation"),
+    "cluster": ("bench.cluster", "one model over 2-4 emulated boards on Ray, against one board"),
 }
 
 

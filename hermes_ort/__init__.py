@@ -9,11 +9,12 @@ model.close()
 The package in layers (each module imports only from its own layer or those above it here):
 - data and arithmetic, no ONNX Runtime: errors, units, machine, pagecache, manifest, settings,
   strategies, profile, timeline, costmodel, plan, planner, batch, dataflow, inputs, decoder,
-  stats, trace, generate
+  stats, trace, generate, stagespec, stages
 - mechanism: memory, readahead, external_data, integrity, sessions, loader, daemon, engine,
   whole_engine
 - measurement: profiler, calibrate, fresh
-- the API: planning, model, tokenizer, cli, cli_generate, demo
+- the API: planning, model, stage, cluster (Ray, only with `cluster=`), api, tokenizer, cli,
+  cli_generate, demo
 
 Importing the package is light (the errors only); ONNX Runtime loads with the first name that
 needs it (`load`, `HermesModel`), so a tool importing one module of the data layer stays small.
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "HermesModel": "hermes_ort.model",
-    "load": "hermes_ort.model",
+    "load": "hermes_ort.api",
     "Manifest": "hermes_ort.manifest",
     "load_manifest": "hermes_ort.manifest",
     "Plan": "hermes_ort.plan",

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hermes_ort.cli_cluster import (
+    add_cluster_options,
+    cmd_plan_cluster,
+    cmd_run_cluster,
+)
 from hermes_ort.errors import HermesError, InputError, OptionError, interrupted_status
 from hermes_ort.units import format_bytes
 
@@ -79,6 +84,7 @@ def _add_run(sub) -> None:
         choices=("once", "size"),
         help="check each file's sha256 once and cache it (default), or only sizes",
     )
+    add_cluster_options(p)
     p.set_defaults(func=cmd_run)
 
 
@@ -106,6 +112,8 @@ def cmd_run(args) -> int:
     feeds = None if args.input == "random" else read_inputs(args.input)
     _check_batch(args.batch)
     objective = args.objective or ("one-shot" if args.repeat <= 1 else "repeated")
+    if args.cluster is not None:
+        return cmd_run_cluster(args, feeds)
     if args.trace is not None and not args.trace.parent.is_dir():
         raise InputError(f"--trace '{args.trace}': directory '{args.trace.parent}' does not exist")
     model = hermes_ort.load(
@@ -304,6 +312,8 @@ def _add_plan(sub) -> None:
     _add_plan_options(p, "repeated")
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
     p.add_argument("--seq-len", type=int, default=None, help="positions of --batch's rows")
+    p.add_argument("--json", action="store_true", help="with --cluster: the split as JSON")
+    add_cluster_options(p)
     p.set_defaults(func=cmd_plan)
 
 
@@ -316,6 +326,8 @@ def cmd_plan(args) -> int:
     import hermes_ort
 
     _check_batch(args.batch)
+    if args.cluster is not None:
+        return cmd_plan_cluster(args)
     with hermes_ort.load(
         args.model_dir,
         memory_budget=args.budget,

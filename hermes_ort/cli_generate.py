@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from hermes_ort.cli_cluster import add_cluster_options, cmd_generate_cluster
 from hermes_ort.errors import InputError, OptionError
 from hermes_ort.units import format_bytes
 
@@ -39,6 +40,7 @@ def add_generate(sub) -> None:
         help="stop token id (repeatable; default: the model's generation_config.json)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
+    add_cluster_options(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -84,6 +86,8 @@ def cmd_generate(args) -> int:
     ids, tokenizer = _prompt(args, args.model_dir)
     if args.max_new_tokens < 1:
         raise OptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.cluster is not None:
+        return cmd_generate_cluster(args, ids, tokenizer)
     with hermes_ort.load(
         args.model_dir,
         memory_budget=args.budget,

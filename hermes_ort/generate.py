@@ -113,6 +113,77 @@ def prompt_batch(input_ids: Any, pad_id: int = 0) -> Prompts:
     return Prompts(ids, np.ones_like(ids), single=single, ragged=False)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A checked generate call: the prompts batched, the stop ids, the padding id, the positions
+    it will reach, and how to sample."""
+
+    prompts: Prompts
+    eos: tuple[int, ...]
+    pad: int
+    total: int  # prompt width + max_new_tokens
+    sampling: Sampling
+
+
+def generation_request(
+    model_dir: Path,
+    sig: DecoderSignature | None,
+    input_ids: Any,
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_token_id: int | Sequence[int] | None,
+) -> Request:
+    """A generate call's arguments checked against the decoder (InputError naming what is
+    wrong): eos_token_id None = the model's generation_config.json, [] = none."""
+    if sig is None:
+        raise InputError(
+            f"model '{model_dir}' has no KV cache inputs (past_key_values.*): export a decoder "
+            f"with its cache (the default; not --no-kv-cache) to generate"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if eos_token_id is None:
+        eos = default_eos(model_dir)
+    else:
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    pad = eos[0] if eos else 0
+    prompts = prompt_batch(input_ids, pad)
+    if prompts.ragged and not sig.takes_position_ids:
+        raise InputError(
+            f"model '{model_dir}' takes no position_ids (its graph computes positions from the "
+            f"attention mask, for unpadded rows): give prompts of equal length"
+        )
+    width = prompts.ids.shape[1]
+    total = width + max_new_tokens
+    if sig.max_positions and total > sig.max_positions:
+        raise InputError(
+            f"prompt of {width} tokens + max_new_tokens {max_new_tokens} = {total} positions, "
+            f"more than the model supports ({sig.max_positions})"
+        )
+    sampling.check()
+    return Request(prompts, eos, pad, total, sampling)
+
+
+def as_given(input_ids: Any, request: Request, new: list[list[int]]) -> Any:
+    """The prompts and their new ids in the form the prompts came in: [T + N] or [1, T + N] for
+    one, [B, T + N] for a batch (rows that stopped early padded), a list of arrays for a list."""
+    prompts, pad = request.prompts, request.pad
+    width = prompts.ids.shape[1]
+    if prompts.single:
+        out = np.concatenate([prompts.ids, np.array(new, np.int64)], axis=1)
+        return out if np.ndim(input_ids) == 2 else out[0]
+    if isinstance(input_ids, (list, tuple)):  # a list of prompts: a list of rows
+        return [
+            np.concatenate([prompts.ids[r, width - n :], np.array(new[r], np.int64)])
+            for r, n in enumerate(prompts.lengths)
+        ]
+    longest = max(len(n) for n in new)
+    tail = np.full((prompts.rows, longest), pad, np.int64)
+    for r, n in enumerate(new):
+        tail[r, : len(n)] = n
+    return np.concatenate([prompts.ids, tail], axis=1)
+
+
 def default_eos(model_dir: Path) -> tuple[int, ...]:
     """The end-of-sequence ids of the exported generation_config.json (else config.json), as
     transformers' generate uses them by default."""
@@ -177,15 +248,18 @@ def generate_tokens(
     eos: Sequence[int],
     streamer: Callable[[Any], Any] | None = None,
     pad_id: int = 0,
+    runner_keeps_cache: bool = False,
 ) -> tuple[list[list[int]], GenerationStats]:
     """The loop, over a batch: each pass runs every row's next token at once (`run(feeds)` ->
     (outputs, RunStats) is one pass of the model, which streams each block once for the whole
     batch). A row that meets an end-of-sequence id stops there (later passes feed it `pad_id`,
     its tokens discarded); the loop stops when every row has. streamer(token) for one prompt,
-    streamer(list of B tokens, None where a row has stopped) for a batch."""
+    streamer(list of B tokens, None where a row has stopped) for a batch. `runner_keeps_cache`:
+    `run` keeps the KV cache itself (each board its own layers': cluster.py), so the feeds carry
+    no past and the outputs no present."""
     rng = np.random.default_rng(sampling.seed)
     rows = prompts.rows
-    cache = sig.empty_cache(rows)
+    cache = {} if runner_keeps_cache else sig.empty_cache(rows)
     mask = prompts.mask
     positions = prompt_positions(mask)
     new: list[list[int]] = [[] for _ in range(rows)]
@@ -196,7 +270,8 @@ def generate_tokens(
     step_ids = prompts.ids
     for step in range(max_new_tokens):
         outputs, stats = run(step_feeds(sig, step_ids, mask, positions, cache))
-        cache = {s.past: outputs[s.present] for s in sig.slots}
+        if not runner_keeps_cache:
+            cache = {s.past: outputs[s.present] for s in sig.slots}
         peak, read = max(peak, stats.peak_rss_bytes), read + stats.bytes_read
         logits = outputs[sig.logits][:, -1]
         chosen: list[int | None] = []
@@ -229,7 +304,9 @@ def generate_tokens(
         decode_tokens_per_s=(count - rows) / decode_s if count > rows and decode_s > 0 else 0.0,
         peak_rss_bytes=peak,
         bytes_read=read,
-        cache_bytes=sum(v.nbytes for v in cache.values()),
+        cache_bytes=sig.cache_bytes(mask.shape[1], rows)
+        if runner_keeps_cache
+        else sum(v.nbytes for v in cache.values()),
         stopped_by=stopped_by,
         batch_size=rows,
     )

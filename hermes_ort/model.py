@@ -16,13 +16,13 @@ from hermes_ort.calibrate import ensure_profile
 from hermes_ort.costmodel import CostModel
 from hermes_ort.decoder import decoder_signature
 from hermes_ort.engine import BlockEngine
-from hermes_ort.errors import BudgetError, HermesError, InputError, OptionError
+from hermes_ort.errors import BudgetError, HermesError, OptionError
 from hermes_ort.generate import (
     GenerationStats,
     Sampling,
-    default_eos,
+    as_given,
     generate_tokens,
-    prompt_batch,
+    generation_request,
 )
 from hermes_ort.inputs import check_inputs, sample_inputs
 from hermes_ort.integrity import Verifier, check_verify_mode
@@ -80,7 +80,11 @@ class HermesModel:
         pass. Under a budget, a batch other than the plan's is planned for first: its
         activations counted, each block run over the whole batch in micro-batches that fit
         (batch.py), or refused with the budget it needs."""
-        feeds = check_inputs(self.manifest, inputs)
+        return self.run_feeds(check_inputs(self.manifest, inputs))
+
+    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run` on feeds already checked (a stage's, whose tensors between blocks no manifest
+        describes: stage.py)."""
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
@@ -149,60 +153,32 @@ class HermesModel:
         None for stopped rows). `generation_stats` describes the call. Under a memory budget,
         the KV cache of the whole batch (prompt plus max_new_tokens) is reserved first and the
         blocks are planned in what is left, for the batch's activations."""
-        if self.decoder is None:
-            raise HermesError(
-                f"model '{self.model_dir}' has no KV cache inputs (past_key_values.*): export a "
-                f"decoder with its cache (the default; not --no-kv-cache) to generate"
-            )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if eos_token_id is None:
-            eos = default_eos(self.model_dir)
-        else:
-            eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
-        pad = eos[0] if eos else 0
-        prompts = prompt_batch(input_ids, pad)
-        if prompts.ragged and not self.decoder.takes_position_ids:
-            raise InputError(
-                f"model '{self.model_dir}' takes no position_ids (its graph computes positions "
-                f"from the attention mask, for unpadded rows): give prompts of equal length"
-            )
-        width = prompts.ids.shape[1]
-        total = width + max_new_tokens
-        limit = self.decoder.max_positions
-        if limit and total > limit:
-            raise InputError(
-                f"prompt of {width} tokens + max_new_tokens {max_new_tokens} = {total} "
-                f"positions, more than the model supports ({limit})"
-            )
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        sampling.check()
+        request = generation_request(
+            self.model_dir, self.decoder, input_ids, max_new_tokens, sampling, eos_token_id
+        )
+        prompts = request.prompts
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
-            batch = BatchShape(prompts.rows, width) if prompts.rows > 1 else None
-            self._reserve_cache(self.decoder.cache_bytes(total, prompts.rows), batch)
+            batch = BatchShape(prompts.rows, prompts.ids.shape[1]) if prompts.rows > 1 else None
+            self._reserve_cache(self.decoder.cache_bytes(request.total, prompts.rows), batch)
 
             def run(feeds):
                 outputs, self.stats = self._engine.run(check_inputs(self.manifest, feeds))
                 return outputs, self.stats
 
             new, self.generation_stats = generate_tokens(
-                run, self.decoder, prompts, max_new_tokens, sampling, eos, streamer, pad
+                run,
+                self.decoder,
+                prompts,
+                max_new_tokens,
+                sampling,
+                request.eos,
+                streamer,
+                request.pad,
             )
-        if prompts.single:
-            out = np.concatenate([prompts.ids, np.array(new, np.int64)], axis=1)
-            return out if np.ndim(input_ids) == 2 else out[0]
-        if isinstance(input_ids, (list, tuple)):  # a list of prompts: a list of rows
-            return [
-                np.concatenate([prompts.ids[r, width - n :], np.array(new[r], np.int64)])
-                for r, n in enumerate(prompts.lengths)
-            ]
-        longest = max(len(n) for n in new)
-        tail = np.full((prompts.rows, longest), pad, np.int64)
-        for r, n in enumerate(new):
-            tail[r, : len(n)] = n
-        return np.concatenate([prompts.ids, tail], axis=1)
+        return as_given(input_ids, request, new)
 
     def _reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Re-plan the blocks in the budget minus the KV cache (for a batch's activations, if
@@ -231,6 +207,12 @@ class HermesModel:
             ) from None
         self._switch(plan)
         self._blocks_budget = blocks_budget
+
+    def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
+        """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a
+        stage's caches of the generations in flight: stage.py), for `batch`."""
+        with self._lock:
+            self._reserve_cache(cache_bytes, batch)
 
     def take_trace(self) -> dict:
         """Chrome trace-event JSON (Perfetto, chrome://tracing) of everything since `load()` or

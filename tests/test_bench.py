@@ -695,3 +695,39 @@ def test_objectives_table_from_canned_records():
     assert "| 461MB | repeated | 1x2, 2 resident | 500 ms (500) | 200 ms (200) | 445.0 MB |" in md
     assert "| 461MB | one-shot | 2x2, 2 resident | 300 ms (500) | 250 ms (200) | 438.0 MB |" in md
     assert "| 461MB | failed | error: BudgetError: too small |" in md
+
+
+def test_the_cluster_report_puts_the_boards_beside_one_board():
+    """bench/cluster.py's table: each board count's per-token latency against the compute
+    floor, its throughput in flight against one prompt at a time, Ray's bytes per board."""
+    from bench.cluster import render
+
+    stage = {"ray_bytes": 215e6}
+    decoder = {
+        "per_token_s": 0.5,
+        "stages_sum_s": 0.45,
+        "tokens_per_s_one": 2.0,
+        "tokens_per_s_in_flight": 3.4,
+        "budget_bytes": 2_640_000_000,
+        "split": {"stages": [stage, stage]},
+        "cgroup_peak_bytes": [2.5e9, 2.4e9],
+    }
+    doc = {
+        "created": "now",
+        "machine": "x",
+        "storage": "sd",
+        "command": "python -m bench cluster",
+        "prompts": 4,
+        "one_board": {
+            "decoder": {
+                "compute_floor_per_token_s": 0.4,
+                "stream_budget_bytes": 2.2e9,
+                "stream_per_token_s": 48.0,
+            }
+        },
+        "runs": [{"boards": 2, "shared_cores": False, "decoder": decoder}],
+    }
+    text = render(doc)
+    row = next(line for line in text.splitlines() if line.startswith("| 2 boards"))
+    assert "| 0.500 s | 1.25x | 0.450 s | 2.00 | 3.40 | 1.70x | 215/215 MB |" in row
+    assert "| 48.00 s | 120.0x |" in text

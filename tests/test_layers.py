@@ -13,11 +13,13 @@ PACKAGE = Path(hermes_ort.__file__).parent
 # bottom to top, as hermes_ort/__init__.py's docstring lists them
 LAYERS = {
     "data": """errors units machine pagecache manifest settings strategies profile timeline
-               costmodel plan planner batch dataflow inputs decoder stats trace generate""",
+               costmodel plan planner batch dataflow inputs decoder stats trace generate
+               stagespec stages""",
     "mechanism": """memory readahead external_data integrity sessions loader daemon engine
                     whole_engine""",
     "measurement": "profiler calibrate fresh",
-    "api": "planning model tokenizer cli cli_generate cli_profile demo __init__ __main__",
+    "api": """planning model stage cluster api tokenizer cli cli_generate cli_profile cli_cluster
+              demo __init__ __main__""",
 }
 RANK = {m: rank for rank, names in enumerate(LAYERS.values()) for m in names.split()}
 HEAVY = {"onnxruntime", "psutil"}
@@ -52,7 +54,8 @@ def test_every_module_has_a_layer_and_the_docs_list_it():
     assert set(MODULES) == set(RANK), set(MODULES) ^ set(RANK)
     doc = " ".join(hermes_ort.__doc__.split())
     for names in LAYERS.values():
-        listed = [n for n in names.split() if not n.startswith("__") and n != "cli_profile"]
+        skip = {"cli_profile", "cli_cluster"}
+        listed = [n for n in names.split() if not n.startswith("__") and n not in skip]
         assert ", ".join(listed[:3]) in doc
 
 
@@ -97,3 +100,10 @@ def test_the_runtime_never_imports_the_exporter_or_the_benchmarks():
         assert not tops & (EXPORT_ONLY | {"bench"}), (module, tops & (EXPORT_ONLY | {"bench"}))
         # `export` only where the CLI hands the export subcommand over to it
         assert "export" not in tops or module == "cli", module
+
+
+def test_only_the_cluster_module_imports_ray():
+    """Ray is the `cluster` extra's: the runtime without it stays onnxruntime, numpy, psutil."""
+    for module, names in MODULES.items():
+        if module != "cluster":
+            assert "ray" not in {n.split(".")[0] for n in names}, module
