@@ -470,7 +470,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", type=Path, default=None)
     p.add_argument(
         "--boards",
-        default="2:0.6,4:0.3",
+        default="2:0.6,4:0.4",
         help="board counts and each board's budget as a share of the model: N:SHARE,...",
     )
     p.add_argument("--share", type=float, default=0.6, help="one board's budget share (encoder)")
@@ -506,14 +506,21 @@ def run(args) -> int:
         "prompts": args.prompts,
         "emulation": emulation.to_json(),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every phase: a long run cut short keeps what it measured
+        (args.out / "cluster.json").write_text(json.dumps(doc, indent=1))
+
     doc["one_board"] = one_board(args, emulation, disk)
+    save()
     counts = [
         (int(c), float(sh or args.share))
         for c, _, sh in (x.partition(":") for x in args.boards.split(","))
     ]
-    doc["runs"] = [on_boards(args, n, sh, emulation, disk) for n, sh in counts]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cluster.json").write_text(json.dumps(doc, indent=1))
+    doc["runs"] = []
+    for n, sh in counts:
+        doc["runs"].append(on_boards(args, n, sh, emulation, disk))
+        save()
     (args.out / "cluster.md").write_text(render(doc))
     print(render(doc))
     return 0

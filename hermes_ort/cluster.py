@@ -150,6 +150,11 @@ class StageActor:
             "head": head,
         }
 
+    def profile(self, model_dir: str):
+        """The layer profile stored beside the model if it matches this board (machine, cores,
+        ONNX Runtime), else None: what the split plans this board's stages with."""
+        return read_profile(model_dir)
+
     def open(self, model_dir: str, spec: StageSpec, budget: int, verify: str) -> dict:
         from hermes_ort.stage import StageRunner
 
@@ -265,7 +270,9 @@ def place(
     try:
         probes = _gather(ray, [a.probe.remote() for a in actors], names, "report itself")
         found = tuple(_board(name, p, budgets[name]) for name, p in zip(names, probes, strict=True))
-        plan = split_blocks(manifest, read_profile(model_dir), found)
+        seen = _gather(ray, [a.profile.remote(str(model_dir)) for a in actors], names, "read its profile")
+        profiles = {b.node_id: p for b, p in zip(found, seen, strict=True)}
+        plan = split_blocks(manifest, profiles, found)
         order = [next(i for i, b in enumerate(found) if b is s.board) for s in plan.stages]
         stage_actors = tuple(actors[i] for i in order)
         for i, a in enumerate(actors):

@@ -124,9 +124,9 @@ class _Costs:
     """Per (first, last, board): the stage's predicted (time, resident blocks, peak), or None
     where its blocks cannot run in the board's budget; memoised (the split asks O(n^2) each)."""
 
-    def __init__(self, manifest: Manifest, profile: Profile | None):
+    def __init__(self, manifest: Manifest, profiles: dict[str, Profile | None]):
         self.manifest = manifest
-        self.profile = profile
+        self.profiles = profiles  # node id -> the profile that board sees (None: estimates)
         self.memo: dict[tuple[int, int, str], tuple[float, int, int] | None] = {}
 
     def __call__(self, first: int, last: int, board: Board) -> tuple[float, int, int] | None:
@@ -138,7 +138,7 @@ class _Costs:
     def _cost(self, first: int, last: int, board: Board) -> tuple[float, int, int] | None:
         spec = stage_spec(self.manifest, 0, first, last)
         sub = stage_manifest(self.manifest, spec)
-        profile = stage_profile(self.profile, spec)
+        profile = stage_profile(self.profiles.get(board.node_id), spec)
         if profile is None:
             cost = CostModel.estimate(sub, board.baseline_bytes, warmup_pending=True)
         else:  # streamed blocks re-read each pass: a board that streams has no room to cache
@@ -155,11 +155,15 @@ class _Costs:
 
 
 def split_blocks(
-    manifest: Manifest, profile: Profile | None, boards: tuple[Board, ...]
+    manifest: Manifest,
+    profiles: dict[str, Profile | None] | Profile | None,
+    boards: tuple[Board, ...],
 ) -> StagePlan:
     """The split over `boards` (each gets at least one block; with up to MAX_ORDERED boards,
     every order of them is tried) whose slowest stage is fastest, ties to the smaller sum;
-    BudgetError naming the boards and what they lack when no split fits."""
+    BudgetError naming the boards and what they lack when no split fits. `profiles`: per node
+    id, the layer profile that board matches (a profile is keyed by machine and cores), or one
+    profile (or None: estimates from file sizes) for every board."""
     n = len(manifest.blocks)
     if not boards:
         raise OptionError("no boards to place the model on")
@@ -168,7 +172,9 @@ def split_blocks(
             f"{len(boards)} boards for {n} blocks: name at most {n} boards (every stage holds "
             f"at least one block)"
         )
-    costs = _Costs(manifest, profile)
+    if not isinstance(profiles, dict):
+        profiles = {b.node_id: profiles for b in boards}
+    costs = _Costs(manifest, profiles)
     orders = permutations(boards) if len(boards) <= MAX_ORDERED else [boards]
     best: tuple[float, float, tuple[Stage, ...]] | None = None
     for order in orders:

@@ -101,7 +101,7 @@ def test_the_split_fits_every_board_and_its_slowest_stage_is_the_best(toy_dir):
         assert s.predicted_peak_bytes <= s.board.budget_bytes
     assert [s.first for s in plan.stages] == [0, *plan.cuts]
     assert plan.stages[-1].last == len(m.blocks)
-    costs = _Costs(m, None)
+    costs = _Costs(m, {b.node_id: None for b in boards})
     best = None
     for order in permutations(boards):
         for bounds in _all_splits(len(m.blocks), len(boards)):
