@@ -57,7 +57,7 @@ PROMPT = [
     3974,
     338,
 ]  # 16 ids
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _ray_bin() -> str:
@@ -81,7 +81,11 @@ class Boards:
         self.count, self.cap, self.rate, self.disk = count, cap, rate, disk
         self.emulation = emulation
         self.launches: list[Launch] = []
-        self.address = f"127.0.0.1:{PORT}"
+        # `ray start` nodes join on this machine's own address (ray rewrites 127.0.0.1 to it for
+        # multi-node clusters); traffic to a local address stays on the loopback device
+        from ray._private.services import get_node_ip_address
+
+        self.address = f"{get_node_ip_address()}:{PORT}"
         self.memory: list[Any] = []
 
     def __enter__(self) -> Boards:
@@ -95,8 +99,6 @@ class Boards:
 
     def _start(self) -> None:
         common = [
-            "--node-ip-address",
-            "127.0.0.1",
             "--object-store-memory",
             str(OBJECT_STORE),
             "--disable-usage-stats",
@@ -481,6 +483,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts in flight")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench/results/cluster"))
+    p.add_argument(
+        "--one-board-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="take the one-board figures from an earlier cluster.json (same machine, same models)",
+    )
 
 
 def run(args) -> int:
@@ -511,7 +520,11 @@ def run(args) -> int:
     def save() -> None:  # after every phase: a long run cut short keeps what it measured
         (args.out / "cluster.json").write_text(json.dumps(doc, indent=1))
 
-    doc["one_board"] = one_board(args, emulation, disk)
+    if args.one_board_from is not None:  # the one-board side of an earlier run of this command
+        doc["one_board"] = json.loads(args.one_board_from.read_text())["one_board"]
+        doc["one_board_from"] = str(args.one_board_from)
+    else:
+        doc["one_board"] = one_board(args, emulation, disk)
     save()
     counts = [
         (int(c), float(sh or args.share))
