@@ -467,6 +467,42 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(doc: dict, path: Path) -> Path | None:
+    """Per-token latency (log scale) of the decoder: one board streaming, the compute floor, and
+    each board count, one prompt at a time and per token of the prompts in flight."""
+    from bench.plots import _pyplot
+
+    one = doc["one_board"].get("decoder")
+    runs = [r for r in doc["runs"] if r.get("decoder")]
+    if not one or not runs:
+        return None
+    plt = _pyplot()
+    labels = ["1 board\nstreaming", "1 board\nall resident"]
+    values = [one.get("stream_per_token_s") or 0.0, one["compute_floor_per_token_s"]]
+    for r in runs:
+        d = r["decoder"]
+        labels.append(f"{r['boards']} boards\n1 prompt")
+        values.append(d["per_token_s"])
+        labels.append(f"{r['boards']} boards\n{d['prompts_in_flight']} in flight")
+        values.append(1 / d["tokens_per_s_in_flight"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(
+        range(len(values)), values, color=["grey", "black"] + ["tab:blue"] * (len(values) - 2)
+    )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylabel("seconds per token (log)")
+    ax.set_title(f"{Path(runs[0]['decoder']['model']).parent.name}: one model over emulated boards")
+    for b, v in zip(bars, values, strict=True):
+        ax.annotate(
+            f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", type=Path, default=None)
     p.add_argument("--encoder", type=Path, default=None)
@@ -483,6 +519,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts in flight")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench/results/cluster"))
+    p.add_argument("--render", type=Path, default=None, metavar="JSON", help="render again, stop")
     p.add_argument(
         "--one-board-from",
         type=Path,
@@ -499,6 +536,12 @@ def run(args) -> int:
     if shutil.which(_ray_bin()) is None:
         print("bench cluster: Ray is not installed (pip install '.[cluster]')", file=sys.stderr)
         return 2
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        (args.render.parent / "cluster.md").write_text(render(doc))
+        plot(doc, args.render.parent / "cluster.png")
+        print(render(doc))
+        return 0
     emulation = Emulation.detect()
     model = args.decoder or args.encoder
     if model is None:
@@ -535,5 +578,6 @@ def run(args) -> int:
         doc["runs"].append(on_boards(args, n, sh, emulation, disk))
         save()
     (args.out / "cluster.md").write_text(render(doc))
+    plot(doc, args.out / "cluster.png")
     print(render(doc))
     return 0

@@ -270,7 +270,9 @@ def place(
     try:
         probes = _gather(ray, [a.probe.remote() for a in actors], names, "report itself")
         found = tuple(_board(name, p, budgets[name]) for name, p in zip(names, probes, strict=True))
-        seen = _gather(ray, [a.profile.remote(str(model_dir)) for a in actors], names, "read its profile")
+        seen = _gather(
+            ray, [a.profile.remote(str(model_dir)) for a in actors], names, "read its profile"
+        )
         profiles = {b.node_id: p for b, p in zip(found, seen, strict=True)}
         plan = split_blocks(manifest, profiles, found)
         order = [next(i for i, b in enumerate(found) if b is s.board) for s in plan.stages]
