@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hermes_ort.errors import OptionError
 from hermes_ort.model import HermesModel
 from hermes_ort.model import load as load_here
+
+if TYPE_CHECKING:
+    from hermes_ort.cluster import ClusterModel
 
 
 def load(
@@ -19,7 +22,7 @@ def load(
     cluster: str | None = None,
     boards: Sequence[str] | None = None,
     **options: Any,
-) -> HermesModel:
+) -> HermesModel | ClusterModel:
     """Open an exported model directory (see `hermes_ort.model.load` for the options).
 
     cluster: None (this process) or a Ray cluster's address ("auto", "HOST:PORT"): the blocks are

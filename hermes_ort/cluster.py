@@ -17,12 +17,13 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hermes_ort.batch import batch_shape
 from hermes_ort.decoder import decoder_signature
 from hermes_ort.errors import BudgetError, HermesError, OptionError
 from hermes_ort.generate import (
@@ -114,6 +115,7 @@ class StageActor:
         RSS (the stage's baseline), and the memory it could still give a stage."""
         import psutil
 
+        import hermes_ort.stage  # noqa: F401 - the stage's baseline: ONNX Runtime loaded
         from hermes_ort.machine import available_memory, cgroup_memory_limit, default_threads
         from hermes_ort.memory import rss_bytes
 
@@ -161,8 +163,8 @@ class StageActor:
         self.runner = StageRunner(model_dir, spec, budget, verify=verify)
         return self.runner.plan.to_json()
 
-    def run(self, feeds: dict, request: str | None = None, cache: dict | None = None) -> dict:
-        return self.runner.run(feeds, request, cache)
+    def run(self, feeds: dict, request=None, cache: dict | None = None, shape=None) -> dict:
+        return self.runner.run(feeds, request, cache, shape)
 
     def begin(self, rows: int, prompt: int, positions: int, in_flight: int) -> None:
         self.runner.begin(rows, prompt, positions, in_flight)
@@ -292,7 +294,8 @@ def place(
         return placement, ray
     except BaseException:
         for a in actors:
-            ray.kill(a)
+            with contextlib.suppress(Exception):  # its board may be gone already
+                ray.kill(a)
         raise
 
 
@@ -367,17 +370,19 @@ class ClusterModel:
         self._closed = False
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._generating = threading.Lock()
 
     # one request through every stage: each actor's output handed to the next as a Ray object
     def _submit(self, feeds: dict[str, np.ndarray], request: str | None = None):
         """`feeds` through every stage; a decoder's pasts in `feeds` (a pass on its own) go to
         the stage whose layers they are."""
+        shape = batch_shape(self.manifest, feeds)
         pasts = {k: feeds.pop(k) for k in list(feeds) if k.startswith("past_key_values.")}
         ref = self._ray.put(feeds)
         refs = []
         for actor, spec in zip(self.placement.actors, self.placement.specs, strict=True):
             own = {p: pasts[p] for p, _ in spec.cache if p in pasts} or None
-            ref = actor.run.remote(ref, request, own)
+            ref = actor.run.remote(ref, request, own, (shape.rows, shape.positions))
             refs.append(ref)
         return refs
 
@@ -461,13 +466,38 @@ class ClusterModel:
         """As `HermesModel.generate`, over the boards. A batch of prompts is split into
         `in_flight` groups (default: one per stage) generating at once, each group's passes
         pipelined with the others'; each board keeps its own layers' KV cache."""
+        with self._generating:  # one generate at a time: each reserves its stages' caches
+            return self._generate(
+                input_ids,
+                max_new_tokens,
+                do_sample,
+                temperature,
+                top_k,
+                top_p,
+                eos_token_id,
+                seed,
+                in_flight,
+            )
+
+    def _generate(
+        self,
+        input_ids,
+        max_new_tokens,
+        do_sample,
+        temperature,
+        top_k,
+        top_p,
+        eos_token_id,
+        seed,
+        in_flight,
+    ) -> Any:
         self._check_open()
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         request = generation_request(
             self.model_dir, self.decoder, input_ids, max_new_tokens, sampling, eos_token_id
         )
         prompts, eos, pad = request.prompts, request.eos, request.pad
-        groups = in_flight or len(self.plan.stages)
+        groups = len(self.plan.stages) if in_flight is None else in_flight
         if not isinstance(groups, int) or groups < 1:
             raise OptionError(f"in_flight must be a whole number >= 1, got {in_flight!r}")
         parts = _row_groups(prompts.rows, groups)
@@ -481,21 +511,27 @@ class ClusterModel:
         errors: list[BaseException] = []
 
         def one(g: int, r: range) -> None:
-            request = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+            request_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
             sub = Prompts(
                 prompts.ids[r.start : r.stop], prompts.mask[r.start : r.stop], False, False
             )
 
             def run(feeds):
-                return self._wait(self._submit(feeds, request)), _NoStats()
+                return self._wait(self._submit(feeds, request_id)), _NoStats()
 
+            # each group its own random stream (seeded ones derived from the seed): sampled
+            # tokens are reproducible, not the same draws as one board's single batch
+            own = sampling
+            if sampling.seed is not None and len(parts) > 1:
+                spawned = np.random.SeedSequence(sampling.seed).spawn(len(parts))[g]
+                own = replace(sampling, seed=int(spawned.generate_state(1)[0]))
             try:
                 results[g] = generate_tokens(
                     run,
                     self.decoder,
                     sub,
                     max_new_tokens,
-                    sampling,
+                    own,
                     eos,
                     None,
                     pad,
@@ -505,7 +541,7 @@ class ClusterModel:
                 errors.append(e)
             finally:
                 for a in self.placement.actors:
-                    a.end.remote(request)
+                    a.end.remote(request_id)
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=one, args=(g, r)) for g, r in enumerate(parts)]

@@ -82,13 +82,15 @@ class HermesModel:
         (batch.py), or refused with the budget it needs."""
         return self.run_feeds(check_inputs(self.manifest, inputs))
 
-    def run_feeds(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`run` on feeds already checked (a stage's, whose tensors between blocks no manifest
-        describes: stage.py)."""
+    def run_feeds(
+        self, feeds: dict[str, np.ndarray], shape: BatchShape | None = None
+    ) -> dict[str, np.ndarray]:
+        """`run` on feeds already checked; `shape`: the batch's, where the feeds do not tell it
+        (a stage's tensors between blocks, which no manifest describes: stage.py)."""
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
-            self._plan_batch(batch_shape(self.manifest, feeds))
+            self._plan_batch(shape or batch_shape(self.manifest, feeds))
             outputs, self.stats = self._engine.run(feeds)
         return outputs
 

@@ -66,6 +66,7 @@ class StageRunner:
         feeds: dict[str, np.ndarray],
         request: str | None = None,
         cache: dict[str, np.ndarray] | None = None,
+        shape: tuple[int, int] | None = None,
     ) -> dict:
         """One pass of the stage's blocks over `feeds` (what it takes); returns what it hands on.
         `request`: a generation's id, whose KV cache this stage keeps (its first pass starts an
@@ -80,7 +81,7 @@ class StageRunner:
             if request is not None and request in self._caches:
                 given = self._caches[request]
             feeds.update(given if len(given) == len(self.spec.cache) else self._empty(feeds))
-        outputs = self.model.run_feeds(feeds)
+        outputs = self.model.run_feeds(feeds, BatchShape(*shape) if shape else None)
         if self.spec.cache:
             presents = {p: outputs.pop(q) for p, q in self.spec.cache}
             if request is not None:

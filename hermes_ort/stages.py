@@ -16,7 +16,7 @@ from hermes_ort.errors import BudgetError, OptionError
 from hermes_ort.manifest import Manifest
 from hermes_ort.planner import plan_pipeload
 from hermes_ort.profile import Profile
-from hermes_ort.stagespec import stage_manifest, stage_profile, stage_spec
+from hermes_ort.stagespec import allowed_cuts, stage_manifest, stage_profile, stage_spec
 from hermes_ort.units import format_bytes
 
 TIE = 0.02  # splits whose slowest stages are within this share: the smaller sum wins
@@ -175,10 +175,16 @@ def split_blocks(
     if not isinstance(profiles, dict):
         profiles = {b.node_id: profiles for b in boards}
     costs = _Costs(manifest, profiles)
+    allowed = allowed_cuts(manifest)
+    if len(allowed) < len(boards) - 1:
+        raise OptionError(
+            f"{len(boards)} boards for a model that can be cut at {len(allowed)} place(s) "
+            f"(a stage holds whole KV cache slots): name at most {len(allowed) + 1} boards"
+        )
     orders = permutations(boards) if len(boards) <= MAX_ORDERED else [boards]
     best: tuple[float, float, tuple[Stage, ...]] | None = None
     for order in orders:
-        found = _best_for_order(order, n, costs)
+        found = _best_for_order(order, n, costs, allowed)
         if found is not None and (best is None or _better(found, best)):
             best = found
     if best is None:
@@ -192,8 +198,9 @@ def _better(a: tuple, b: tuple) -> bool:
     return a[0] <= b[0] * (1 + TIE) and a[1] < b[1]
 
 
-def _best_for_order(order: tuple[Board, ...], n: int, costs: _Costs):
-    """Dynamic programme over (boards used, blocks covered): (slowest, sum, stages) so far."""
+def _best_for_order(order: tuple[Board, ...], n: int, costs: _Costs, allowed: frozenset[int]):
+    """Dynamic programme over (boards used, blocks covered): (slowest, sum, stages) so far,
+    compared exactly (the tie rule is for the final candidates only: it does not compound)."""
     k = len(order)
     table: dict[tuple[int, int], tuple[float, float, tuple[Stage, ...]]] = {(0, 0): (0.0, 0.0, ())}
     for j, board in enumerate(order):
@@ -203,6 +210,8 @@ def _best_for_order(order: tuple[Board, ...], n: int, costs: _Costs):
                 continue
             last_options = [n] if j == k - 1 else range(covered + 1, n - (k - j - 1) + 1)
             for last in last_options:
+                if last < n and last not in allowed:
+                    continue
                 c = costs(covered, last, board)
                 if c is None:
                     continue
@@ -210,7 +219,7 @@ def _best_for_order(order: tuple[Board, ...], n: int, costs: _Costs):
                 stage = Stage(j, board, covered, last, resident, t, peak)
                 cand = (max(done[0], t), done[1] + t, (*done[2], stage))
                 old = table.get((j + 1, last))
-                if old is None or _better(cand, old):
+                if old is None or cand[:2] < old[:2]:
                     table[(j + 1, last)] = cand
     return table.get((k, n))
 

@@ -34,10 +34,36 @@ def stage_specs(manifest: Manifest, cuts: tuple[int, ...]) -> tuple[StageSpec, .
     bounds = (0, *cuts, n)
     if any(b >= c for b, c in zip(bounds, bounds[1:], strict=False)):
         raise OptionError(f"stage cuts {cuts} must rise strictly within the {n} blocks")
+    allowed = allowed_cuts(manifest)
+    for c in cuts:
+        if c not in allowed:
+            raise OptionError(
+                f"a stage cannot start at block '{manifest.blocks[c].name}': a KV cache slot is "
+                f"read on both sides of it (a prologue reads the past length off layer 0's "
+                f"cache); cuts allowed: {sorted(allowed)}"
+            )
     return tuple(
         stage_spec(manifest, s, first, last)
         for s, (first, last) in enumerate(zip(bounds, bounds[1:], strict=False))
     )
+
+
+def allowed_cuts(manifest: Manifest) -> frozenset[int]:
+    """Blocks a stage may start at: not inside the span of blocks that read one KV cache slot's
+    past or make its present (a decoder's prologue reads layer 0's past for the past length; the
+    cache of a slot lives on one board, so all of them must be on it)."""
+    sig = decoder_signature(manifest)
+    spans = []
+    for slot in sig.slots if sig else ():
+        touch = [
+            i
+            for i, b in enumerate(manifest.blocks)
+            if slot.past in b.inputs or slot.present in b.outputs
+        ]
+        if touch:
+            spans.append((min(touch), max(touch)))
+    n = len(manifest.blocks)
+    return frozenset(c for c in range(1, n) if not any(lo < c <= hi for lo, hi in spans))
 
 
 def stage_spec(manifest: Manifest, index: int, first: int, last: int) -> StageSpec:
@@ -56,7 +82,10 @@ def stage_spec(manifest: Manifest, index: int, first: int, last: int) -> StageSp
     takes = tuple(dict.fromkeys(t for t in before if t in reads or t in later))
     produced = [t for b in blocks for t in b.outputs]
     hands_on = tuple(dict.fromkeys(t for t in (*takes, *produced) if t in later))
-    cache = tuple((p, kept[p]) for p in sorted(reads & set(kept), key=_layer_order))
+    made = {t for b in blocks for t in b.outputs}
+    cache = tuple(
+        (p, kept[p]) for p in sorted(reads & set(kept), key=_layer_order) if kept[p] in made
+    )
     return StageSpec(index, first, last, takes, hands_on, cache)
 
 
@@ -68,7 +97,8 @@ def _layer_order(past: str) -> tuple[int, str]:
 def stage_manifest(manifest: Manifest, spec: StageSpec) -> Manifest:
     """The stage as a model: its blocks; its inputs what it takes plus its cache's pasts; its
     outputs what it hands on plus its cache's presents. Tensors that no manifest describes
-    (between blocks) get an empty shape: the engine reads a batch's size off the model inputs."""
+    (between blocks) get an empty shape: the caller gives each stage the request's batch shape
+    (`StageRunner.run`)."""
     model_inputs = {t.name: t for t in manifest.inputs}
     model_outputs = {t.name: t for t in manifest.outputs}
     pasts = [p for p, _ in spec.cache]

@@ -5,6 +5,7 @@ stage as fast as any split allows, and clear refusals."""
 from __future__ import annotations
 
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,12 @@ from hermes_ort.errors import BudgetError, OptionError
 from hermes_ort.manifest import load_manifest
 from hermes_ort.stage import StageRunner
 from hermes_ort.stages import Board, _Costs, split_blocks
-from hermes_ort.stagespec import stage_specs
+from hermes_ort.stagespec import allowed_cuts, stage_specs
+
+try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
+    import export_fixtures as fx
+except ImportError:  # pragma: no cover
+    from tests import export_fixtures as fx
 
 MB = 1 << 20
 
@@ -129,3 +135,54 @@ def test_boards_that_cannot_hold_a_block_are_refused_by_name(toy_dir):
         split_blocks(m, None, tuple(board(f"b{i}", 100) for i in range(7)))
     with pytest.raises(OptionError, match="no boards"):
         split_blocks(m, None, ())
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory) -> Path:
+    pytest.importorskip("torch", reason="exporting needs torch")
+    out = tmp_path_factory.mktemp("stage-decoder") / "tiny-llama"
+    assert fx.export_cli(out, "--preset", "tiny-llama") == 0
+    return out
+
+
+def _greedy_over(model_dir, cuts, prompt, new_tokens):
+    """Greedy decoding through a chain of stages, each keeping its own cache for request 'r'."""
+    specs = stage_specs(load_manifest(model_dir), cuts)
+    runners = [StageRunner(model_dir, s, None) for s in specs]
+    ids, out = list(prompt), []
+    mask = np.ones((1, len(ids)), np.int64)
+    step = np.array([ids], np.int64)
+    positions = np.arange(len(ids), dtype=np.int64)[None]
+    try:
+        for _ in range(new_tokens):
+            x = {"input_ids": step, "attention_mask": mask, "position_ids": positions}
+            for r in runners:
+                x = r.run(x, request="r")
+            token = int(np.argmax(x["logits"][0, -1]))
+            out.append(token)
+            step = np.array([[token]], np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+        return out
+    finally:
+        for r in runners:
+            r.close()
+
+
+def test_every_allowed_split_of_a_decoder_generates_full_s_tokens(tiny_decoder):
+    """The prologue reads layer 0's past (for the past length): no cut between them; every other
+    cut keeps each cache slot on one stage and gives the same greedy tokens as one board."""
+    m = load_manifest(tiny_decoder)
+    allowed = allowed_cuts(m)
+    assert 1 not in allowed and allowed == frozenset(range(2, len(m.blocks)))
+    prompt = [5, 17, 99, 3]
+    with hermes_ort.load(tiny_decoder, strategy="full") as full:
+        want = [int(t) for t in full.generate(prompt, 6, eos_token_id=[])[len(prompt) :]]
+    for k in (1, 2):
+        for cuts in combinations(sorted(allowed), k):
+            assert _greedy_over(tiny_decoder, cuts, prompt, 6) == want, cuts
+    with pytest.raises(OptionError, match="cannot start at block 'layer_00'"):
+        stage_specs(m, (1,))
+    boards = tuple(board(f"b{i}", 100) for i in range(len(m.blocks)))
+    with pytest.raises(OptionError, match="can be cut at 3 place"):
+        split_blocks(m, None, boards)
