@@ -467,111 +467,88 @@ class ClusterModel:
         `in_flight` groups (default: one per stage) generating at once, each group's passes
         pipelined with the others'; each board keeps its own layers' KV cache."""
         with self._generating:  # one generate at a time: each reserves its stages' caches
-            return self._generate(
-                input_ids,
-                max_new_tokens,
-                do_sample,
-                temperature,
-                top_k,
-                top_p,
-                eos_token_id,
-                seed,
-                in_flight,
+            self._check_open()
+            sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+            request = generation_request(
+                self.model_dir, self.decoder, input_ids, max_new_tokens, sampling, eos_token_id
             )
+            prompts, eos, pad = request.prompts, request.eos, request.pad
+            groups = len(self.plan.stages) if in_flight is None else in_flight
+            if not isinstance(groups, int) or groups < 1:
+                raise OptionError(f"in_flight must be a whole number >= 1, got {in_flight!r}")
+            parts = _row_groups(prompts.rows, groups)
+            rows, width = max(len(p) for p in parts), prompts.ids.shape[1]
+            calls = [
+                a.begin.remote(rows, width, request.total, len(parts))
+                for a in self.placement.actors
+            ]
+            where = [self.placement.where(i) for i in range(len(calls))]
+            _gather(self._ray, calls, where, "reserve its KV cache")
+            results: list[Any] = [None] * len(parts)
+            errors: list[BaseException] = []
 
-    def _generate(
-        self,
-        input_ids,
-        max_new_tokens,
-        do_sample,
-        temperature,
-        top_k,
-        top_p,
-        eos_token_id,
-        seed,
-        in_flight,
-    ) -> Any:
-        self._check_open()
-        sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-        request = generation_request(
-            self.model_dir, self.decoder, input_ids, max_new_tokens, sampling, eos_token_id
-        )
-        prompts, eos, pad = request.prompts, request.eos, request.pad
-        groups = len(self.plan.stages) if in_flight is None else in_flight
-        if not isinstance(groups, int) or groups < 1:
-            raise OptionError(f"in_flight must be a whole number >= 1, got {in_flight!r}")
-        parts = _row_groups(prompts.rows, groups)
-        rows, width = max(len(p) for p in parts), prompts.ids.shape[1]
-        calls = [
-            a.begin.remote(rows, width, request.total, len(parts)) for a in self.placement.actors
-        ]
-        where = [self.placement.where(i) for i in range(len(calls))]
-        _gather(self._ray, calls, where, "reserve its KV cache")
-        results: list[Any] = [None] * len(parts)
-        errors: list[BaseException] = []
-
-        def one(g: int, r: range) -> None:
-            request_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
-            sub = Prompts(
-                prompts.ids[r.start : r.stop], prompts.mask[r.start : r.stop], False, False
-            )
-
-            def run(feeds):
-                return self._wait(self._submit(feeds, request_id)), _NoStats()
-
-            # each group its own random stream (seeded ones derived from the seed): sampled
-            # tokens are reproducible, not the same draws as one board's single batch
-            own = sampling
-            if sampling.seed is not None and len(parts) > 1:
-                spawned = np.random.SeedSequence(sampling.seed).spawn(len(parts))[g]
-                own = replace(sampling, seed=int(spawned.generate_state(1)[0]))
-            try:
-                results[g] = generate_tokens(
-                    run,
-                    self.decoder,
-                    sub,
-                    max_new_tokens,
-                    own,
-                    eos,
-                    None,
-                    pad,
-                    runner_keeps_cache=True,
+            def one(g: int, r: range) -> None:
+                request_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+                sub = Prompts(
+                    prompts.ids[r.start : r.stop], prompts.mask[r.start : r.stop], False, False
                 )
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(e)
-            finally:
-                for a in self.placement.actors:
-                    a.end.remote(request_id)
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(g, r)) for g, r in enumerate(parts)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        new = [row for res in results for row in res[0]]
-        total_s = time.perf_counter() - t0
-        count = sum(len(n) for n in new)
-        first = max(res[1].time_to_first_token_s for res in results)
-        self.generation_stats = GenerationStats(
-            prompt_tokens=int(prompts.mask.sum()),
-            new_tokens=count,
-            time_to_first_token_s=first,
-            total_s=total_s,
-            decode_tokens_per_s=(count - prompts.rows) / (total_s - first)
-            if count > prompts.rows and total_s > first
-            else 0.0,
-            peak_rss_bytes=0,
-            bytes_read=0,
-            cache_bytes=sum(res[1].cache_bytes for res in results),
-            stopped_by="eos"
-            if all(res[1].stopped_by == "eos" for res in results)
-            else "max_new_tokens",
-            batch_size=prompts.rows,
-        )
-        return as_given(input_ids, request, new)
+                def run(feeds):
+                    return self._wait(self._submit(feeds, request_id)), _NoStats()
+
+                # each group its own random stream (seeded ones derived from the seed): sampled
+                # tokens are reproducible, not the same draws as one board's single batch
+                own = sampling
+                if sampling.seed is not None and len(parts) > 1:
+                    spawned = np.random.SeedSequence(sampling.seed).spawn(len(parts))[g]
+                    own = replace(sampling, seed=int(spawned.generate_state(1)[0]))
+                try:
+                    results[g] = generate_tokens(
+                        run,
+                        self.decoder,
+                        sub,
+                        max_new_tokens,
+                        own,
+                        eos,
+                        None,
+                        pad,
+                        runner_keeps_cache=True,
+                    )
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    errors.append(e)
+                finally:
+                    for a in self.placement.actors:
+                        a.end.remote(request_id)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(g, r)) for g, r in enumerate(parts)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            new = [row for res in results for row in res[0]]
+            total_s = time.perf_counter() - t0
+            count = sum(len(n) for n in new)
+            first = max(res[1].time_to_first_token_s for res in results)
+            self.generation_stats = GenerationStats(
+                prompt_tokens=int(prompts.mask.sum()),
+                new_tokens=count,
+                time_to_first_token_s=first,
+                total_s=total_s,
+                decode_tokens_per_s=(count - prompts.rows) / (total_s - first)
+                if count > prompts.rows and total_s > first
+                else 0.0,
+                peak_rss_bytes=0,
+                bytes_read=0,
+                cache_bytes=sum(res[1].cache_bytes for res in results),
+                stopped_by="eos"
+                if all(res[1].stopped_by == "eos" for res in results)
+                else "max_new_tokens",
+                batch_size=prompts.rows,
+            )
+            return as_given(input_ids, request, new)
 
     def close(self) -> None:
         with self._lock:
