@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m hermes_ort demo
 
-LINTED := hermes_ort export bench tests arm
+LINTED := hermes_ort bench tests arm
 
 test: setup
 	$(PY) -m ruff check $(LINTED)

@@ -117,7 +117,7 @@ def write_toys(out: Path) -> None:
 
 
 def export_presets(models: Path) -> None:
-    from export.cli import main as export_main  # what `python -m export` runs
+    from hermes_ort.export.cli import main as export_main  # what `python -m hermes_ort.export` runs
 
     for name, args in PRESETS.items():
         t0 = time.perf_counter()

@@ -25,14 +25,14 @@ from typing import Any
 
 def _child(cmd: list[str], timeout: float) -> dict[str, Any]:
     from bench import child_env
-    from hermes_ort.fresh import require, run_child
+    from hermes_ort.measure.fresh_process import require, run_child
 
     return require(run_child(cmd, timeout, env=child_env()), " ".join(cmd[2:5]))
 
 
 def _warm(model_dir: Path) -> None:
-    from hermes_ort.manifest import load_manifest
-    from hermes_ort.readahead import warm_files
+    from hermes_ort.core.manifest import load_manifest
+    from hermes_ort.streaming.readahead import warm_files
 
     manifest = load_manifest(model_dir)
     warm_files([model_dir / p for p in manifest.all_files()])
@@ -77,7 +77,7 @@ def encoder_rows(model_dir: Path, args) -> list[dict[str, Any]]:
 
 
 def decoder_rows(model_dir: Path, args) -> list[dict[str, Any]]:
-    from hermes_ort.manifest import load_manifest
+    from hermes_ort.core.manifest import load_manifest
 
     describe = _child(
         [sys.executable, "-m", "bench.child", "describe", str(model_dir)], args.timeout

@@ -39,9 +39,9 @@ def downsample(points: list[tuple[float, int]], limit: int = MAX_CURVE_POINTS) -
 def costs_at_load(model_dir: Path):
     """The cost model `load` plans a budgeted pass with in this process (stored profile or
     estimates), and the manifest."""
-    from hermes_ort.manifest import load_manifest
-    from hermes_ort.profile import read_profile
-    from hermes_ort.profiler import costs_now
+    from hermes_ort.core.manifest import load_manifest
+    from hermes_ort.planning.layer_profile import read_profile
+    from hermes_ort.measure.profiler import costs_now
 
     manifest = load_manifest(model_dir)
     return costs_now(model_dir, manifest, read_profile(model_dir), cold=True), manifest
@@ -62,7 +62,7 @@ def _budget(args, model_dir: Path) -> int | str | None:
 
 
 def cmd_run(args) -> dict[str, Any]:
-    from hermes_ort.memory import RssSampler, storage_read_bytes  # imports the runtime (ORT)
+    from hermes_ort.streaming.memory import RssSampler, storage_read_bytes  # imports the runtime (ORT)
 
     t0 = args.t0 or T_IMPORT
     t_sampler = time.time()
@@ -120,11 +120,11 @@ def cmd_generate(args) -> dict[str, Any]:
     import numpy as np
 
     import hermes_ort
-    from hermes_ort.memory import rss_bytes, storage_read_bytes
+    from hermes_ort.streaming.memory import rss_bytes, storage_read_bytes
 
     if args.warm:  # inside this process's cgroup, so the cap bounds what stays cached
         from bench.models import model_files
-        from hermes_ort.readahead import warm_files
+        from hermes_ort.streaming.readahead import warm_files
 
         manifest = hermes_ort.load_manifest(args.model_dir)
         warm_files(model_files(manifest, args.model_dir, args.strategy))
@@ -168,8 +168,8 @@ def cmd_generate(args) -> dict[str, Any]:
 
 
 def cmd_describe(args) -> dict[str, Any]:
-    from hermes_ort.memory import RssSampler
-    from hermes_ort.profile import read_profile
+    from hermes_ort.streaming.memory import RssSampler
+    from hermes_ort.planning.layer_profile import read_profile
 
     with RssSampler(1.0):  # as in `run`: the same threads, so the same baseline
         cost, manifest = costs_at_load(args.model_dir)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hermes_ort.fresh import child_main
+    from hermes_ort.measure.fresh_process import child_main
 
     def run(argv: list[str]) -> dict[str, Any]:
         args = build_parser().parse_args(argv)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.matrix import MATRICES, STORAGE, build_matrix, expand
-from hermes_ort.errors import HermesError, interrupted_status
+from hermes_ort.core.errors import HermesError, interrupted_status
 
 DOCUMENT = "bench.json.gz"  # the run's document: every record and raw sample
 # the other commands: their modules give add_arguments(parser) and run(args)

@@ -33,9 +33,9 @@ from typing import Any
 from bench import cgroups, child_env
 from bench.device import Emulation, Launch
 from bench.matrix import STORAGE
-from hermes_ort.manifest import load_manifest
-from hermes_ort.memory import drop_file_cache
-from hermes_ort.units import format_bytes
+from hermes_ort.core.manifest import load_manifest
+from hermes_ort.streaming.memory import drop_file_cache
+from hermes_ort.core.units import format_bytes
 
 PORT = 6390
 OBJECT_STORE = 80 << 20  # per node: activations are KBs to a few MB
@@ -531,7 +531,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from bench.cgroups import disk_of
-    from hermes_ort.machine import cpu_name
+    from hermes_ort.core.machine import cpu_name
 
     if shutil.which(_ray_bin()) is None:
         print("bench cluster: Ray is not installed (pip install '.[cluster]')", file=sys.stderr)

@@ -16,9 +16,9 @@ from typing import Any
 
 from bench import cgroups, child_env
 from bench.matrix import DeviceProfile, StorageProfile
-from hermes_ort.fresh import ChildResult, require, run_child
-from hermes_ort.memory import drop_file_cache
-from hermes_ort.readahead import warm_files
+from hermes_ort.measure.fresh_process import ChildResult, require, run_child
+from hermes_ort.streaming.memory import drop_file_cache
+from hermes_ort.streaming.readahead import warm_files
 
 PROBE_BYTES = 32 << 20  # a cold read of this under 50 MB/s takes ~0.65 s
 

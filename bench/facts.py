@@ -34,7 +34,7 @@ REPEATS = 5
 # -- in the child ----------------------------------------------------------------------------------
 def _setup(model_dir: Path):
     import hermes_ort
-    from hermes_ort.integrity import Verifier
+    from hermes_ort.streaming.integrity import Verifier
 
     manifest = hermes_ort.load_manifest(model_dir)
     layers = [i for i, b in enumerate(manifest.blocks) if b.kind == "layers"]
@@ -43,10 +43,10 @@ def _setup(model_dir: Path):
 
 def _inputs(model_dir: Path, manifest, index: int) -> dict:
     """Real inputs of block `index`: the blocks before it run once on the sample."""
-    from hermes_ort.dataflow import Tensors
-    from hermes_ort.inputs import sample_inputs
-    from hermes_ort.sessions import create_session
-    from hermes_ort.settings import STREAMING
+    from hermes_ort.tensors.dataflow import Tensors
+    from hermes_ort.tensors.inputs import sample_inputs
+    from hermes_ort.streaming.sessions import create_session
+    from hermes_ort.core.settings import STREAMING
 
     tensors = Tensors(manifest, sample_inputs(manifest))
     for i in range(index):
@@ -64,10 +64,10 @@ def _timed(fn) -> tuple[float, Any]:
 
 
 def child_sessions(model_dir: Path) -> dict:
-    from hermes_ort.memory import drop_file_cache, rss_breakdown, trim_heap
-    from hermes_ort.readahead import warm_files
-    from hermes_ort.sessions import create_session
-    from hermes_ort.settings import ORT_DEFAULT, PREPACKED_STREAMING, STREAMING
+    from hermes_ort.streaming.memory import drop_file_cache, rss_breakdown, trim_heap
+    from hermes_ort.streaming.readahead import warm_files
+    from hermes_ort.streaming.sessions import create_session
+    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING, STREAMING
 
     manifest, layers, _ = _setup(model_dir)
     k = layers[len(layers) // 2]
@@ -108,8 +108,8 @@ def child_sessions(model_dir: Path) -> dict:
 def _options(spinning: bool, threads: int = 0):
     import onnxruntime as ort
 
-    from hermes_ort.sessions import session_options
-    from hermes_ort.settings import PREPACKED_STREAMING
+    from hermes_ort.streaming.sessions import session_options
+    from hermes_ort.core.settings import PREPACKED_STREAMING
 
     # prepacked, as ORT loads a block by default (the load worth spreading over agents); spinning:
     # ORT's own thread pools, as a user of plain ORT gets them
@@ -179,9 +179,9 @@ def child_pools(model_dir: Path) -> dict:
 
 
 def child_trim(model_dir: Path) -> dict:
-    from hermes_ort.memory import rss_bytes, trim_heap
-    from hermes_ort.sessions import create_session
-    from hermes_ort.settings import ORT_DEFAULT, PREPACKED_STREAMING
+    from hermes_ort.streaming.memory import rss_bytes, trim_heap
+    from hermes_ort.streaming.sessions import create_session
+    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING
 
     manifest, layers, _ = _setup(model_dir)
     k = layers[len(layers) // 2]
@@ -206,7 +206,7 @@ def child_trim(model_dir: Path) -> dict:
 
 
 def _cold(paths) -> None:
-    from hermes_ort.memory import drop_file_cache
+    from hermes_ort.streaming.memory import drop_file_cache
 
     os.sync()
     for p in paths:
@@ -214,7 +214,7 @@ def _cold(paths) -> None:
 
 
 def child_readahead(model_dir: Path) -> dict:
-    from hermes_ort.readahead import read_ahead
+    from hermes_ort.streaming.readahead import read_ahead
 
     manifest, layers, _ = _setup(model_dir)
     files = [
@@ -251,10 +251,10 @@ def child_readahead(model_dir: Path) -> dict:
 def child_embedding(model_dir: Path) -> dict:
     import numpy as np
 
-    from hermes_ort.memory import rss_breakdown
-    from hermes_ort.readahead import read_ahead
-    from hermes_ort.sessions import create_session
-    from hermes_ort.settings import STREAMING
+    from hermes_ort.streaming.memory import rss_breakdown
+    from hermes_ort.streaming.readahead import read_ahead
+    from hermes_ort.streaming.sessions import create_session
+    from hermes_ort.core.settings import STREAMING
 
     manifest, _, _ = _setup(model_dir)
     spec = manifest.blocks[0]
@@ -296,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from bench import child_env
     from bench.models import ensure_exported
-    from hermes_ort.fresh import require, run_child
+    from hermes_ort.measure.fresh_process import require, run_child
 
     path = args.out / "facts.json"
     if args.render:
@@ -408,6 +408,6 @@ def _child(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from hermes_ort.fresh import child_main
+    from hermes_ort.measure.fresh_process import child_main
 
     sys.exit(child_main(_child))

@@ -43,7 +43,7 @@ def _run_one(
     from bench.device import Launch, prepare_cache, run_under
     from bench.matrix import STORAGE
     from bench.models import model_files
-    from hermes_ort.manifest import load_manifest
+    from hermes_ort.core.manifest import load_manifest
 
     # Warm = the child reads the files into the page cache itself (charged to its capped cgroup:
     # only what fits beside the process stays cached, as on a board with that much memory).
@@ -97,7 +97,7 @@ def run_matrix(args) -> dict[str, Any]:
     from bench.device import Emulation, measure_read_bandwidth
     from bench.matrix import STORAGE
     from bench.records import machine_info, versions
-    from hermes_ort.manifest import load_manifest
+    from hermes_ort.core.manifest import load_manifest
 
     model_dir = Path(args.model_dir)
     manifest = load_manifest(model_dir)
@@ -153,9 +153,9 @@ def run_matrix(args) -> dict[str, Any]:
 
 def _process_baseline() -> int:
     """RSS of a fresh process that imported the runtime (Python, numpy, ONNX Runtime)."""
-    from hermes_ort.fresh import require, run_child
+    from hermes_ort.measure.fresh_process import require, run_child
 
-    code = "import json, hermes_ort.memory as m; print(json.dumps({'rss': m.rss_bytes()}))"
+    code = "import json, hermes_ort.streaming.memory as m; print(json.dumps({'rss': m.rss_bytes()}))"
     return require(run_child([sys.executable, "-c", code], 120), "the baseline probe")["rss"]
 
 
@@ -185,7 +185,7 @@ def _kept(plan: dict) -> int:
 
 
 def render(data: dict[str, Any]) -> str:
-    from hermes_ort.units import format_bytes
+    from hermes_ort.core.units import format_bytes
 
     mb = lambda b: format_bytes(b) if b is not None else "-"  # noqa: E731
     out = [

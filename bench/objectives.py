@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from bench.sweep import sample_plan, summarise
-from hermes_ort.manifest import load_manifest
-from hermes_ort.planner import OBJECTIVES
+from hermes_ort.core.manifest import load_manifest
+from hermes_ort.planning.pipeline_planner import OBJECTIVES
 
 
 def measure(model_dir: Path, budgets: list[str], rounds: int) -> dict:

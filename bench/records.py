@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.fresh import ChildResult
+from hermes_ort.measure.fresh_process import ChildResult
 
 SCHEMA_VERSION = 1
 KIND = "hermes-ort-bench"
@@ -263,7 +263,7 @@ def killed_count(records: list[dict[str, Any]]) -> dict[str, int]:
 def machine_info() -> dict[str, Any]:
     import psutil
 
-    from hermes_ort.machine import cpu_name
+    from hermes_ort.core.machine import cpu_name
 
     return {
         "hostname": platform.node(),

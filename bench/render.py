@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.records import killed_count
-from hermes_ort.units import format_bytes
+from hermes_ort.core.units import format_bytes
 
 # Hermes (arXiv 2409.04249): against PipeSwitch, the best it reports per model family
 PAPER_HEADLINE = {

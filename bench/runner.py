@@ -44,10 +44,10 @@ from bench.records import (
     seconds,
     versions,
 )
-from hermes_ort.errors import HermesError
-from hermes_ort.manifest import Manifest, load_manifest
-from hermes_ort.strategies import get_strategy
-from hermes_ort.units import format_bytes
+from hermes_ort.core.errors import HermesError
+from hermes_ort.core.manifest import Manifest, load_manifest
+from hermes_ort.planning.strategies import get_strategy
+from hermes_ort.core.units import format_bytes
 
 FLOOR_PASSES = 5
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bench import child_env
-from hermes_ort.fresh import require, run_child
+from hermes_ort.measure.fresh_process import require, run_child
 
 CASES = (  # name, verify, cache: keep / remove verified.json first, page cache: warm / cold
     ("size only", "size", "keep", "warm"),
@@ -26,17 +26,17 @@ CASES = (  # name, verify, cache: keep / remove verified.json first, page cache:
 
 
 def _files(model_dir: Path, strategy: str) -> list[Path]:
-    from hermes_ort.manifest import load_manifest
-    from hermes_ort.strategies import get_strategy, opened_graphs
+    from hermes_ort.core.manifest import load_manifest
+    from hermes_ort.planning.strategies import get_strategy, opened_graphs
 
     graphs = opened_graphs(load_manifest(model_dir), get_strategy(strategy))
     return sorted({model_dir / f.path for _, files in graphs for f in files})
 
 
 def measure(model_dir: Path, strategy: str, repeats: int) -> list[dict]:
-    from hermes_ort.integrity import cache_path
-    from hermes_ort.memory import drop_file_cache
-    from hermes_ort.readahead import warm_files
+    from hermes_ort.streaming.integrity import cache_path
+    from hermes_ort.streaming.memory import drop_file_cache
+    from hermes_ort.streaming.readahead import warm_files
 
     files = _files(model_dir, strategy)
     rows = []

@@ -22,7 +22,7 @@ needs it (`load`, `HermesModel`), so a tool importing one module of the data lay
 
 from importlib import import_module
 
-from hermes_ort.errors import (
+from hermes_ort.core.errors import (
     BudgetError,
     ChildFailed,
     HermesError,
@@ -39,12 +39,12 @@ from hermes_ort.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "HermesModel": "hermes_ort.model",
-    "load": "hermes_ort.api",
-    "Manifest": "hermes_ort.manifest",
-    "load_manifest": "hermes_ort.manifest",
-    "Plan": "hermes_ort.plan",
-    "STRATEGIES": "hermes_ort.strategies",
+    "HermesModel": "hermes_ort.runtime.model",
+    "load": "hermes_ort.api.loading",
+    "Manifest": "hermes_ort.core.manifest",
+    "load_manifest": "hermes_ort.core.manifest",
+    "Plan": "hermes_ort.planning.plan",
+    "STRATEGIES": "hermes_ort.planning.strategies",
 }
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from hermes_ort.cli import main
+from hermes_ort.cli.main import main
 
 sys.exit(main())

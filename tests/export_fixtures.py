@@ -14,7 +14,7 @@ SEQ_LEN = 16  # the exports' verification length; the tests run other shapes on 
 
 
 def export_cli(out: Path, *args: str) -> int:
-    from export import cli
+    from hermes_ort.export import cli
 
     return cli.main([*args, "--out", str(out), "--seq-len", str(SEQ_LEN), "--quiet"])
 

@@ -40,9 +40,9 @@ from bench.records import (
     write_document,
 )
 from bench.render import goals_table, render_markdown
-from hermes_ort.fresh import ChildResult
-from hermes_ort.memory import drop_file_cache
-from hermes_ort.readahead import missing_pages
+from hermes_ort.measure.fresh_process import ChildResult
+from hermes_ort.streaming.memory import drop_file_cache
+from hermes_ort.streaming.readahead import missing_pages
 
 MB = 10**6
 

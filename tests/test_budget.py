@@ -9,9 +9,9 @@ import pytest
 from toy_model import write_toy_model
 
 import hermes_ort
-from hermes_ort.costmodel import CostModel
-from hermes_ort.memory import rss_bytes
-from hermes_ort.planner import check_budget, plan_pipeload
+from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.streaming.memory import rss_bytes
+from hermes_ort.planning.pipeline_planner import check_budget, plan_pipeload
 
 MB = 1 << 20
 
@@ -93,7 +93,7 @@ def test_the_page_cache_policy_is_planned_and_explained(wide_toy, monkeypatch):
     """Under a budget that streams, "drop" has the daemon drop streamed blocks' pages, "keep"
     leaves them to the kernel, and the plan's reasons say which; "auto" drops them under a
     memory cgroup limit with no room for the model's files, and keeps them with room to spare."""
-    import hermes_ort.planning as planning
+    import hermes_ort.runtime.model_planner as planning
 
     minimum = hermes_ort.load(wide_toy, memory_budget="min").plan.budget_bytes + 4 * MB
     plans = {}

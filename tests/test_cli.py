@@ -80,7 +80,7 @@ def test_info_verifies_hashes(toy_dir):
 # by SIGINT (-2 to its parent).
 INTERRUPTED_IN_EXEC = """
 import sys
-from hermes_ort.errors import interrupted_status
+from hermes_ort.core.errors import interrupted_status
 try:
     exec("raise KeyboardInterrupt")
 except KeyboardInterrupt:

@@ -87,7 +87,7 @@ def test_bad_input_is_one_line(toy_dir, tmp_path, args, status, message):
 
 
 def test_an_unknown_strategy_is_refused_before_any_file_is_hashed(toy_dir, monkeypatch):
-    from hermes_ort import integrity
+    from hermes_ort.streaming import integrity
 
     hashed = []
     monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p))

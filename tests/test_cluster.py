@@ -22,9 +22,9 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 import hermes_ort
-from hermes_ort.cluster import ClusterError
-from hermes_ort.errors import BudgetError, IntegrityError, OptionError
-from hermes_ort.manifest import load_manifest
+from hermes_ort.cluster.driver import ClusterError
+from hermes_ort.core.errors import BudgetError, IntegrityError, OptionError
+from hermes_ort.core.manifest import load_manifest
 
 ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install '.[cluster]'")
 
@@ -105,7 +105,7 @@ def test_the_model_is_split_over_every_board(cluster, exported):
 
 
 def m_feeds(model):
-    from hermes_ort.inputs import sample_inputs
+    from hermes_ort.tensors.inputs import sample_inputs
 
     return sample_inputs(model.manifest, 1, 6, seed=3)
 
@@ -245,7 +245,7 @@ def test_a_board_killed_mid_run_is_named_and_the_rest_take_the_model(cluster, ex
 
 
 def test_the_cli_plans_runs_and_generates_on_the_cluster(cluster, exported, capsys):
-    from hermes_ort.cli import main
+    from hermes_ort.cli.main import main
 
     d = str(exported["tiny-llama"])
     assert main(["plan", d, "--cluster", cluster.address, "--budget", BUDGET]) == 0

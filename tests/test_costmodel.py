@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from hermes_ort.costmodel import (
+from hermes_ort.planning.cost_model import (
     ACTIVATION_RESERVE_BYTES,
     ESTIMATE_WARMUP_BYTES,
     CostModel,
@@ -16,9 +16,9 @@ from hermes_ort.costmodel import (
     room,
     within_margin,
 )
-from hermes_ort.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
-from hermes_ort.profile import BlockProfile, Profile
-from hermes_ort.timeline import BlockTimes
+from hermes_ort.core.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
+from hermes_ort.planning.layer_profile import BlockProfile, Profile
+from hermes_ort.planning.schedule import BlockTimes
 
 T = BlockTimes(0.01, 0.01, 0.01)
 

@@ -56,7 +56,7 @@ def test_window_bounds_live_sessions(toy_dir, full_logits, loaders, window):
 def test_tensor_read_several_blocks_later_is_routed(toy_dir):
     # 'mask' is made by the prologue and read by every layer: the manifest says so, and the
     # engine keeps it alive exactly until its last consumer.
-    from hermes_ort.manifest import last_consumers, load_manifest
+    from hermes_ort.core.manifest import last_consumers, load_manifest
 
     manifest = load_manifest(toy_dir)
     readers = [b.name for b in manifest.blocks if "mask" in b.inputs]
@@ -116,8 +116,8 @@ def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_dir,
     looked up a few rows at a time): those would fault in from storage on every run."""
     from dataclasses import replace
 
-    from hermes_ort.engine import BlockEngine
-    from hermes_ort.readahead import is_cached
+    from hermes_ort.streaming.block_engine import BlockEngine
+    from hermes_ort.streaming.readahead import is_cached
 
     feeds, expected = full_logits
     os.sync()  # the copy's pages are dirty: the kernel drops only clean ones

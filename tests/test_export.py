@@ -14,7 +14,7 @@ try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
 except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
-from hermes_ort.manifest import load_manifest
+from hermes_ort.core.manifest import load_manifest
 
 TOLERANCE = 1e-4
 

@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.cut import block_model, plan_blocks, value_types
-from export.errors import ExportError
-from export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes, tie_transposed_copies
-from export.stack import LayerStack
-from export.storage import ALIGN_BYTES, SHARED_DATA, store_blocks
+from hermes_ort.export.cut import block_model, plan_blocks, value_types
+from hermes_ort.export.errors import ExportError
+from hermes_ort.export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes, tie_transposed_copies
+from hermes_ort.export.stack import LayerStack
+from hermes_ort.export.storage import ALIGN_BYTES, SHARED_DATA, store_blocks
 
 STACK = LayerStack("stack.layer", 2, "Layer")
 
@@ -296,7 +296,7 @@ def test_folded_copy_of_a_tied_weight_is_tied_back():
 
 def test_full_model_is_rewritten_from_per_tensor_files(tmp_path):
     """Above 2 GB torch writes one file per tensor; the full model gets one aligned data file."""
-    from export.storage import all_tensors, write_external
+    from hermes_ort.export.storage import all_tensors, write_external
 
     model = toy_model()
     big = numpy_helper.from_array(np.arange(4096, dtype=np.float32), "big")  # 16 KiB constant

@@ -20,9 +20,9 @@ try:
 except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
-from export import storage, verify
-from export.errors import ExportError
-from export.stack import find_layer_stack
+from hermes_ort.export import storage, verify
+from hermes_ort.export.errors import ExportError
+from hermes_ort.export.stack import find_layer_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ def test_force_replaces_only_after_success(tmp_path, monkeypatch):
 
 def test_python_m_export_runs_the_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "--preset", "nope", "--out", str(tmp_path / "m")],
+        [sys.executable, "-m", "hermes_ort.export", "--preset", "nope", "--out", str(tmp_path / "m")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.presets import available_presets, load_preset
+from hermes_ort.export.presets import available_presets, load_preset
 
 # Parameter counts of the published models (millions).
 REAL_SIZES_M = {

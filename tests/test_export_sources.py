@@ -11,7 +11,7 @@ try:
 except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
-from hermes_ort.manifest import load_manifest
+from hermes_ort.core.manifest import load_manifest
 
 pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 board)")
 
@@ -33,7 +33,7 @@ pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 b
 def test_the_task_is_inferred_from_the_architecture(arch, task):
     import transformers
 
-    from export.checkpoint import infer_task
+    from hermes_ort.export.checkpoint import infer_task
 
     assert infer_task(getattr(transformers, arch)) == task
 
@@ -81,7 +81,7 @@ def test_the_default_sequence_length_fits_the_model(tmp_path, capsys):
         num_key_value_heads=1,
         max_position_embeddings=64,
     ).save_pretrained(tmp_path / "ckpt")
-    from export import cli
+    from hermes_ort.export import cli
 
     out = tmp_path / "m"
     assert cli.main(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--quiet"]) == 0

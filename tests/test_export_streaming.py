@@ -12,7 +12,7 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 import hermes_ort
-from hermes_ort.manifest import load_manifest
+from hermes_ort.core.manifest import load_manifest
 
 PROMPT = [5, 17, 99, 3, 42, 7]
 LAYERS = 5
@@ -111,7 +111,7 @@ def test_any_template_length_gives_the_same_model(tmp_path, monkeypatch, templat
     """The template's last layer is the source of every later one, whatever the template's
     length: a 7-layer checkpoint streamed from a 4- or 5-layer template equals its regular export
     (same logits and KV cache)."""
-    from export import streaming
+    from hermes_ort.export import streaming
 
     monkeypatch.setattr(streaming, "TEMPLATE_LAYERS", template_layers)
     _tiny_llama(tmp_path / "ckpt", num_layers=7)

@@ -24,7 +24,7 @@ import hermes_ort
 from bench import cgroups
 from bench.device import Emulation, Launch, run_under
 from bench.records import sample_from_child
-from hermes_ort import loader as loader_module
+from hermes_ort.streaming import loader loader_module
 
 MIB = 1 << 20
 
@@ -104,7 +104,7 @@ def test_loader_failure_is_raised_before_its_block_is_reached(
 ):
     """Block 4's load fails while block 2 is still loading: the failure is raised at the next
     block the inference agent takes, before it runs block 3 (it does not wait to reach block 4)."""
-    from hermes_ort import engine
+    from hermes_ort.streaming import block_engine as engine
 
     real, real_run = loader_module.load_block, engine.run_session
     failed = threading.Event()

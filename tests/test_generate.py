@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 import hermes_ort
-from hermes_ort.decoder import decoder_signature
+from hermes_ort.tensors.kv_cache import decoder_signature
 
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
 NEW_TOKENS = 24
@@ -215,7 +215,7 @@ def test_a_model_without_kv_cache_cannot_generate(toy_dir):
 def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
     """The cache of prompt + max_new_tokens comes out of the budget before the blocks are planned;
     a budget with no room left for it is refused, naming the cache."""
-    import hermes_ort.profiler as profiler
+    import hermes_ort.measure.profiler as profiler
 
     monkeypatch.setattr(profiler, "rss_bytes", lambda: 100 << 20)  # a fixed process baseline
     model_dir, _ = decoders["tiny-gpt2"]
@@ -273,7 +273,7 @@ def test_generation_bench_child_and_table(decoders, capsys):
 
 
 def decoder_signature_of(model_dir):
-    from hermes_ort.manifest import load_manifest
+    from hermes_ort.core.manifest import load_manifest
 
     return decoder_signature(load_manifest(model_dir))
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort import integrity
-from hermes_ort.external_data import (
+from hermes_ort.streaming import integrity
+from hermes_ort.streaming.external_data import (
     _SCHEMA,
     WireError,
     external_locations,
     locations_in_bytes,
 )
-from hermes_ort.sessions import create_session
-from hermes_ort.settings import STREAMING
+from hermes_ort.streaming.sessions import create_session
+from hermes_ort.core.settings import STREAMING
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import hermes_ort
-from hermes_ort.manifest import last_consumers, load_manifest, parse_manifest
+from hermes_ort.core.manifest import last_consumers, load_manifest, parse_manifest
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from hermes_ort.errors import OptionError
-from hermes_ort.machine import available_memory, cgroup_memory_limit
-from hermes_ort.pagecache import MemorySituation, page_cache_policy
-from hermes_ort.units import format_bytes
+from hermes_ort.core.errors import OptionError
+from hermes_ort.core.machine import available_memory, cgroup_memory_limit
+from hermes_ort.planning.page_cache import MemorySituation, page_cache_policy
+from hermes_ort.core.units import format_bytes
 
 GB = 1 << 30
 MODEL = 2 * GB
@@ -83,7 +83,7 @@ def test_available_memory_reads_meminfo(tmp_path):
 
 
 def test_blocks_being_read_ahead_get_room_below_a_cgroup_limit():
-    from hermes_ort.pagecache import cgroup_headroom
+    from hermes_ort.planning.page_cache import cgroup_headroom
 
     mb = 1 << 20
     # a 2 GiB cap, 2 loaders reading 130 MB blocks: planned in the cap minus their pages

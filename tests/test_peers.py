@@ -15,7 +15,7 @@ pytest.importorskip("torch", reason="the peers' checkpoints are built with torch
 from bench import child_env  # noqa: E402
 from bench.peers import ENGINES, installed  # noqa: E402
 from bench.peers.run import parse_config, summarise  # noqa: E402
-from hermes_ort.fresh import run_child  # noqa: E402
+from hermes_ort.measure.fresh_process import run_child  # noqa: E402
 
 NEW_TOKENS = 8
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 import hermes_ort
-from hermes_ort.costmodel import CostModel, within_margin
-from hermes_ort.planner import check_budget, plan_pipeload, plan_strategy
-from hermes_ort.timeline import BlockTimes
+from hermes_ort.planning.cost_model import CostModel, within_margin
+from hermes_ort.planning.pipeline_planner import check_budget, plan_pipeload, plan_strategy
+from hermes_ort.planning.schedule import BlockTimes
 
 MB = 1 << 20
 
@@ -83,7 +83,7 @@ def test_overrides_are_obeyed():
 def test_baselines_are_fixed_mechanisms():
     """Each plan states its mechanism block by block: the baselines' are fixed by the strategy
     table, the load path decides how their sessions open."""
-    from hermes_ort.settings import ORT_DEFAULT, STREAMING
+    from hermes_ort.core.settings import ORT_DEFAULT, STREAMING
 
     cost = synthetic()
     pipeswitch = plan_strategy("pipeswitch", cost, None)
@@ -117,8 +117,8 @@ def test_pipeload_plans_say_what_each_block_does():
 
 
 def test_whole_model_plans_name_their_file():
-    from hermes_ort.manifest import FullModelSpec
-    from hermes_ort.settings import ORT_DEFAULT, WHOLE_MMAP
+    from hermes_ort.core.manifest import FullModelSpec
+    from hermes_ort.core.settings import ORT_DEFAULT, WHOLE_MMAP
 
     class Manifest:  # the fields a whole-model plan reads
         name = "m"

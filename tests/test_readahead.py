@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from hermes_ort.memory import drop_file_cache
-from hermes_ort.readahead import is_cached, missing_pages, read_ahead, warm_files
+from hermes_ort.streaming.memory import drop_file_cache
+from hermes_ort.streaming.readahead import is_cached, missing_pages, read_ahead, warm_files
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import hermes_ort
-from hermes_ort.memory import rss_breakdown, rss_bytes, trim_heap
+from hermes_ort.streaming.memory import rss_breakdown, rss_bytes, trim_heap
 
 PASSES = 3000
 # Arenas, caches and the allocator's free lists reach their working size: with two loader

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hermes_ort.timeline import DESTROY_S, BlockTimes, simulate
+from hermes_ort.planning.schedule import DESTROY_S, BlockTimes, simulate
 
 
 def test_one_loader_and_window_one_is_serial():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import hermes_ort
-from hermes_ort.trace import Span, chrome_trace, summarise
+from hermes_ort.core.trace import Span, chrome_trace, summarise
 
 
 def test_chrome_trace_of_spans():

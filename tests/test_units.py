@@ -1,6 +1,6 @@
 import pytest
 
-from hermes_ort.units import format_bytes, parse_bytes
+from hermes_ort.core.units import format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ Decoders: the prompt's token ids (from --reference, a JSON file), then --new-tok
 end-of-sequence ignored; the record gives the load time, the time to first token (the prompt
 pass), each later token's time and the new ids. Encoders: --passes forward passes of the
 reference's inputs; the first pass's time and the later ones', and the outputs' checksums.
-Each engine imports only its own library (and hermes_ort.fresh, which is the protocol only)."""
+Each engine imports only its own library (and hermes_ort.measure.fresh_process, which is the protocol only)."""
 
 from __future__ import annotations
 
@@ -336,6 +336,6 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from hermes_ort.fresh import child_main
+    from hermes_ort.measure.fresh_process import child_main
 
     sys.exit(child_main(run))

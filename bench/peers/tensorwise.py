@@ -57,6 +57,6 @@ def write(preset: Path, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    from hermes_ort.fresh import child_main
+    from hermes_ort.measure.fresh_process import child_main
 
     sys.exit(child_main(lambda argv: write(Path(argv[0]), Path(argv[1]))))

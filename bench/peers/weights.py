@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import REPO, child_env
-from hermes_ort.errors import ChildFailed
-from hermes_ort.fresh import require, run_child
+from hermes_ort.core.errors import ChildFailed
+from hermes_ort.measure.fresh_process import require, run_child
 
 PROMPT_TOKENS = 32
 REFERENCE_TOKENS = 16  # transformers' greedy tokens kept; runs compare their first N
@@ -84,7 +84,7 @@ class PeerModel:
         """Every file `engine` reads (for the page-cache state of a profile, and its size)."""
         if engine == "hermes-ort" and (self.weights(engine, fmt) / "manifest.json").is_file():
             from bench.models import model_files
-            from hermes_ort.manifest import load_manifest
+            from hermes_ort.core.manifest import load_manifest
 
             d = self.weights(engine, fmt)
             strategy = variant if variant in ("full", "full-mmap") else "pipeload"
@@ -116,7 +116,7 @@ def checkpoint(model: PeerModel) -> None:
         return
     code = (
         "import sys, json; from pathlib import Path; "
-        "from export.presets import build_random_model, load_preset; "
+        "from hermes_ort.export.presets import build_random_model, load_preset; "
         "p = load_preset(sys.argv[1]); out = Path(sys.argv[2]); "
         "m = build_random_model(p, 0); m.save_pretrained(out, safe_serialization=True); "
         "print(json.dumps({'vocab': m.config.vocab_size}))"
@@ -185,7 +185,7 @@ def hermes(model: PeerModel, fmt: str = "fp32") -> None:
     if (out / "manifest.json").is_file():
         return
     log(f"{model.preset}: hermes-ort export ({fmt}) to {out}")
-    cmd = [sys.executable, "-m", "export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "hermes_ort.export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
     if fmt != "fp32":  # the exporter's defaults for the mode (export/quantize.py)
         cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]
     if model.tensorwise:  # layer by layer: the model never fits in memory as fp32

@@ -1,0 +1,247 @@
+"""`hermes-ort export (--preset NAME | --model PATH_OR_HUB_ID) --out DIR [...]`"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from hermes_ort.export.errors import ExportError
+from hermes_ort.core.errors import interrupted_status
+from hermes_ort.core.units import format_bytes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--preset", metavar="NAME", help="a config in hermes_ort/presets/NAME.json, random weights"
+    )
+    source.add_argument(
+        "--model", metavar="PATH_OR_HUB_ID", help="a Hugging Face checkpoint directory or hub id"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="model directory to write"
+    )
+    parser.add_argument(
+        "--layers-per-block",
+        type=int,
+        default=1,
+        metavar="N",
+        help="transformer layers per block (default 1)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequence length of the verification sample (default 128, or the model's positions "
+        "if fewer)",
+    )
+    parser.add_argument(
+        "--task", help="export task for --model (default: from the architecture), e.g. fill-mask"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of a preset's random weights (default 0)"
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max abs diff allowed vs PyTorch (default 1e-4)",
+    )
+    parser.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
+    parser.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="export a decoder without its per-layer KV cache inputs/outputs (no generate())",
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="--model only: export layer by layer from the checkpoint's safetensors, so memory "
+        "grows with one layer, not the model (no whole-model file for full/full-mmap)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace DIR if it is an existing model directory"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = parser.add_argument_group("quantization (weight-only; export/quantize.py)")
+    q.add_argument(
+        "--quantize",
+        choices=("int4", "int8"),
+        default=None,
+        help="int4: MatMulNBits (and int4 embedding tables); int8: dynamic (MatMulInteger)",
+    )
+    q.add_argument(
+        "--quant-method",
+        choices=("nbits", "dynamic"),
+        default=None,
+        help="int8: nbits (MatMulNBits; default for decoders) or dynamic (MatMulInteger, "
+        "runs unpacked; default for encoders)",
+    )
+    q.add_argument("--quant-block-size", type=int, default=32, metavar="N", help="default 32")
+    q.add_argument(
+        "--quant-asymmetric", action="store_true", help="zero points (default: symmetric)"
+    )
+    q.add_argument(
+        "--quant-accuracy-level",
+        type=int,
+        default=4,
+        choices=(1, 2, 3, 4),
+        help="MatMulNBits' compute: 4 = int8 activations (default), 1 = fp32",
+    )
+    q.add_argument("--quant-algorithm", choices=("rtn", "hqq"), default="rtn")
+    q.add_argument(
+        "--quant-no-embeddings",
+        action="store_true",
+        help="keep embedding tables fp32 (int4 quantizes them by default)",
+    )
+    q.add_argument(
+        "--quant-head-bits",
+        type=int,
+        default=8,
+        choices=(4, 8),
+        help="int4: the LM head's bits (default 8: it sets every logit)",
+    )
+    q.add_argument(
+        "--accuracy-floor",
+        type=float,
+        default=None,
+        metavar="COSINE",
+        help="the verification's floor on the output's cosine with PyTorch fp32 "
+        "(default: int8 0.999, int4 0.99)",
+    )
+    parser.add_argument(
+        "--graph",
+        choices=("auto", "optimum", "fused"),
+        default="auto",
+        help="the whole-model graph: optimum's export, or hermes-ort's fused graph "
+        "for llama/mistral/qwen2 decoders (auto: fused when quantizing one)",
+    )
+
+
+def _quantization(args):
+    if args.quantize is None:
+        return None
+    from hermes_ort.export.quantize import Quantization
+
+    return Quantization.make(
+        args.quantize,
+        args.quant_method,
+        block_size=args.quant_block_size,
+        symmetric=not args.quant_asymmetric,
+        accuracy_level=args.quant_accuracy_level,
+        algorithm=args.quant_algorithm,
+        embeddings=not args.quant_no_embeddings,
+        cosine_floor=args.accuracy_floor,
+        head_bits=args.quant_head_bits,
+    )
+
+
+def _interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from hermes_ort.export.pipeline import ExportOptions, export_model
+
+    try:
+        quantization = _quantization(args)
+    except ExportError as e:
+        print(f"hermes-ort export: error: {e}", file=sys.stderr)
+        return 1
+    opts = ExportOptions(
+        out=args.out,
+        preset=args.preset,
+        model=args.model,
+        task=args.task,
+        layers_per_block=args.layers_per_block,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        opset=args.opset,
+        force=args.force,
+        verify=not args.no_verify,
+        tolerance=args.tolerance,
+        kv_cache=not args.no_kv_cache,
+        streaming=args.streaming,
+        progress=not args.quiet,
+        quantization=quantization,
+        graph=args.graph,
+    )
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        result = export_model(opts)
+    except ExportError as e:
+        print(f"hermes-ort export: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hermes-ort export: interrupted; nothing was written", file=sys.stderr)
+        return interrupted_status()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print_summary(result)
+    return 0
+
+
+def print_summary(result) -> None:
+    """Elapsed time, then a table of blocks and their sizes (shared files counted apart)."""
+    m = result.manifest
+    uses: dict[str, int] = {}
+    for b in m.blocks:
+        for f in b.files:
+            uses[f.path] = uses.get(f.path, 0) + 1
+    shared = sorted(p for p, n in uses.items() if n > 1)
+    rows = [("block", "kind", "layers", "bytes", "")]
+    for b in m.blocks:
+        layers = (
+            "-" if not b.layers else "-".join(str(x) for x in sorted({b.layers[0], b.layers[-1]}))
+        )
+        own = sum(f.bytes for f in b.files if f.path not in shared)
+        also = ", ".join(f.path for f in b.files if f.path in shared)
+        rows.append((b.name, b.kind, layers, format_bytes(own), f"+ {also}" if also else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"exported '{m.name}' ({m.family}, {m.task}) to {result.out} in {result.elapsed_s:.1f} s")
+    stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in result.stages_s.items())
+    print(f"  ({stages})")
+    for name, kind, layers, size, note in rows:
+        print(
+            f"  {name:<{widths[0]}}  {kind:<{widths[1]}}  {layers:<{widths[2]}}  "
+            f"{size:>{widths[3]}}  {note}".rstrip()
+        )
+    for path in shared:
+        print(
+            f"  {path}: {format_bytes(m.block_files()[path].bytes)}, stored once, "
+            f"read by {uses[path]} blocks"
+        )
+    full = format_bytes(m.full_model.bytes) if m.full_model else "-"
+    print(f"  blocks total {format_bytes(m.blocks_bytes)}; full model {full}")
+    v = m.verification
+    if "quantized" in v:
+        a = v["outputs"][m.output_names[0]]
+        print(
+            f"  verified vs PyTorch fp32 ({v['quantized']}): '{m.output_names[0]}' cosine "
+            f"{a['cosine']:.5f} (floor {v['cosine_floor']}), max abs diff {a['max_abs_diff']:.3g}; "
+            f"blocks vs the whole {v['quantized']} model {v['blocks_vs_full_max_abs_diff']:.3g}"
+        )
+    elif "max_abs_diff" in v:
+        print(
+            f"  verified vs PyTorch: max abs diff {v['max_abs_diff']:.3g} "
+            f"(full model {v['full_model_max_abs_diff']:.3g}), tolerance {v['tolerance']:g}"
+        )
+    else:
+        print("  not verified (--no-verify)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hermes-ort export", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The cost model: what a plan will cost in memory and time, from a profile or from file sizes.
+
+Memory of a pass (the engine guarantees the shape of it: the daemon lags one block at most):
+
+    peak = baseline + sum(resident blocks) + activations
+           + max over streamed block i of
+             [live(i) + live(previous streamed) + open(next w-2 streamed)]
+
+`live` is a session's resident bytes once it has run (its touched weight pages plus its own
+structures); `open` is a session opened ahead but not yet run (weights mmapped, not yet touched)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from hermes_ort.core.manifest import Manifest, last_consumers
+from hermes_ort.planning.layer_profile import Profile
+from hermes_ort.planning.schedule import BlockTimes, simulate
+
+SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
+ACTIVATION_RESERVE_BYTES = 16 << 20  # intermediates and ORT's arena when nothing is measured
+ESTIMATE_WARMUP_BYTES = 12 << 20  # ONNX Runtime's code and buffers, faulted in by the first session
+SPARSE_FRACTION = 0.5  # a block whose run touches less than this share of its files is sparse
+ESTIMATE_BANDWIDTH = 500e6  # bytes/s assumed for read-ahead when nothing is measured
+ESTIMATE_COMPUTE = 2.5e9  # weight bytes/s assumed for a run when nothing is measured
+ESTIMATE_PACKING = 0.26e9  # bytes/s a session prepacks MatMulNBits weights at (design.md §2.7)
+# Plans keep their predicted peak this share below the budget: measured passes differ from the
+# prediction by about that much (bert-base, gpt2-medium: up to 2.5% above it).
+SAFETY_MARGIN = 0.03
+_KEEP_PER_MILLE = round(1000 * (1 - SAFETY_MARGIN))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    baseline_bytes: int  # resident set of the process before any block is opened
+    live_bytes: tuple[int, ...]  # per block, streamed (prepacking off), after it has run
+    open_bytes: tuple[int, ...]  # per block, opened ahead, not yet run
+    resident_bytes: tuple[int, ...]  # per block, when kept between runs (with `resident_prepack`)
+    resident_prepack: tuple[bool, ...]  # prepack a block when it stays resident (faster runs)
+    activation_bytes: int  # intermediates + tensors in flight, worst block
+    sparse: tuple[bool, ...]  # blocks that touch a small part of their weights (embedding lookups):
+    # not read ahead, their pages fault in on demand
+    stream_times: tuple[BlockTimes, ...]  # prepacking off, read-ahead from storage
+    resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
+    source: str = "estimate"
+    plain_resident_times: tuple[BlockTimes, ...] = ()  # kept but not prepacked (default: as above)
+    kept_overhead: float = 0.0  # share added to the kept blocks' bytes (calibrated)
+    first_pass_extra_s: float = 0.0  # a fresh process's first pass: ORT's one-time start
+    stream_pass_scale: float = 1.0  # repeated passes that stream: calibrated measured/predicted
+    prepack_transient_bytes: tuple[int, ...] = ()  # per block, held for a moment while a
+    # prepacked session is created (the mapped originals beside the packed copies), first pass
+    # per block, whether a streamed block is opened prepacked: its weights' kernel needs the
+    # packed layout (int4 MatMulNBits: unpacked, every run dequantizes the whole weight), so its
+    # load (the packing) and first run beat the mapped way's; live/open bytes are then packed
+    stream_prepack: tuple[bool, ...] = ()
+    mapped_live_bytes: tuple[int, ...] = ()  # per block, an unpacked session's (default: live)
+    # the part of `activation_bytes` that is tensors between blocks (it grows with the whole
+    # batch); the rest is a block's own intermediates (they grow with the rows run at once)
+    inflight_bytes: int = 0
+    fixed_activation_bytes: int = 0  # the part that does not grow with a batch (ORT's own)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.live_bytes)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(self.resident_bytes)
+
+    def with_prepack(self, prepacked: frozenset[int]) -> CostModel:
+        """The costs when only the resident blocks in `prepacked` are prepacked; the others keep
+        their weights mmapped (the live size and run times of a streamed block)."""
+        plain = self.plain_resident_times or self.resident_times
+        mapped = self.mapped_live_bytes or self.live_bytes
+        on = [i in prepacked and self.resident_prepack[i] for i in range(self.blocks)]
+        return replace(
+            self,
+            resident_bytes=tuple(
+                r if p else live for r, live, p in zip(self.resident_bytes, mapped, on, strict=True)
+            ),
+            resident_times=tuple(
+                r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
+            ),
+            resident_prepack=tuple(on),
+        )
+
+    def at_batch(self, batch_scale: float, micro_scale: float) -> CostModel:
+        """The costs of a batch whose activations and compute are `batch_scale` times the
+        sample's, each block run `micro_scale` of the sample's rows at a time (batch.py): the
+        tensors between blocks scale with the batch, a block's intermediates with the
+        micro-batch, its run time with the batch (as many rows computed, in any chunks)."""
+        if batch_scale == 1.0 and micro_scale == 1.0:
+            return self
+        fixed = self.fixed_activation_bytes
+        own = self.activation_bytes - self.inflight_bytes - fixed
+
+        def runs(t: BlockTimes) -> BlockTimes:
+            return replace(
+                t,
+                first_run_s=t.first_run_s * batch_scale,
+                steady_run_s=t.steady_run_s * batch_scale,
+            )
+
+        return replace(
+            self,
+            activation_bytes=int(fixed + own * micro_scale + self.inflight_bytes * batch_scale),
+            inflight_bytes=int(self.inflight_bytes * batch_scale),
+            stream_times=tuple(runs(t) for t in self.stream_times),
+            resident_times=tuple(runs(t) for t in self.resident_times),
+            plain_resident_times=tuple(runs(t) for t in self.plain_resident_times),
+        )
+
+    def min_budget(self) -> int:
+        """Smallest budget that can run at all: one streamed block at a time, nothing kept, and
+        the safety margin."""
+        return within_margin(self.peak((), 1, 0))
+
+    def peak(self, resident: tuple[int, ...], window: int, lag: int = 1, loaders: int = 1) -> int:
+        """Predicted peak RSS. While streamed block i runs, the window's other slots hold the
+        previous block (if the daemon may lag) and blocks opened ahead. On the first pass each
+        loading agent may be creating a prepacked kept block: the largest transients are added."""
+        keep = set(resident)
+        streamed = [i for i in range(self.blocks) if i not in keep]
+        worst = 0
+        for pos, i in enumerate(streamed):
+            cost = self.live_bytes[i]
+            ahead = window - 1
+            if lag and window >= 2 and pos > 0:
+                cost += self.live_bytes[streamed[pos - 1]]
+                ahead -= 1
+            cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
+            worst = max(worst, cost)
+        kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
+        packed = [i for i in keep if self.resident_prepack[i]]
+        packed += [i for i in streamed if self.stream_prepack and self.stream_prepack[i]]
+        packing = (
+            sorted((self.prepack_transient_bytes[i] for i in packed), reverse=True)[:loaders]
+            if self.prepack_transient_bytes
+            else []
+        )
+        return self.baseline_bytes + kept + worst + self.activation_bytes + sum(packing)
+
+    def latency(
+        self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool, lag: int = 1
+    ) -> float:
+        keep = frozenset(resident)
+        times = [
+            self.resident_times[i] if i in keep else self.stream_times[i]
+            for i in range(self.blocks)
+        ]
+        simulated = simulate(times, loaders, window, keep, first_pass, lag)
+        if first_pass:
+            return simulated + self.first_pass_extra_s
+        return simulated * (self.stream_pass_scale if len(keep) < self.blocks else 1.0)
+
+    @classmethod
+    def estimate(
+        cls, manifest: Manifest, baseline_bytes: int, warmup_pending: bool = False
+    ) -> CostModel:
+        """Upper bounds from file sizes (every weight page may become resident); rough times.
+        `warmup_pending`: this process has opened no session yet (the first one adds ONNX
+        Runtime's code and buffers to the baseline)."""
+        sizes = [b.bytes for b in manifest.blocks]
+        sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
+        # MatMulNBits blocks run only prepacked: packed at ~0.26 GB/s of CPU (docs/design.md §2.7)
+        packed = tuple(manifest.packed_weights and not sp for sp in sparse)
+        if warmup_pending:
+            baseline_bytes += ESTIMATE_WARMUP_BYTES
+        live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
+        times = tuple(
+            BlockTimes(
+                s / ESTIMATE_BANDWIDTH + (s / ESTIMATE_PACKING if pk else 0.0) + 0.003,
+                s / ESTIMATE_COMPUTE,
+                s / ESTIMATE_COMPUTE,
+                s / ESTIMATE_PACKING if pk else 0.0,
+            )
+            for s, pk in zip(sizes, packed, strict=True)
+        )
+        return cls(
+            baseline_bytes=baseline_bytes,
+            live_bytes=live,
+            open_bytes=tuple(
+                x if pk else SESSION_OVERHEAD_BYTES for x, pk in zip(live, packed, strict=True)
+            ),
+            resident_bytes=live,
+            resident_prepack=packed,
+            stream_prepack=packed,
+            sparse=sparse,
+            # in flight: a block's input and output; its own: as much again, and the reserve
+            activation_bytes=4 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
+            inflight_bytes=2 * output_bytes(manifest),
+            fixed_activation_bytes=ACTIVATION_RESERVE_BYTES,
+            stream_times=times,
+            resident_times=times,
+            source="estimate",
+        )
+
+    @classmethod
+    def from_profile(
+        cls,
+        manifest: Manifest,
+        profile: Profile,
+        baseline_bytes: int,
+        cold: bool,
+        cached: tuple[bool, ...] | None = None,
+        warmup_pending: bool = False,
+    ) -> CostModel:
+        """Measured costs. `cold`: streamed blocks are re-read from storage every pass (the
+        daemon drops their pages). `cached`: per block, whether its files are in the page cache
+        now, for the first pass (None: as later passes). `warmup_pending`: this process has
+        opened no session yet (the first adds the profile's warm-up bytes and start-up time)."""
+        blocks = profile.blocks
+        prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
+        sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
+        packed = tuple(
+            b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s) and not sp
+            for b, sp in zip(blocks, sparse, strict=True)
+        )
+        now = cached or (None,) * len(blocks)
+
+        def read(b, sparse: bool, from_storage: bool) -> tuple[float, float]:  # (time, CPU)
+            if sparse:
+                return 0.0, 0.0
+            if from_storage:
+                return b.readahead_cold_s, b.readahead_cold_cpu_s
+            return b.readahead_warm_s, b.readahead_warm_s
+
+        def times(
+            b, sp: bool, c: bool | None, create: float, run1: float, run: float, later_cold: bool
+        ):
+            (t, cpu), first = read(b, sp, later_cold), None
+            if c is not None:
+                first = read(b, sp, not c)[0] + create
+            return BlockTimes(t + create, run1, run, cpu + create, first)
+
+        stream = tuple(
+            times(b, sp, c, b.create_prepack_s, b.run_prepack_s, b.run_prepack_s, cold)
+            if pk
+            else times(b, sp, c, b.create_s, b.first_run_s, b.run_s, cold)
+            for b, sp, c, pk in zip(blocks, sparse, now, packed, strict=True)
+        )
+        plain = tuple(
+            times(b, False, c, b.create_s, b.first_run_s, b.run_s, False)
+            for b, c in zip(blocks, now, strict=True)
+        )
+        resident = tuple(
+            times(b, False, c, b.create_prepack_s, b.run_prepack_s, b.run_prepack_s, False)
+            if p
+            else q
+            for b, p, q, c in zip(blocks, prepack, plain, now, strict=True)
+        )
+        first_extra = 0.0
+        if warmup_pending:
+            baseline_bytes += profile.warmup_bytes
+            first_extra = profile.first_pass_extra_s
+        return cls(
+            baseline_bytes=baseline_bytes,
+            live_bytes=tuple(
+                b.live_prepack_bytes if pk else b.live_bytes
+                for b, pk in zip(blocks, packed, strict=True)
+            ),
+            open_bytes=tuple(
+                b.live_prepack_bytes if pk else b.open_bytes
+                for b, pk in zip(blocks, packed, strict=True)
+            ),
+            stream_prepack=packed,
+            mapped_live_bytes=tuple(b.live_bytes for b in blocks),
+            resident_bytes=tuple(
+                b.live_prepack_bytes if p else b.live_bytes
+                for b, p in zip(blocks, prepack, strict=True)
+            ),
+            resident_prepack=prepack,
+            sparse=sparse,
+            activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
+            inflight_bytes=inflight_peak(manifest, profile),
+            fixed_activation_bytes=profile.engine_overhead_bytes,
+            stream_times=stream,
+            resident_times=resident,
+            source="profile",
+            plain_resident_times=plain,
+            kept_overhead=profile.kept_overhead,
+            prepack_transient_bytes=tuple(b.prepack_transient_bytes for b in blocks),
+            first_pass_extra_s=first_extra,
+            stream_pass_scale=profile.stream_pass_scale,
+        )
+
+
+def within_margin(peak: int) -> int:
+    """The budget a plan of this predicted peak needs: the least B with room(B) >= peak."""
+    return -(-peak * 1000 // _KEEP_PER_MILLE)
+
+
+def room(budget: int) -> int:
+    """The predicted peak a plan may have under `budget`."""
+    return budget * _KEEP_PER_MILLE // 1000
+
+
+def activation_peak(manifest: Manifest, profile: Profile) -> int:
+    """Worst block: its transient bytes plus every tensor still in flight while it runs."""
+    last = last_consumers(manifest)
+    worst = 0
+    for i, block in enumerate(profile.blocks):
+        in_flight = sum(
+            p.output_bytes
+            for j, p in enumerate(profile.blocks[: i + 1])
+            if any(last.get(t, -1) >= i for t in manifest.blocks[j].outputs)
+        )
+        worst = max(worst, block.transient_bytes + in_flight)
+    return worst
+
+
+def inflight_peak(manifest: Manifest, profile: Profile) -> int:
+    """The most bytes of block outputs still in flight while some block runs."""
+    last = last_consumers(manifest)
+    return max(
+        (
+            sum(
+                p.output_bytes
+                for j, p in enumerate(profile.blocks[: i + 1])
+                if any(last.get(t, -1) >= i for t in manifest.blocks[j].outputs)
+            )
+            for i in range(len(profile.blocks))
+        ),
+        default=0,
+    )
+
+
+def output_bytes(manifest: Manifest) -> int:
+    """Bytes of the model's outputs at the manifest's sample shape."""
+    sizes = {"batch_size": 1, **manifest.sample}
+    total = 0
+    for spec in manifest.outputs:
+        count = 1
+        for d in spec.shape:
+            count *= d if isinstance(d, int) and d > 0 else int(sizes.get(str(d), 1))
+        total += count * np.dtype(spec.dtype).itemsize
+    return total
