@@ -40,8 +40,8 @@ def costs_at_load(model_dir: Path):
     """The cost model `load` plans a budgeted pass with in this process (stored profile or
     estimates), and the manifest."""
     from hermes_ort.core.manifest import load_manifest
-    from hermes_ort.planning.layer_profile import read_profile
     from hermes_ort.measure.profiler import costs_now
+    from hermes_ort.planning.layer_profile import read_profile
 
     manifest = load_manifest(model_dir)
     return costs_now(model_dir, manifest, read_profile(model_dir), cold=True), manifest
@@ -62,7 +62,10 @@ def _budget(args, model_dir: Path) -> int | str | None:
 
 
 def cmd_run(args) -> dict[str, Any]:
-    from hermes_ort.streaming.memory import RssSampler, storage_read_bytes  # imports the runtime (ORT)
+    from hermes_ort.streaming.memory import (  # imports the runtime (ORT)
+        RssSampler,
+        storage_read_bytes,
+    )
 
     t0 = args.t0 or T_IMPORT
     t_sampler = time.time()
@@ -168,8 +171,8 @@ def cmd_generate(args) -> dict[str, Any]:
 
 
 def cmd_describe(args) -> dict[str, Any]:
-    from hermes_ort.streaming.memory import RssSampler
     from hermes_ort.planning.layer_profile import read_profile
+    from hermes_ort.streaming.memory import RssSampler
 
     with RssSampler(1.0):  # as in `run`: the same threads, so the same baseline
         cost, manifest = costs_at_load(args.model_dir)

@@ -34,8 +34,8 @@ from bench import cgroups, child_env
 from bench.device import Emulation, Launch
 from bench.matrix import STORAGE
 from hermes_ort.core.manifest import load_manifest
-from hermes_ort.streaming.memory import drop_file_cache
 from hermes_ort.core.units import format_bytes
+from hermes_ort.streaming.memory import drop_file_cache
 
 PORT = 6390
 OBJECT_STORE = 80 << 20  # per node: activations are KBs to a few MB

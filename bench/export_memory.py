@@ -45,7 +45,16 @@ def save_checkpoint(path: Path, num_layers: int) -> int:
 
 def export_peak(ckpt: Path, out: Path, streaming: bool) -> dict:
     """Export in a child; its peak RSS is the kernel's (wait4's maxrss of the child)."""
-    cmd = [sys.executable, "-m", "hermes_ort.export", "--model", str(ckpt), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.export",
+        "--model",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     cmd += ["--seq-len", "32", "--force"] + (["--streaming"] if streaming else [])
     result = run_child(cmd, timeout_s=7200, env=child_env())
     require(result, f"export of '{ckpt}'")

@@ -43,10 +43,10 @@ def _setup(model_dir: Path):
 
 def _inputs(model_dir: Path, manifest, index: int) -> dict:
     """Real inputs of block `index`: the blocks before it run once on the sample."""
+    from hermes_ort.core.settings import STREAMING
+    from hermes_ort.streaming.sessions import create_session
     from hermes_ort.tensors.dataflow import Tensors
     from hermes_ort.tensors.inputs import sample_inputs
-    from hermes_ort.streaming.sessions import create_session
-    from hermes_ort.core.settings import STREAMING
 
     tensors = Tensors(manifest, sample_inputs(manifest))
     for i in range(index):
@@ -64,10 +64,10 @@ def _timed(fn) -> tuple[float, Any]:
 
 
 def child_sessions(model_dir: Path) -> dict:
+    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING, STREAMING
     from hermes_ort.streaming.memory import drop_file_cache, rss_breakdown, trim_heap
     from hermes_ort.streaming.readahead import warm_files
     from hermes_ort.streaming.sessions import create_session
-    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING, STREAMING
 
     manifest, layers, _ = _setup(model_dir)
     k = layers[len(layers) // 2]
@@ -108,8 +108,8 @@ def child_sessions(model_dir: Path) -> dict:
 def _options(spinning: bool, threads: int = 0):
     import onnxruntime as ort
 
-    from hermes_ort.streaming.sessions import session_options
     from hermes_ort.core.settings import PREPACKED_STREAMING
+    from hermes_ort.streaming.sessions import session_options
 
     # prepacked, as ORT loads a block by default (the load worth spreading over agents); spinning:
     # ORT's own thread pools, as a user of plain ORT gets them
@@ -179,9 +179,9 @@ def child_pools(model_dir: Path) -> dict:
 
 
 def child_trim(model_dir: Path) -> dict:
+    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING
     from hermes_ort.streaming.memory import rss_bytes, trim_heap
     from hermes_ort.streaming.sessions import create_session
-    from hermes_ort.core.settings import ORT_DEFAULT, PREPACKED_STREAMING
 
     manifest, layers, _ = _setup(model_dir)
     k = layers[len(layers) // 2]
@@ -251,10 +251,10 @@ def child_readahead(model_dir: Path) -> dict:
 def child_embedding(model_dir: Path) -> dict:
     import numpy as np
 
+    from hermes_ort.core.settings import STREAMING
     from hermes_ort.streaming.memory import rss_breakdown
     from hermes_ort.streaming.readahead import read_ahead
     from hermes_ort.streaming.sessions import create_session
-    from hermes_ort.core.settings import STREAMING
 
     manifest, _, _ = _setup(model_dir)
     spec = manifest.blocks[0]

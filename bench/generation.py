@@ -155,7 +155,9 @@ def _process_baseline() -> int:
     """RSS of a fresh process that imported the runtime (Python, numpy, ONNX Runtime)."""
     from hermes_ort.measure.fresh_process import require, run_child
 
-    code = "import json, hermes_ort.streaming.memory as m; print(json.dumps({'rss': m.rss_bytes()}))"
+    code = (
+        "import json, hermes_ort.streaming.memory as m; print(json.dumps({'rss': m.rss_bytes()}))"
+    )
     return require(run_child([sys.executable, "-c", code], 120), "the baseline probe")["rss"]
 
 

@@ -17,8 +17,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from hermes_ort.planning.strategies import LOAD_PATHS, STRATEGIES
 from hermes_ort.core.units import parse_bytes
+from hermes_ort.planning.strategies import LOAD_PATHS, STRATEGIES
 
 RUNTIME_STRATEGIES = tuple(STRATEGIES)
 # the ablation (+stream) applies to the fixed per-block baselines

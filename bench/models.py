@@ -12,8 +12,8 @@ from typing import Any
 
 from bench import REPO, child_env
 from bench.device import Emulation, Launch, run_under
-from hermes_ort.measure.fresh_process import require, run_child
 from hermes_ort.core.manifest import MANIFEST_NAME, Manifest
+from hermes_ort.measure.fresh_process import require, run_child
 from hermes_ort.planning.strategies import get_strategy
 
 REPO_PRESETS = REPO / "models" / "presets"
@@ -55,7 +55,16 @@ def ensure_exported(name: str, model_dir: Path, log=print) -> None:
             f"'{name}' is neither an exported model directory nor a preset ({', '.join(known)})"
         )
     log(f"exporting preset '{name}' into {model_dir} (python -m hermes_ort.export) ...")
-    cmd = [sys.executable, "-m", "hermes_ort.export", "--preset", name, "--out", str(model_dir), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.export",
+        "--preset",
+        name,
+        "--out",
+        str(model_dir),
+        "--quiet",
+    ]
     what = f"export of '{name}' ({' '.join(cmd)})"
     require(run_child(cmd, timeout_s=3600, env=child_env()), what)
 

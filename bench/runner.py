@@ -46,8 +46,8 @@ from bench.records import (
 )
 from hermes_ort.core.errors import HermesError
 from hermes_ort.core.manifest import Manifest, load_manifest
-from hermes_ort.planning.strategies import get_strategy
 from hermes_ort.core.units import format_bytes
+from hermes_ort.planning.strategies import get_strategy
 
 FLOOR_PASSES = 5
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from bench import child_env
 from hermes_ort.core.errors import ChildFailed
-from hermes_ort.measure.fresh_process import run_child
 from hermes_ort.core.manifest import load_manifest
+from hermes_ort.core.units import format_bytes
+from hermes_ort.measure.fresh_process import run_child
 from hermes_ort.planning.pipeline_planner import OBJECTIVES
 from hermes_ort.streaming.readahead import warm_files
-from hermes_ort.core.units import format_bytes
 
 GRID = [(k, w) for k in (1, 2) for w in (1, 2, 3, 4)]
 REPEATED_PASSES = 2  # after the first, in the same process

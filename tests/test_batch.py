@@ -11,8 +11,8 @@ import pytest
 from toy_model import write_toy_model
 
 import hermes_ort
-from hermes_ort.tensors.batch import BatchShape, micro_batches, run_in_micro_batches
 from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.tensors.batch import BatchShape, micro_batches, run_in_micro_batches
 
 MB = 1 << 20
 

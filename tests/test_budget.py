@@ -10,8 +10,8 @@ from toy_model import write_toy_model
 
 import hermes_ort
 from hermes_ort.planning.cost_model import CostModel
-from hermes_ort.streaming.memory import rss_bytes
 from hermes_ort.planning.pipeline_planner import check_budget, plan_pipeload
+from hermes_ort.streaming.memory import rss_bytes
 
 MB = 1 << 20
 

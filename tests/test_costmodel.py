@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from hermes_ort.core.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
 from hermes_ort.planning.cost_model import (
     ACTIVATION_RESERVE_BYTES,
     ESTIMATE_WARMUP_BYTES,
@@ -16,7 +17,6 @@ from hermes_ort.planning.cost_model import (
     room,
     within_margin,
 )
-from hermes_ort.core.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
 from hermes_ort.planning.layer_profile import BlockProfile, Profile
 from hermes_ort.planning.schedule import BlockTimes
 

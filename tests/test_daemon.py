@@ -9,11 +9,11 @@ import threading
 import pytest
 
 import hermes_ort
+from hermes_ort.core.settings import STREAMING
 from hermes_ort.streaming.daemon import Daemon, destroy, drop_own_files
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.loader import load_block
 from hermes_ort.streaming.readahead import is_cached
-from hermes_ort.core.settings import STREAMING
 
 
 @pytest.fixture

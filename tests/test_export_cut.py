@@ -11,7 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hermes_ort.export.cut import block_model, plan_blocks, value_types
 from hermes_ort.export.errors import ExportError
-from hermes_ort.export.rewrite import fuse_transposed_weight_matmuls, remove_dead_nodes, tie_transposed_copies
+from hermes_ort.export.rewrite import (
+    fuse_transposed_weight_matmuls,
+    remove_dead_nodes,
+    tie_transposed_copies,
+)
 from hermes_ort.export.stack import LayerStack
 from hermes_ort.export.storage import ALIGN_BYTES, SHARED_DATA, store_blocks
 

@@ -145,7 +145,15 @@ def test_force_replaces_only_after_success(tmp_path, monkeypatch):
 
 def test_python_m_export_runs_the_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "hermes_ort.export", "--preset", "nope", "--out", str(tmp_path / "m")],
+        [
+            sys.executable,
+            "-m",
+            "hermes_ort.export",
+            "--preset",
+            "nope",
+            "--out",
+            str(tmp_path / "m"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -24,7 +24,7 @@ import hermes_ort
 from bench import cgroups
 from bench.device import Emulation, Launch, run_under
 from bench.records import sample_from_child
-from hermes_ort.streaming import loader loader_module
+from hermes_ort.streaming import loader as loader_module
 
 MIB = 1 << 20
 

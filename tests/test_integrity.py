@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import hermes_ort
+from hermes_ort.core.settings import STREAMING
 from hermes_ort.streaming import integrity
 from hermes_ort.streaming.external_data import (
     _SCHEMA,
@@ -24,7 +25,6 @@ from hermes_ort.streaming.external_data import (
     locations_in_bytes,
 )
 from hermes_ort.streaming.sessions import create_session
-from hermes_ort.core.settings import STREAMING
 
 ROOT = Path(__file__).resolve().parents[1]
 

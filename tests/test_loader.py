@@ -9,11 +9,11 @@ import threading
 import pytest
 
 import hermes_ort
+from hermes_ort.core.settings import STREAMING
 from hermes_ort.streaming import loader
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.memory import drop_file_cache
 from hermes_ort.streaming.readahead import is_cached
-from hermes_ort.core.settings import STREAMING
 
 
 @pytest.fixture

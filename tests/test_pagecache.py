@@ -7,8 +7,8 @@ import pytest
 
 from hermes_ort.core.errors import OptionError
 from hermes_ort.core.machine import available_memory, cgroup_memory_limit
-from hermes_ort.planning.page_cache import MemorySituation, page_cache_policy
 from hermes_ort.core.units import format_bytes
+from hermes_ort.planning.page_cache import MemorySituation, page_cache_policy
 
 GB = 1 << 30
 MODEL = 2 * GB

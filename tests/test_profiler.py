@@ -11,10 +11,10 @@ from toy_model import write_toy_model
 
 import hermes_ort
 from hermes_ort.measure.calibrate import ensure_profile
+from hermes_ort.measure.profiler import profile_model
 from hermes_ort.planning.cost_model import CostModel
 from hermes_ort.planning.layer_profile import PROFILE_NAME
 from hermes_ort.planning.layer_profile import read_profile as load_profile
-from hermes_ort.measure.profiler import profile_model
 
 
 def test_profile_measures_every_block(toy_dir):
@@ -87,8 +87,8 @@ def test_load_plans_with_the_profile(toy_dir):
 def test_the_first_pass_is_predicted_from_what_is_cached_now(tmp_path):
     """Under a budget later passes re-read streamed blocks from storage; the first pass reads
     what the page cache holds at load time: cached files predict a faster first pass."""
-    from hermes_ort.streaming.memory import drop_file_cache
     from hermes_ort.measure.profiler import cached_now
+    from hermes_ort.streaming.memory import drop_file_cache
     from hermes_ort.streaming.readahead import warm_files
 
     wide = write_toy_model(tmp_path / "wide", layers=3, hidden=1024, vocab=64)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import hermes_ort
+from hermes_ort.cluster.split import Board, _Costs, split_blocks
+from hermes_ort.cluster.stage_runner import StageRunner
+from hermes_ort.cluster.stage_spec import allowed_cuts, stage_specs
 from hermes_ort.core.errors import BudgetError, OptionError
 from hermes_ort.core.manifest import load_manifest
-from hermes_ort.cluster.stage_runner import StageRunner
-from hermes_ort.cluster.split import Board, _Costs, split_blocks
-from hermes_ort.cluster.stage_spec import allowed_cuts, stage_specs
 
 try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
     import export_fixtures as fx

@@ -4,7 +4,8 @@ Decoders: the prompt's token ids (from --reference, a JSON file), then --new-tok
 end-of-sequence ignored; the record gives the load time, the time to first token (the prompt
 pass), each later token's time and the new ids. Encoders: --passes forward passes of the
 reference's inputs; the first pass's time and the later ones', and the outputs' checksums.
-Each engine imports only its own library (and hermes_ort.measure.fresh_process, which is the protocol only)."""
+Each engine imports only its own library (and hermes_ort.measure.fresh_process, the protocol
+only)."""
 
 from __future__ import annotations
 

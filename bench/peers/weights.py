@@ -185,7 +185,16 @@ def hermes(model: PeerModel, fmt: str = "fp32") -> None:
     if (out / "manifest.json").is_file():
         return
     log(f"{model.preset}: hermes-ort export ({fmt}) to {out}")
-    cmd = [sys.executable, "-m", "hermes_ort.export", "--model", str(model.ckpt), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hermes_ort.export",
+        "--model",
+        str(model.ckpt),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if fmt != "fp32":  # the exporter's defaults for the mode (export/quantize.py)
         cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]
     if model.tensorwise:  # layer by layer: the model never fits in memory as fp32

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hermes_ort.measure.fresh_process import run_child
 from hermes_ort.core.manifest import load_manifest
-from hermes_ort.streaming.readahead import warm_files
 from hermes_ort.core.units import format_bytes
+from hermes_ort.measure.fresh_process import run_child
+from hermes_ort.streaming.readahead import warm_files
 
 DEFAULT_PRESET = "bert-base"
 

@@ -186,8 +186,8 @@ def _add_info(sub) -> None:
 
 
 def cmd_info(args) -> int:
-    from hermes_ort.streaming.integrity import Verifier
     from hermes_ort.core.manifest import load_manifest
+    from hermes_ort.streaming.integrity import Verifier
 
     m = load_manifest(args.model_dir)
     print(
@@ -216,7 +216,9 @@ def _add_export(sub) -> None:
         "export", help="cut a Hugging Face model into per-block ONNX files (needs the export extra)"
     )
     try:
-        from hermes_ort.export.cli import add_arguments  # argparse only: torch is imported when it runs
+        from hermes_ort.export.cli import (
+            add_arguments,  # argparse only: torch is imported when it runs
+        )
     except ImportError:
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda args: _missing_extra("the export package"))
@@ -283,8 +285,8 @@ def _add_profile(sub) -> None:
 
 def cmd_profile(args) -> int:
     from hermes_ort.measure.calibrate import calibrate
-    from hermes_ort.planning.layer_profile import read_profile
     from hermes_ort.measure.profiler import profile_model
+    from hermes_ort.planning.layer_profile import read_profile
 
     if args.seq_len is not None and args.seq_len < 1:
         raise OptionError(f"--seq-len must be at least 1, got {args.seq_len}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hermes_ort.planning.layer_profile import Profile
 from hermes_ort.core.units import format_bytes
+from hermes_ort.planning.layer_profile import Profile
 
 
 def _ms(seconds: float) -> str:

@@ -23,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.tensors.batch import batch_shape
-from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.cluster.split import Board, StagePlan, split_blocks
+from hermes_ort.cluster.stage_spec import StageSpec, stage_specs
 from hermes_ort.core.errors import BudgetError, HermesError, OptionError
+from hermes_ort.core.manifest import load_manifest
+from hermes_ort.core.units import format_bytes, parse_bytes
 from hermes_ort.generation.token_loop import (
     GenerationStats,
     Prompts,
@@ -34,12 +36,10 @@ from hermes_ort.generation.token_loop import (
     generate_tokens,
     generation_request,
 )
-from hermes_ort.tensors.inputs import check_inputs, sample_inputs
-from hermes_ort.core.manifest import load_manifest
 from hermes_ort.planning.layer_profile import read_profile
-from hermes_ort.cluster.split import Board, StagePlan, split_blocks
-from hermes_ort.cluster.stage_spec import StageSpec, stage_specs
-from hermes_ort.core.units import format_bytes, parse_bytes
+from hermes_ort.tensors.batch import batch_shape
+from hermes_ort.tensors.inputs import check_inputs, sample_inputs
+from hermes_ort.tensors.kv_cache import decoder_signature
 
 RAY_PROCESS_NAMES = ("gcs_server",)  # on the head, beside the raylet's own processes
 DEFAULT_TIMEOUT_S = 600.0  # a stage call that long is a board gone quiet, not a slow block

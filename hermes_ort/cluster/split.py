@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import permutations
 
-from hermes_ort.planning.cost_model import CostModel, room
+from hermes_ort.cluster.stage_spec import allowed_cuts, stage_manifest, stage_profile, stage_spec
 from hermes_ort.core.errors import BudgetError, OptionError
 from hermes_ort.core.manifest import Manifest
-from hermes_ort.planning.pipeline_planner import plan_pipeload
-from hermes_ort.planning.layer_profile import Profile
-from hermes_ort.cluster.stage_spec import allowed_cuts, stage_manifest, stage_profile, stage_spec
 from hermes_ort.core.units import format_bytes
+from hermes_ort.planning.cost_model import CostModel, room
+from hermes_ort.planning.layer_profile import Profile
+from hermes_ort.planning.pipeline_planner import plan_pipeload
 
 TIE = 0.02  # splits whose slowest stages are within this share: the smaller sum wins
 MAX_ORDERED = 4  # up to this many boards every order of them is tried (heterogeneous budgets)

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hermes_ort.tensors.batch import BatchShape
-from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.cluster.stage_spec import StageSpec, stage_manifest, stage_profile
 from hermes_ort.core.errors import HermesError
-from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.core.manifest import load_manifest
+from hermes_ort.core.stats import RunStats
+from hermes_ort.planning.layer_profile import read_profile
+from hermes_ort.planning.strategies import get_strategy, opened_graphs
 from hermes_ort.runtime.model import HermesModel
 from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
-from hermes_ort.planning.layer_profile import read_profile
-from hermes_ort.cluster.stage_spec import StageSpec, stage_manifest, stage_profile
-from hermes_ort.core.stats import RunStats
-from hermes_ort.planning.strategies import get_strategy, opened_graphs
+from hermes_ort.streaming.integrity import Verifier
+from hermes_ort.tensors.batch import BatchShape
+from hermes_ort.tensors.kv_cache import decoder_signature
 
 
 class StageRunner:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hermes_ort.tensors.kv_cache import decoder_signature
 from hermes_ort.core.errors import OptionError
 from hermes_ort.core.manifest import Manifest, TensorSpec
 from hermes_ort.planning.layer_profile import Profile
+from hermes_ort.tensors.kv_cache import decoder_signature
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.core.manifest import BlockSpec, Manifest
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.install import remove_tree
 from hermes_ort.tensors.kv_cache import dim_sizes
-from hermes_ort.core.manifest import BlockSpec, Manifest
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -8,9 +8,9 @@ import sys
 import threading
 from pathlib import Path
 
-from hermes_ort.export.errors import ExportError
 from hermes_ort.core.errors import interrupted_status
 from hermes_ort.core.units import format_bytes
+from hermes_ort.export.errors import ExportError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from hermes_ort.export.errors import ExportError
 from hermes_ort.core.manifest import MANIFEST_NAME
+from hermes_ort.export.errors import ExportError
 
 DISK_FULL_BYTES = 1 << 20  # less free than this when an export fails: the disk filled up
 T = TypeVar("T")

@@ -12,8 +12,8 @@ from unittest import mock
 import numpy as np
 import onnx
 
-from hermes_ort.export.errors import ExportError
 from hermes_ort.core.manifest import TensorSpec
+from hermes_ort.export.errors import ExportError
 
 DEFAULT_OPSET = 17  # optimum's legacy (TorchScript) exporter keeps module scopes in node names
 # optimum's dynamic dims; every other dim gets fixed. A decoder with a KV cache also takes

@@ -17,11 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.core.manifest import FullModelSpec, Manifest, TensorSpec, check_dataflow
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.install import install_atomically, remove_tree
 from hermes_ort.export.sources import Source, check_checkpoint_files, open_source, write_tokenizer
 from hermes_ort.tensors.kv_cache import dim_sizes
-from hermes_ort.core.manifest import FullModelSpec, Manifest, TensorSpec, check_dataflow
 
 DEFAULT_SEQ_LEN = 128  # the verification sample, where the model has as many positions
 GRAPHS = ("auto", "optimum", "fused")

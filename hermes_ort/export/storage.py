@@ -21,8 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from hermes_ort.export.errors import ExportError
 from hermes_ort.core.manifest import FileSpec
+from hermes_ort.export.errors import ExportError
 
 ALIGN_BYTES = 64 * 1024
 EXTERNAL_MIN_BYTES = 1024

@@ -28,8 +28,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hermes_ort.export.errors import ExportError
 from hermes_ort.core.manifest import BlockSpec, Manifest, TensorSpec, check_dataflow
+from hermes_ort.export.errors import ExportError
 
 TEMPLATE_LAYERS = 3
 _NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from hermes_ort.core.manifest import Manifest, TensorSpec
 from hermes_ort.export.errors import ExportError
 from hermes_ort.tensors.dataflow import Tensors
-from hermes_ort.core.manifest import Manifest, TensorSpec
 
 TOLERANCE_FP32 = 1e-4
 SAMPLE_SEED = 0

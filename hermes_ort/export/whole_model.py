@@ -8,8 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hermes_ort.export.install import remove_tree
 from hermes_ort.core.manifest import FileSpec, FullModelSpec, Manifest
+from hermes_ort.export.install import remove_tree
 
 INLINE_LIMIT_BYTES = 2_000_000_000  # protobuf's 2 GB: above it optimum writes external data too
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.tensors.kv_cache import DecoderSignature
 from hermes_ort.core.errors import InputError
+from hermes_ort.tensors.kv_cache import DecoderSignature
 
 
 @dataclass(frozen=True)

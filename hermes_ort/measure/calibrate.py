@@ -18,16 +18,16 @@ import statistics
 import sys
 from pathlib import Path
 
-from hermes_ort.streaming.block_engine import BlockEngine
 from hermes_ort.core.errors import BudgetError, ChildFailed, ProfileError
-from hermes_ort.measure.fresh_process import child_main, require, run_child
-from hermes_ort.tensors.inputs import sample_inputs
-from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.core.manifest import load_manifest
-from hermes_ort.planning.pipeline_planner import check_budget, plan_pipeload
-from hermes_ort.planning.layer_profile import Profile, read_profile
+from hermes_ort.measure.fresh_process import child_main, require, run_child
 from hermes_ort.measure.profiler import costs_now, profile_model
+from hermes_ort.planning.layer_profile import Profile, read_profile
+from hermes_ort.planning.pipeline_planner import check_budget, plan_pipeload
+from hermes_ort.streaming.block_engine import BlockEngine
+from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.readahead import warm_files
+from hermes_ort.tensors.inputs import sample_inputs
 
 CALIBRATION_PASSES = 2
 MIN_KEPT_BYTES = 32 << 20  # below this, RSS jitter (~1 MB) is a large share of the kept bytes

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from hermes_ort.core.manifest import Manifest, load_manifest
+from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING, SessionSettings
 from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.planning.layer_profile import BlockProfile, Profile, fingerprint
 from hermes_ort.streaming.daemon import destroy, drop_own_files
-from hermes_ort.tensors.dataflow import Tensors
-from hermes_ort.tensors.inputs import sample_inputs
 from hermes_ort.streaming.integrity import Verifier, check_size
 from hermes_ort.streaming.loader import LiveBlock, read_ahead_block
-from hermes_ort.core.manifest import Manifest, load_manifest
 from hermes_ort.streaming.memory import (
     drop_file_cache,
     peak_rss_bytes,
@@ -30,10 +30,10 @@ from hermes_ort.streaming.memory import (
     rss_bytes,
     trim_heap,
 )
-from hermes_ort.planning.layer_profile import BlockProfile, Profile, fingerprint
 from hermes_ort.streaming.readahead import is_cached
 from hermes_ort.streaming.sessions import create_session, run_session, warmup_pending
-from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING, SessionSettings
+from hermes_ort.tensors.dataflow import Tensors
+from hermes_ort.tensors.inputs import sample_inputs
 
 STEADY_RUNS = 3
 

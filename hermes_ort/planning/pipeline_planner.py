@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hermes_ort.planning.cost_model import CostModel, room, within_margin
 from hermes_ort.core.errors import BudgetError, OptionError
 from hermes_ort.core.machine import default_threads
 from hermes_ort.core.manifest import Manifest
+from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
+from hermes_ort.core.units import format_bytes
+from hermes_ort.planning.cost_model import CostModel, room, within_margin
 from hermes_ort.planning.page_cache import PageCachePolicy
 from hermes_ort.planning.plan import BlockMechanism, Plan
-from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.planning.strategies import block_loading, get_strategy, whole_model_file
-from hermes_ort.core.units import format_bytes
 
 MAX_LOADERS = 4  # more agents than cores only contend for them (docs/design.md §2.2)
 MAX_WINDOW = 8

@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.tensors.batch import BatchShape, batch_shape, sample_shape
-from hermes_ort.measure.calibrate import ensure_profile
-from hermes_ort.planning.cost_model import CostModel
-from hermes_ort.tensors.kv_cache import decoder_signature
-from hermes_ort.streaming.block_engine import BlockEngine
 from hermes_ort.core.errors import BudgetError, HermesError, OptionError
+from hermes_ort.core.manifest import Manifest, load_manifest
+from hermes_ort.core.stats import RunStats
+from hermes_ort.core.trace import Trace, chrome_trace
+from hermes_ort.core.units import format_bytes, parse_bytes
 from hermes_ort.generation.token_loop import (
     GenerationStats,
     Sampling,
@@ -24,23 +23,24 @@ from hermes_ort.generation.token_loop import (
     generate_tokens,
     generation_request,
 )
-from hermes_ort.tensors.inputs import check_inputs, sample_inputs
-from hermes_ort.streaming.integrity import Verifier, check_verify_mode
-from hermes_ort.core.manifest import Manifest, load_manifest
+from hermes_ort.measure.calibrate import ensure_profile
+from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.planning.layer_profile import read_profile
 from hermes_ort.planning.page_cache import (
     check_policy,
 )
-from hermes_ort.planning.plan import Plan
 from hermes_ort.planning.pipeline_planner import (
     check_objective,
 )
-from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
-from hermes_ort.planning.layer_profile import read_profile
-from hermes_ort.core.stats import RunStats
+from hermes_ort.planning.plan import Plan
 from hermes_ort.planning.strategies import block_loading, get_strategy, opened_graphs
-from hermes_ort.core.trace import Trace, chrome_trace
-from hermes_ort.core.units import format_bytes, parse_bytes
+from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
+from hermes_ort.streaming.block_engine import BlockEngine
+from hermes_ort.streaming.integrity import Verifier, check_verify_mode
 from hermes_ort.streaming.whole_engine import WholeEngine
+from hermes_ort.tensors.batch import BatchShape, batch_shape, sample_shape
+from hermes_ort.tensors.inputs import check_inputs, sample_inputs
+from hermes_ort.tensors.kv_cache import decoder_signature
 
 
 class HermesModel:

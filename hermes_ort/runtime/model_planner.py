@@ -7,23 +7,23 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hermes_ort.tensors.batch import BatchShape, micro_batches, sample_shape
-from hermes_ort.planning.cost_model import CostModel
 from hermes_ort.core.errors import BudgetError
 from hermes_ort.core.machine import available_memory, cgroup_memory_limit, default_threads
 from hermes_ort.core.manifest import Manifest
+from hermes_ort.core.units import format_bytes
+from hermes_ort.measure.profiler import baseline_now, costs_now
+from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.planning.layer_profile import Profile
 from hermes_ort.planning.page_cache import (
     MemorySituation,
     PageCachePolicy,
     cgroup_headroom,
     page_cache_policy,
 )
-from hermes_ort.planning.plan import Plan
 from hermes_ort.planning.pipeline_planner import MAX_LOADERS, PASS_TIE, check_budget, plan_strategy
-from hermes_ort.planning.layer_profile import Profile
-from hermes_ort.measure.profiler import baseline_now, costs_now
+from hermes_ort.planning.plan import Plan
 from hermes_ort.planning.strategies import get_strategy
-from hermes_ort.core.units import format_bytes
+from hermes_ort.tensors.batch import BatchShape, micro_batches, sample_shape
 
 
 @dataclass(frozen=True)

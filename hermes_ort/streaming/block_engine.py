@@ -16,17 +16,17 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from hermes_ort.tensors.batch import batch_shape, run_in_micro_batches, symbolic_first_dim
-from hermes_ort.streaming.daemon import Daemon, destroy
-from hermes_ort.tensors.dataflow import Tensors
-from hermes_ort.streaming.integrity import Verifier
-from hermes_ort.streaming.loader import LiveBlock, LoadingAgents
 from hermes_ort.core.manifest import Manifest
-from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
-from hermes_ort.planning.plan import Plan
-from hermes_ort.streaming.sessions import run_session
 from hermes_ort.core.stats import BlockStats, RunStats
 from hermes_ort.core.trace import Trace
+from hermes_ort.planning.plan import Plan
+from hermes_ort.streaming.daemon import Daemon, destroy
+from hermes_ort.streaming.integrity import Verifier
+from hermes_ort.streaming.loader import LiveBlock, LoadingAgents
+from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
+from hermes_ort.streaming.sessions import run_session
+from hermes_ort.tensors.batch import batch_shape, run_in_micro_batches, symbolic_first_dim
+from hermes_ort.tensors.dataflow import Tensors
 
 
 @contextlib.contextmanager

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from hermes_ort.core.trace import Trace
 from hermes_ort.streaming.loader import LiveBlock, drop_own_files  # noqa: F401  (re-exported)
 from hermes_ort.streaming.memory import drop_file_cache, trim_heap
-from hermes_ort.core.trace import Trace
 
 
 def destroy(block: LiveBlock, model_dir: Path, drop_cache: bool, keep_cached: set[str]) -> None:

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hermes_ort.core.errors import IntegrityError, OptionError
-from hermes_ort.streaming.external_data import WireError, external_locations
 from hermes_ort.core.manifest import MANIFEST_NAME, FileSpec
+from hermes_ort.streaming.external_data import WireError, external_locations
 
 VERIFY_MODES = ("once", "size")
 CACHE_NAME = "verified.json"

@@ -12,13 +12,13 @@ from pathlib import Path
 import onnxruntime as ort
 
 from hermes_ort.core.errors import HermesError, LoadError
-from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.core.manifest import BlockSpec
+from hermes_ort.core.settings import SessionSettings
+from hermes_ort.core.trace import Trace
+from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.memory import drop_file_cache
 from hermes_ort.streaming.readahead import read_ahead
 from hermes_ort.streaming.sessions import create_session
-from hermes_ort.core.settings import SessionSettings
-from hermes_ort.core.trace import Trace
 
 
 @dataclass

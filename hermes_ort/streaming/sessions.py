@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from hermes_ort.core.errors import LoadError, RunFailed
-from hermes_ort.streaming.integrity import Verifier, check_external_data
 from hermes_ort.core.machine import default_threads
 from hermes_ort.core.settings import SessionSettings
+from hermes_ort.streaming.integrity import Verifier, check_external_data
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -7,13 +7,13 @@ import time
 
 import numpy as np
 
-from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.core.manifest import Manifest
-from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
-from hermes_ort.planning.plan import Plan
-from hermes_ort.streaming.sessions import create_session, run_session
 from hermes_ort.core.stats import BlockStats, RunStats
 from hermes_ort.core.trace import Trace
+from hermes_ort.planning.plan import Plan
+from hermes_ort.streaming.integrity import Verifier
+from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
+from hermes_ort.streaming.sessions import create_session, run_session
 
 
 class WholeEngine:

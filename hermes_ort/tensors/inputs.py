@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.tensors.kv_cache import dim_sizes
 from hermes_ort.core.errors import InputError
 from hermes_ort.core.manifest import Manifest, TensorSpec
+from hermes_ort.tensors.kv_cache import dim_sizes
 
 
 def check_inputs(manifest: Manifest, feeds: Any) -> dict[str, np.ndarray]:
