@@ -3,8 +3,9 @@
     hermes-ort export (--preset NAME | --model PATH_OR_HUB_ID) --out DIR [--layers-per-block N]
 
 writes DIR/manifest.json (hermes_ort.core.manifest), DIR/blocks/<block>.onnx + <block>.data
-(weights, 64 KiB-aligned, mmapped by ORT), DIR/blocks/shared.data (weights several blocks read, e.g. GPT-2's
-tied embedding/head) and DIR/full/model.onnx + model.onnx_data (the whole model, for baselines).
+(weights, 64 KiB-aligned, mmapped by ORT), DIR/blocks/shared.data (weights several blocks
+read, e.g. GPT-2's tied embedding/head) and DIR/full/model.onnx + model.onnx_data (the whole
+model, for baselines).
 
 One module each: sources (presets, checkpoint: what is exported) -> pipeline (the stages) ->
 onnx_export (optimum) -> whole_model (the baselines' files; rewrite: tied weights) -> blocks (stack
