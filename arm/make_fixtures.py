@@ -54,10 +54,9 @@ def fingerprint() -> str:
 
     h = hashlib.sha256(" ".join(version(p) for p in ("onnxruntime", "torch", "onnx")).encode())
     files = [
-        *sorted((REPO / "export").rglob("*.py")),
-        *sorted((REPO / "hermes_ort").rglob("*.py")),
+        *sorted((REPO / "hermes_ort").rglob("*.py")),  # the exporter (hermes_ort/export) too
         *sorted((REPO / "tests").rglob("*.py")),
-        *sorted((REPO / "models/presets").glob("tiny-*.json")),
+        *sorted((REPO / "hermes_ort/presets").glob("tiny-*.json")),
         Path(__file__),
     ]
     for path in files:

@@ -3,7 +3,8 @@
 `python -m bench matrix`: models x strategies x budgets x device profiles, each configuration in
 fresh processes under an emulated edge board; JSON, a Markdown table, PNG plots (bench/results/).
 The other commands (generation, sweep, objectives, verify-cost, export-memory) measure one thing
-each, on the same child-process protocol (hermes_ort/fresh.py, children in bench/child.py).
+each, on the same child-process protocol (hermes_ort/measure/fresh_process.py, children in
+bench/child.py).
 
 One module per concept: matrix (axes, named matrices), cgroups (cgroup v1 groups), device
 (emulating a board around one child), child (what runs in each fresh process), models (export,

@@ -1,6 +1,6 @@
-"""`python -m bench.child MODE ...`: what runs inside each fresh benchmark process, on the runtime's
-child protocol (hermes_ort/fresh.py: one JSON line on stdout, {"ok": false, "error": ...} and exit
-status 1 on failure).
+"""`python -m bench.child MODE ...`: what runs inside each fresh benchmark process, on the
+runtime's child protocol (hermes_ort/measure/fresh_process.py: one JSON line on stdout,
+{"ok": false, "error": ...} and exit status 1 on failure).
 
 run MODEL_DIR       load one strategy (under a budget), sample its own RSS over time, run
                     `--passes` passes: the first gives the one-shot latency (process start, passed
@@ -189,7 +189,7 @@ def cmd_describe(args) -> dict[str, Any]:
         "full_bytes": manifest.full_model.bytes if manifest.full_model else None,
         "min_budget_bytes": cost.min_budget(),
         "baseline_bytes": cost.baseline_bytes,
-        "resident_peak_bytes": cost.peak(tuple(range(cost.blocks)), 1),
+        "resident_peak_bytes": cost.peak(tuple(range(cost.count)), 1),
         "cost_source": cost.source,
         "profile_compute_s": compute,
     }

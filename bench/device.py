@@ -170,9 +170,10 @@ class Launch:
 def run_under(
     launch: Launch, cmd: list[str], timeout_s: float, tell_t0: bool = True
 ) -> ChildResult:
-    """Run `cmd` under `launch` (entered here) on the runtime's child protocol (fresh.py),
-    told its spawn time (`--t0`, so a bench child counts its one-shot from process start). The
-    child is killed on timeout, error or Ctrl-C; its groups are always removed."""
+    """Run `cmd` under `launch` (entered here) on the runtime's child protocol
+    (measure/fresh_process.py), told its spawn time (`--t0`, so a bench child counts its
+    one-shot from process start). The child is killed on timeout, error or Ctrl-C; its groups
+    are always removed."""
     with launch:
         t0 = [] if not tell_t0 else ["--t0", repr(time.time())]
         return run_child([*cmd, *t0], timeout_s, launch.preexec, child_env())

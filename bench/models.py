@@ -16,7 +16,7 @@ from hermes_ort.core.manifest import MANIFEST_NAME, Manifest
 from hermes_ort.measure.fresh_process import require, run_child
 from hermes_ort.planning.strategies import get_strategy
 
-REPO_PRESETS = REPO / "models" / "presets"
+REPO_PRESETS = REPO / "hermes_ort" / "presets"
 
 
 @dataclass(frozen=True)

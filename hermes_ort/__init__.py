@@ -6,15 +6,21 @@ outputs = model.run({"input_ids": ids, "attention_mask": mask})
 model.stats   # per-block load/run times, peak resident bytes, bytes read
 model.close()
 
-The package in layers (each module imports only from its own layer or those above it here):
-- data and arithmetic, no ONNX Runtime: errors, units, machine, pagecache, manifest, settings,
-  strategies, profile, timeline, costmodel, plan, planner, batch, dataflow, inputs, decoder,
-  stats, trace, generate, stagespec, stages
-- mechanism: memory, readahead, external_data, integrity, sessions, loader, daemon, engine,
-  whole_engine
-- measurement: profiler, calibrate, fresh
-- the API: planning, model, stage, cluster (Ray, only with `cluster=`), api, tokenizer, cli,
-  cli_generate, demo
+The package in layers, one subpackage each, bottom to top (a module imports only from its own
+subpackage or those below it; tests/test_layers.py checks it by folder):
+- core: errors, units, choices (enums), machine, settings, manifest, stats, trace
+- tensors: inputs, dataflow, kv_cache, batch
+- planning: strategies, layer_profile, cost_model, schedule, page_cache, plan, pipeline_planner;
+  generation: token_loop, tokenizer (both free of ONNX Runtime, like the two below them)
+- streaming: memory, readahead, external_data, integrity, sessions, loader, daemon,
+  block_engine, whole_engine (the PIPELOAD mechanism)
+- measure: profiler, calibrate, fresh_process
+- runtime: model (HermesModel), model_planner, load_options
+- cluster: several boards on Ray (only with `cluster=`)
+- api: loading (`load`)
+- cli: the `hermes-ort` command and the demo
+The exporter is `hermes_ort.export` (torch, transformers, optimum: the `export` extra); the
+presets it builds are package data in `hermes_ort/presets/`.
 
 Importing the package is light (the errors only); ONNX Runtime loads with the first name that
 needs it (`load`, `HermesModel`), so a tool importing one module of the data layer stays small.
@@ -44,6 +50,7 @@ _LAZY = {
     "Manifest": "hermes_ort.core.manifest",
     "load_manifest": "hermes_ort.core.manifest",
     "Plan": "hermes_ort.planning.plan",
+    "Model": "hermes_ort.runtime.protocol",
     "STRATEGIES": "hermes_ort.planning.strategies",
 }
 
@@ -70,6 +77,7 @@ __all__ = [
     "IntegrityError",
     "LoadError",
     "Manifest",
+    "Model",
     "ManifestError",
     "OptionError",
     "Plan",

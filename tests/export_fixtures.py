@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "models" / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "hermes_ort" / "presets"
 SEQ_LEN = 16  # the exports' verification length; the tests run other shapes on purpose
 
 

@@ -63,8 +63,12 @@ def test_cost_model_at_a_batch(wide):
     own = cost.activation_bytes - cost.inflight_bytes - fixed
     assert big.inflight_bytes == int(8 * cost.inflight_bytes)
     assert big.activation_bytes == int(fixed + own * 2 + cost.inflight_bytes * 8)
-    assert big.stream_times[1].steady_run_s == pytest.approx(8 * cost.stream_times[1].steady_run_s)
-    assert big.stream_times[1].load_s == cost.stream_times[1].load_s  # loads do not grow
+    assert big.blocks[1].stream_times.steady_run_s == pytest.approx(
+        8 * cost.blocks[1].stream_times.steady_run_s
+    )
+    assert (
+        big.blocks[1].stream_times.load_s == cost.blocks[1].stream_times.load_s
+    )  # loads do not grow
 
 
 def test_a_batch_under_a_budget_equals_unbatched_runs(wide):
@@ -75,8 +79,10 @@ def test_a_batch_under_a_budget_equals_unbatched_runs(wide):
         sample_plan = model.plan
         got = model.run(feeds)["logits"]
         plan = model.plan
-    assert plan is not sample_plan and plan.batch_rows == 16 and plan.batch_positions == 64
-    assert plan.micro_batch is not None and plan.micro_batch < 16  # "min" runs rows in chunks
+    assert plan is not sample_plan and plan.batch.rows == 16 and plan.batch.positions == 64
+    assert (
+        plan.batch.micro_batch is not None and plan.batch.micro_batch < 16
+    )  # "min" runs rows in chunks
     assert any(r.startswith("batch 16 x 64") for r in plan.reasons)
     scale = max(np.abs(w).max() for w in want)  # 1e-5 of the outputs' scale: GEMMs of other
     for i in range(16):  # row counts sum in another order
@@ -131,7 +137,7 @@ def test_the_engine_is_kept_across_batch_shapes(wide):
         engine = model._engine
         for rows, positions in ((4, 16), (4, 32), (2, 16), (4, 16)):
             model.run(batch_of(model, rows, positions))
-            assert model.plan.batch_rows == rows and model.plan.batch_positions == positions
+            assert model.plan.batch.rows == rows and model.plan.batch.positions == positions
         assert model._engine is engine  # resident sessions not opened again
     model = hermes_ort.load(wide, memory_budget="min")
     with model, pytest.raises(hermes_ort.OptionError, match="rows must be a whole number"):

@@ -56,7 +56,7 @@ def test_plan_grows_with_budget_and_keeps_all_when_it_fits(wide_toy):
         for extra in (0, 5 * MB, 10 * MB, 20 * MB, 1000 * MB)
     ]
     for plan in plans:
-        assert plan.predicted_peak_bytes <= plan.budget_bytes
+        assert plan.prediction.peak_bytes <= plan.budget_bytes
     live = [p.window + len(p.resident) for p in plans]
     assert live == sorted(live) and live[0] == 1 and live[-1] > live[1]
     assert plans[-1].resident == tuple(range(10))  # the whole model fits: everything stays
@@ -111,5 +111,5 @@ def test_the_page_cache_policy_is_planned_and_explained(wide_toy, monkeypatch):
             assert any(b.drop_pages for b in model.plan.blocks) == drops
             why = [r for r in model.plan.reasons if r.startswith("page cache:")]
             assert why and ("cgroup limit" in why[0]) == drops and ("kept" in why[0]) != drops
-    with pytest.raises(hermes_ort.OptionError, match="page_cache must be one of"):
+    with pytest.raises(hermes_ort.OptionError, match="unknown page_cache 'sometimes'"):
         hermes_ort.load(wide_toy, memory_budget=minimum, page_cache="sometimes")

@@ -34,6 +34,7 @@ def one_line(r: subprocess.CompletedProcess) -> str:
     "args,status,message",
     [
         (["run", "{missing}"], 1, "does not exist"),
+        (["run", "{text}"], 1, "is a file, not a model directory"),
         (["run", "{toy}", "--budget", "lots"], 2, "not a byte size"),
         (["run", "{toy}", "--budget", "1MB"], 1, "smallest workable budget"),
         (["run", "{toy}", "--input", "{text}"], 1, "is not an .npz of named arrays"),

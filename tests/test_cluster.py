@@ -22,9 +22,10 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 import hermes_ort
-from hermes_ort.cluster.driver import ClusterError
+from hermes_ort.cluster.connect import ClusterError
 from hermes_ort.core.errors import BudgetError, IntegrityError, OptionError
 from hermes_ort.core.manifest import load_manifest
+from hermes_ort.runtime.protocol import Model
 
 ray = pytest.importorskip("ray", reason="the cluster tests need Ray: pip install '.[cluster]'")
 
@@ -86,6 +87,7 @@ def exported(tmp_path_factory) -> dict:
 
 def test_the_model_is_split_over_every_board(cluster, exported):
     with hermes_ort.load(exported["tiny-gpt2"], cluster=cluster.address, memory_budget=BUDGET) as m:
+        assert isinstance(m, Model)  # as one board's HermesModel (tests/test_protocol.py)
         stages = m.plan.stages
         assert [s.board.name for s in stages] != [] and {s.board.name for s in stages} == set(
             BOARDS
@@ -147,6 +149,30 @@ def test_a_decoder_over_the_boards_generates_full_s_tokens(cluster, exported, na
             batch = m.generate(prompts, 8, eos_token_id=[])
             for a, b in zip(alone, batch, strict=True):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_a_streamer_sees_each_pass_s_tokens_over_the_boards(cluster, exported):
+    with hermes_ort.load(exported["tiny-gpt2"], cluster=cluster.address, memory_budget=BUDGET) as m:
+        seen: list = []
+        got = m.generate([5, 17, 99], 6, eos_token_id=[], streamer=seen.append)
+        assert seen == [int(t) for t in got[3:]]
+        rows: list = []  # a batch: one group (in_flight 1), each pass's tokens of every row
+        batch = m.generate([[5, 17], [9, 8]], 3, eos_token_id=[], streamer=rows.append)
+        assert rows == [[int(batch[0][2 + i]), int(batch[1][2 + i])] for i in range(3)]
+        with pytest.raises(OptionError, match="streamer"):
+            m.generate([[5, 17], [9, 8]], 2, eos_token_id=[], streamer=print, in_flight=2)
+
+
+def test_groups_generated_at_once_add_up_to_one_call_s_stats():
+    from hermes_ort.generation.token_loop import GenerationStats, combined_stats
+
+    a = GenerationStats(3, 8, 0.5, 2.0, 3.0, 0, 0, 100, "eos", batch_size=2)
+    b = GenerationStats(4, 6, 0.7, 2.2, 2.0, 0, 0, 50, "max_new_tokens", batch_size=2)
+    s = combined_stats([a, b], 2.5)
+    assert (s.prompt_tokens, s.new_tokens, s.batch_size, s.cache_bytes) == (7, 14, 4, 150)
+    assert s.time_to_first_token_s == 0.7 and s.stopped_by == "max_new_tokens"
+    assert s.decode_tokens_per_s == pytest.approx((14 - 4) / (2.5 - 0.7))
+    assert combined_stats([a], 2.0).stopped_by == "eos"
 
 
 def test_the_kv_cache_stays_on_each_board(cluster, exported):

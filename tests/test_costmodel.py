@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from cost_fixtures import block_costs, column, with_columns
 
 from hermes_ort.core.manifest import BlockSpec, FileSpec, Manifest, TensorSpec
 from hermes_ort.planning.cost_model import (
@@ -24,17 +25,10 @@ T = BlockTimes(0.01, 0.01, 0.01)
 
 
 def cost(live=(10, 20, 30, 40), open_=1, baseline=1000, activations=5, **kw) -> CostModel:
-    n = len(live)
     return CostModel(
         baseline_bytes=baseline,
-        live_bytes=tuple(live),
-        open_bytes=(open_,) * n,
-        resident_bytes=tuple(live),
-        resident_prepack=(False,) * n,
+        blocks=block_costs(live, open_, T),
         activation_bytes=activations,
-        sparse=(False,) * n,
-        stream_times=(T,) * n,
-        resident_times=(T,) * n,
         **kw,
     )
 
@@ -53,9 +47,8 @@ def test_peak_is_the_baseline_the_kept_blocks_and_the_worst_window():
 
 
 def test_kept_overhead_and_prepack_transients_add_to_the_peak():
-    c = replace(
-        cost(),
-        kept_overhead=0.5,
+    c = with_columns(
+        replace(cost(), kept_overhead=0.5),
         resident_prepack=(True,) * 4,
         prepack_transient_bytes=(7, 8, 9, 100),
     )
@@ -72,7 +65,7 @@ def test_the_safety_margin_is_the_least_budget_that_holds_a_peak():
 
 def test_with_prepack_swaps_bytes_and_times_of_the_chosen_blocks_only():
     fast = BlockTimes(0.02, 0.001, 0.001)
-    c = replace(
+    c = with_columns(
         cost(),
         resident_prepack=(True, True, False, False),
         resident_bytes=(11, 22, 30, 40),
@@ -80,9 +73,14 @@ def test_with_prepack_swaps_bytes_and_times_of_the_chosen_blocks_only():
         plain_resident_times=(T,) * 4,
     )
     chosen = c.with_prepack(frozenset({0, 2}))
-    assert chosen.resident_prepack == (True, False, False, False)  # 2 cannot be prepacked
-    assert chosen.resident_bytes == (11, 20, 30, 40)
-    assert chosen.resident_times == (fast, T, T, T)
+    assert column(chosen, "resident_prepack") == (
+        True,
+        False,
+        False,
+        False,
+    )  # 2 cannot be prepacked
+    assert column(chosen, "resident_bytes") == (11, 20, 30, 40)
+    assert column(chosen, "resident_times") == (fast, T, T, T)
 
 
 def _manifest(sizes=(1000, 4000, 4000, 50), outputs=(("h", ["batch_size", 8, 2]),)) -> Manifest:
@@ -119,10 +117,15 @@ def test_estimates_from_file_sizes():
     m = _manifest()
     assert output_bytes(m) == 3 * 8 * 2 * 4
     c = CostModel.estimate(m, 50_000)
-    assert c.source == "estimate" and c.sparse == (True, False, False, False)  # the prologue
+    assert c.source == "estimate" and column(c, "sparse") == (
+        True,
+        False,
+        False,
+        False,
+    )  # the prologue
     assert c.baseline_bytes == 50_000
     assert c.activation_bytes == 4 * output_bytes(m) + ACTIVATION_RESERVE_BYTES
-    assert c.live_bytes[1] > 4000 and c.live_bytes[1] == c.live_bytes[2]
+    assert c.blocks[1].live_bytes > 4000 and c.blocks[1].live_bytes == c.blocks[2].live_bytes
     warm = CostModel.estimate(m, 50_000, warmup_pending=True)
     assert warm.baseline_bytes == 50_000 + ESTIMATE_WARMUP_BYTES
 
@@ -155,16 +158,20 @@ def _profile(n=4, **block) -> Profile:
 def test_measured_costs_from_a_profile():
     m, p = _manifest(), _profile()
     c = CostModel.from_profile(m, p, 50_000, cold=True)
-    assert c.source == "profile" and c.resident_prepack == (True,) * 4  # 0.005 < 0.97 x 0.01
-    assert c.stream_times[1].load_s == pytest.approx(0.5 + 0.002)  # read from storage + create
-    assert c.resident_times[1].steady_run_s == 0.005 and c.resident_bytes[1] == 3500
+    assert (
+        c.source == "profile" and column(c, "resident_prepack") == (True,) * 4
+    )  # 0.005 < 0.97 x 0.01
+    assert c.blocks[1].stream_times.load_s == pytest.approx(
+        0.5 + 0.002
+    )  # read from storage + create
+    assert c.blocks[1].resident_times.steady_run_s == 0.005 and c.blocks[1].resident_bytes == 3500
     # the worst block's transient plus what is in flight while it runs: its inputs (the block
     # before's outputs) and its own outputs; then the calibrated engine overhead
     assert c.activation_bytes == activation_peak(m, p) + 11 == 77 + 2 * 64 + 11
     warm = CostModel.from_profile(m, p, 50_000, cold=False)
-    assert warm.stream_times[1].load_s == pytest.approx(0.01 + 0.002)  # from the page cache
+    assert warm.blocks[1].stream_times.load_s == pytest.approx(0.01 + 0.002)  # from the page cache
     cached = CostModel.from_profile(m, p, 50_000, cold=True, cached=(True,) * 4)
-    assert cached.stream_times[1].first_load_s == pytest.approx(0.01 + 0.002)
+    assert cached.blocks[1].stream_times.first_load_s == pytest.approx(0.01 + 0.002)
     first = CostModel.from_profile(m, p, 50_000, cold=True, warmup_pending=True)
     assert first.baseline_bytes == 50_000 + 9_000 and first.first_pass_extra_s == 0.3
     assert c.first_pass_extra_s == 0.0  # a process that has opened sessions already
@@ -172,7 +179,9 @@ def test_measured_costs_from_a_profile():
 
 def test_a_block_that_touches_little_of_its_files_is_sparse():
     c = CostModel.from_profile(_manifest(), _profile(live_bytes=1000), 0, cold=True)
-    assert c.sparse == (True,) * 4 and c.stream_times[0].load_s == pytest.approx(0.002)
+    assert column(c, "sparse") == (True,) * 4 and c.blocks[0].stream_times.load_s == pytest.approx(
+        0.002
+    )
 
 
 def test_a_block_that_runs_only_prepacked_is_streamed_prepacked():
@@ -191,16 +200,16 @@ def test_a_block_that_runs_only_prepacked_is_streamed_prepacked():
     )
     m, p = _manifest(), _profile(**slow_unpacked)
     c = CostModel.from_profile(m, p, 50_000, cold=True)
-    assert c.stream_prepack == (True,) * 4
-    assert c.stream_times[1].load_s == pytest.approx(0.5 + 0.07)
-    assert c.stream_times[1].first_run_s == 0.003
-    assert c.live_bytes[1] == c.open_bytes[1] == 41_000
+    assert column(c, "stream_prepack") == (True,) * 4
+    assert c.blocks[1].stream_times.load_s == pytest.approx(0.5 + 0.07)
+    assert c.blocks[1].stream_times.first_run_s == 0.003
+    assert c.blocks[1].live_bytes == c.blocks[1].open_bytes == 41_000
     # streaming one at a time still pays one packing transient
     assert c.peak((), 1, 0) == 50_000 + 41_000 + c.activation_bytes + 30_000
     # kept unpacked, it is the mapped session's size (and its slow runs)
-    assert c.with_prepack(frozenset()).resident_bytes[1] == 27_000
+    assert c.with_prepack(frozenset()).blocks[1].resident_bytes == 27_000
     fp32 = CostModel.from_profile(m, _profile(), 50_000, cold=True)
-    assert fp32.stream_prepack == (False,) * 4  # mapped: 2 ms + 20 ms beats 50 ms + 5 ms
+    assert column(fp32, "stream_prepack") == (False,) * 4  # mapped: 2 ms + 20 ms beats 50 ms + 5 ms
 
 
 def test_estimates_stream_nbits_blocks_prepacked():
@@ -208,7 +217,14 @@ def test_estimates_stream_nbits_blocks_prepacked():
 
     m = replace(_manifest(), quantization={"mode": "int4", "method": "nbits"})
     c = CostModel.estimate(m, 50_000)
-    assert c.stream_prepack == (False, True, True, True)  # the prologue is a sparse lookup
-    assert c.stream_times[1].load_cpu_s > 0 and c.open_bytes[1] == c.live_bytes[1]
+    assert column(c, "stream_prepack") == (
+        False,
+        True,
+        True,
+        True,
+    )  # the prologue is a sparse lookup
+    assert (
+        c.blocks[1].stream_times.load_cpu_s > 0 and c.blocks[1].open_bytes == c.blocks[1].live_bytes
+    )
     dynamic = replace(m, quantization={"mode": "int8", "method": "dynamic"})
-    assert CostModel.estimate(dynamic, 50_000).stream_prepack == (False,) * 4
+    assert column(CostModel.estimate(dynamic, 50_000), "stream_prepack") == (False,) * 4

@@ -128,7 +128,7 @@ def test_under_a_budget_streamed_pages_are_dropped_and_sparse_ones_kept(toy_dir,
             replace(b, resident=False, readahead=i != 0, drop_pages=i != 0)
             for i, b in enumerate(model.plan.blocks)
         )  # block 0, the prologue, is sparse: not read ahead, its pages kept
-        plan = replace(model.plan, blocks=streamed)
+        plan = replace(model.plan, mechanism=replace(model.plan.mechanism, blocks=streamed))
     engine = BlockEngine(manifest, plan, verifier)
     try:
         outputs, _ = engine.run(feeds)

@@ -102,6 +102,8 @@ def test_every_file_is_listed_with_its_sha256(exports, name):
     assert on_disk - set(listed) == {"manifest.json", "config.json"} | (
         {"generation_config.json"} if (model_dir / "generation_config.json").exists() else set()
     )
+    folders = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_dir()}
+    assert folders == {"blocks", "full"}  # no working directory (.scratch/) left, even empty
     assert fx.leftovers(model_dir.parent) == []
 
 

@@ -261,7 +261,7 @@ def _export_process(out: Path) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "export",
+        "hermes_ort.export",
         "--preset",
         "tiny-bert",
         "--out",

@@ -88,5 +88,29 @@ def test_the_default_sequence_length_fits_the_model(tmp_path, capsys):
     assert load_manifest(out).sample["sequence_length"] == 64
     args = ["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "n"), "--seq-len", "65"]
     assert cli.main([*args, "--quiet"]) == 1
-    assert "--seq-len 65 exceeds the model's 64 positions" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--seq-len 65 exceeds the 64 tokens model 'ckpt' can hold" in err
+    assert not (tmp_path / "n").exists()
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path, capsys):
+    """RoBERTa numbers positions from pad_token_id + 1: of 64 position embeddings 62 fit a
+    sequence. The default sample is that long (64 stopped in PyTorch with an IndexError), the
+    manifest's max_sequence_length says so, and --seq-len 64 is refused naming the limit."""
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config.update(vocab_size=100, max_position_embeddings=64, pad_token_id=1)
+    _save("RobertaModel", "RobertaConfig", tmp_path / "ckpt", **config)
+    from hermes_ort.export import cli
+
+    out = tmp_path / "m"
+    assert cli.main(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.family == "roberta"
+    assert manifest.sample["sequence_length"] == manifest.sample["max_sequence_length"] == 62
+    assert manifest.verification["max_abs_diff"] <= manifest.verification["tolerance"]
+    args = ["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "n"), "--seq-len", "64"]
+    assert cli.main([*args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--seq-len 64 exceeds the 62 tokens model 'ckpt' can hold" in err
+    assert "padding index 1" in err and "--seq-len 62 or less" in err
     assert not (tmp_path / "n").exists()

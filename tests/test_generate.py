@@ -323,6 +323,6 @@ def test_a_batch_longer_than_the_sample_at_min(decoders):
     prompts = [[(7 * i + j) % 900 + 3 for j in range(99)] for i in range(4)]
     with hermes_ort.load(model_dir, memory_budget="min") as model:
         got = model.generate(prompts, max_new_tokens=2, eos_token_id=[])
-        assert model.plan.batch_rows == 4
+        assert model.plan.batch.rows == 4
     for prompt, row in zip(prompts, got, strict=True):
         np.testing.assert_array_equal(row, hf_generate(torch_model, prompt, 2))

@@ -4,6 +4,7 @@ grows, keeps everything when the model fits, and refuses what cannot run."""
 from __future__ import annotations
 
 import pytest
+from cost_fixtures import block_costs, column, with_columns
 
 import hermes_ort
 from hermes_ort.planning.cost_model import CostModel, within_margin
@@ -17,17 +18,15 @@ def synthetic(
     blocks: int = 14, load_s: float = 0.02, run_s: float = 0.011, live: int = 28 * MB
 ) -> CostModel:
     """A BERT-base-like model: loading takes longer than running, every layer the same size."""
-    times = (BlockTimes(load_s, run_s * 1.1, run_s),) * blocks
     return CostModel(
         baseline_bytes=80 * MB,
-        live_bytes=(live,) * blocks,
-        open_bytes=(100_000,) * blocks,
-        resident_bytes=(live,) * blocks,
-        resident_prepack=(False,) * blocks,
-        sparse=(False,) * blocks,
+        blocks=block_costs(
+            (live,) * blocks,
+            100_000,
+            BlockTimes(load_s, run_s * 1.1, run_s),
+            BlockTimes(load_s, run_s, run_s),
+        ),
         activation_bytes=8 * MB,
-        stream_times=times,
-        resident_times=(BlockTimes(load_s, run_s, run_s),) * blocks,
         source="test",
     )
 
@@ -37,10 +36,10 @@ def test_plan_respects_budget_and_grows_with_it():
     budgets = [cost.min_budget() + extra * MB for extra in (0, 1, 30, 60, 120, 250, 600)]
     plans = [plan_pipeload(cost, b, cores=2) for b in budgets]
     for budget, plan in zip(budgets, plans, strict=True):
-        assert plan.predicted_peak_bytes <= budget
-        assert plan.predicted_peak_bytes == cost.peak(plan.resident, plan.window, plan.lag)
-    memory = [p.predicted_peak_bytes for p in plans]
-    latency = [p.predicted_latency_s for p in plans]
+        assert plan.prediction.peak_bytes <= budget
+        assert plan.prediction.peak_bytes == cost.peak(plan.resident, plan.window, plan.lag)
+    memory = [p.prediction.peak_bytes for p in plans]
+    latency = [p.prediction.latency_s for p in plans]
     assert memory == sorted(memory) and memory[-1] > memory[0]
     assert latency == sorted(latency, reverse=True) and latency[-1] < latency[0]
     assert plans[-1].resident == tuple(range(14))  # the whole model fits: keep it all
@@ -99,14 +98,15 @@ def test_baselines_are_fixed_mechanisms():
         plan_strategy("fast", cost, None)
     with pytest.raises(hermes_ort.OptionError, match="unknown load_path 'disk'"):
         plan_strategy("ondemand", cost, None, load_path="disk")
+    with pytest.raises(hermes_ort.OptionError, match=r"unknown load_path 'disk' \(choose from"):
+        hermes_ort.load("nowhere", strategy="ondemand", load_path="disk")  # before any file
 
 
 def test_pipeload_plans_say_what_each_block_does():
     """Under a budget: kept blocks stay, prepacked where the plan says so, the sparse prologue is
     neither read ahead nor dropped, every other streamed block's pages go back after its run."""
-    from dataclasses import replace
 
-    cost = replace(synthetic(), sparse=(True,) + (False,) * 13)
+    cost = with_columns(synthetic(), sparse=(True,) + (False,) * 13)
     plan = plan_pipeload(cost, cost.peak(tuple(range(4)), 2) + 10 * MB, cores=2)
     assert 0 < len(plan.resident) < 14
     for i, b in enumerate(plan.blocks):
@@ -161,7 +161,7 @@ def test_the_calibrated_kept_overhead_is_planned_for():
     plain, careful = plan_pipeload(cost, budget, cores=2), plan_pipeload(padded, budget, cores=2)
     assert len(careful.resident) < len(plain.resident)
     assert (
-        careful.predicted_peak_bytes
+        careful.prediction.peak_bytes
         == padded.peak(careful.resident, careful.window, careful.lag)
         <= budget
     )
@@ -170,20 +170,19 @@ def test_the_calibrated_kept_overhead_is_planned_for():
 def test_prepacking_a_kept_block_counts_its_creation_transient():
     """While a prepacked session is created it holds its mapped weights beside the packed copies
     (gpt2-medium's tied lm_head: +206 MB for a moment): each loading agent may be creating one."""
-    from dataclasses import replace
 
-    cost = replace(
+    cost = with_columns(
         synthetic(),
         resident_prepack=(True,) * 14,
         prepack_transient_bytes=tuple(i * MB for i in range(14)),
     )
     keep = (3, 5, 9)
-    base = replace(cost, prepack_transient_bytes=()).peak(keep, 2)
+    base = with_columns(cost, prepack_transient_bytes=(0,) * 14).peak(keep, 2)
     assert cost.peak(keep, 2, loaders=1) - base == 9 * MB
     assert cost.peak(keep, 2, loaders=2) - base == (9 + 5) * MB
     assert cost.with_prepack(frozenset()).peak(keep, 2, loaders=2) == base  # none prepacked
     plan = plan_pipeload(cost, cost.peak(keep, 2) + 20 * MB, cores=2)
-    assert plan.predicted_peak_bytes == cost.with_prepack(frozenset(plan.prepack_resident)).peak(
+    assert plan.prediction.peak_bytes == cost.with_prepack(frozenset(plan.prepack_resident)).peak(
         plan.resident, plan.window, plan.lag, plan.loaders
     )
 
@@ -191,26 +190,27 @@ def test_prepacking_a_kept_block_counts_its_creation_transient():
 def test_one_shot_objective_skips_prepacking_that_slows_the_first_pass():
     """Prepacked kept blocks run 2x faster but take 3x as long to create: the repeated objective
     prepacks them all, the one-shot objective none (its first pass is the faster one)."""
-    from dataclasses import replace
 
     plain = synthetic()
-    cost = replace(
+    cost = with_columns(
         plain,
         resident_prepack=(True,) * 14,
         resident_bytes=(32 * MB,) * 14,
         resident_times=(BlockTimes(0.06, 0.0055, 0.0055),) * 14,
-        plain_resident_times=plain.resident_times,
+        plain_resident_times=column(plain, "resident_times"),
     )
     repeated = plan_pipeload(cost, None, cores=2)
     one_shot = plan_pipeload(cost, None, cores=2, objective="one-shot")
     assert repeated.prepack_resident == tuple(range(14)) and one_shot.prepack_resident == ()
-    assert one_shot.predicted_first_latency_s < repeated.predicted_first_latency_s
-    assert repeated.predicted_latency_s < one_shot.predicted_latency_s
+    assert one_shot.prediction.first_latency_s < repeated.prediction.first_latency_s
+    assert repeated.prediction.latency_s < one_shot.prediction.latency_s
     assert any("prepacking would slow the first pass" in r for r in one_shot.reasons)
     # under a budget too: the same resident blocks, and within it
     budget = cost.peak(tuple(range(6)), 2) + 30 * MB
     assert plan_pipeload(cost, budget, cores=2).prepack_resident  # repeated prepacks some here
     capped = plan_pipeload(cost, budget, cores=2, objective="one-shot")
-    assert capped.prepack_resident == () and capped.predicted_peak_bytes <= budget
+    assert capped.prepack_resident == () and capped.prediction.peak_bytes <= budget
+    with pytest.raises(ValueError, match="'fast' is not a valid Objective"):
+        plan_pipeload(cost, None, objective="fast")  # users' values are checked by load
     with pytest.raises(hermes_ort.OptionError, match="unknown objective 'fast'"):
-        plan_pipeload(cost, None, objective="fast")
+        hermes_ort.load("nowhere", objective="fast")

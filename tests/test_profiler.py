@@ -71,17 +71,17 @@ def test_stored_and_reused_until_the_model_changes(toy_dir):
 
 def test_load_plans_with_the_profile(toy_dir):
     with hermes_ort.load(toy_dir, memory_budget="1GB") as model:
-        assert model.plan.cost_source == "estimate"
+        assert model.plan.prediction.cost_source == "estimate"
     with hermes_ort.load(toy_dir, memory_budget="1GB", profile=True) as model:
-        assert model.plan.cost_source == "profile" and model.plan.strategy == "pipeload"
-        assert model.plan.predicted_peak_bytes <= 10**9
+        assert model.plan.prediction.cost_source == "profile" and model.plan.strategy == "pipeload"
+        assert model.plan.prediction.peak_bytes <= 10**9
         out = model.run(model.sample_inputs())
     with hermes_ort.load(toy_dir, strategy="full") as full:
         np.testing.assert_allclose(
             out["logits"], full.run(full.sample_inputs())["logits"], atol=1e-5
         )
     with hermes_ort.load(toy_dir, memory_budget="1GB") as model:  # now stored: used by default
-        assert model.plan.cost_source == "profile"
+        assert model.plan.prediction.cost_source == "profile"
 
 
 def test_the_first_pass_is_predicted_from_what_is_cached_now(tmp_path):

@@ -72,6 +72,11 @@ def test_the_manifest_records_the_quantization_and_the_verification(exported, na
     v = m.verification
     assert v["quantized"] == mode and v["outputs"][m.output_names[0]]["cosine"] >= v["cosine_floor"]
     assert v["blocks_vs_full_max_abs_diff"] <= EXACT
+    # no working files left (int4 exports left an empty .scratch/): listed files and their folders
+    kept = {"manifest.json", "config.json", "generation_config.json", *m.all_files()}
+    kept |= {Path(f).parent.as_posix() for f in kept} - {"."}
+    entries = {p.relative_to(exported[name]).as_posix() for p in exported[name].rglob("*")}
+    assert entries - kept == set()
 
 
 def test_int4_blocks_use_matmulnbits_and_int8_dynamic_matmulinteger(exported):

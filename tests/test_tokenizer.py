@@ -16,7 +16,7 @@ try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
 except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
-from hermes_ort.cli.main import main as cli
+from hermes_ort.cli import main as cli
 from hermes_ort.generation.tokenizer import TokenizerError, load_tokenizer
 
 pytest.importorskip("tokenizers")

@@ -43,7 +43,7 @@ def log(line: str) -> None:
 
 @dataclass(frozen=True)
 class PeerModel:
-    preset: str  # a preset of models/presets
+    preset: str  # a preset of hermes_ort/presets
     root: Path
 
     @classmethod
@@ -52,13 +52,13 @@ class PeerModel:
 
     @property
     def kind(self) -> str:
-        config = json.loads((REPO / "models" / "presets" / f"{self.preset}.json").read_text())
+        config = json.loads((REPO / "hermes_ort" / "presets" / f"{self.preset}.json").read_text())
         return "decoder" if config["task"] == "text-generation" else "encoder"
 
     @property
     def tensorwise(self) -> bool:
         """Too large to build as a torch model here: written tensor by tensor (tensorwise.py)."""
-        config = json.loads((REPO / "models" / "presets" / f"{self.preset}.json").read_text())
+        config = json.loads((REPO / "hermes_ort" / "presets" / f"{self.preset}.json").read_text())
         return "tensorwise_dtype" in config
 
     @property
@@ -103,7 +103,7 @@ def checkpoint(model: PeerModel) -> None:
     if (model.ckpt / "config.json").is_file():
         return
     log(f"{model.preset}: writing a random-weight checkpoint to {model.ckpt}")
-    preset = REPO / "models" / "presets" / f"{model.preset}.json"
+    preset = REPO / "hermes_ort" / "presets" / f"{model.preset}.json"
     if model.tensorwise:
         tmp = model.ckpt.with_name("ckpt.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +195,7 @@ def hermes(model: PeerModel, fmt: str = "fp32") -> None:
         str(out),
         "--quiet",
     ]
-    if fmt != "fp32":  # the exporter's defaults for the mode (export/quantize.py)
+    if fmt != "fp32":  # the exporter's defaults for the mode (hermes_ort/export/quantize.py)
         cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]
     if model.tensorwise:  # layer by layer: the model never fits in memory as fp32
         cmd.append("--streaming")

@@ -13,23 +13,41 @@ from hermes_ort.core.units import format_bytes
 
 
 def add_generate(sub) -> None:
-    from hermes_ort.planning.strategies import STRATEGIES
+    from hermes_ort.core.choices import StrategyName, values
 
     p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")
-    p.add_argument("model_dir", type=Path)
+    p.add_argument(
+        "model_dir", type=Path, help="a decoder's model directory written by `hermes-ort export`"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs the model's tokenizer)")
     source.add_argument("--ids", help="prompt token ids, comma-separated (no tokenizer needed)")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="default 32")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=32, metavar="N", help="tokens to add (default 32)"
+    )
     p.add_argument("--budget", default=None, help="memory budget, e.g. 1GB, 'min' (default: none)")
-    p.add_argument("--strategy", default="pipeload", choices=tuple(STRATEGIES))
+    p.add_argument(
+        "--strategy",
+        default="pipeload",
+        choices=values(StrategyName),
+        help="pipeload (default) plans within --budget; the baselines have fixed plans",
+    )
     p.add_argument(
         "--profile", action="store_true", help="measure a layer profile first if none is stored"
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="with --sample: logits divided by it"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=None, help="with --sample: only the K likeliest tokens"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="with --sample: only the likeliest tokens whose probabilities add up to P",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument(
         "--eos",
@@ -69,7 +87,7 @@ class _TextStream:
     def __call__(self, token: int) -> None:
         self.ids.append(token)
         if self.tokenizer is None:
-            self.out.write(f"{token} ")
+            self.out.write(f"{token}" if len(self.ids) == 1 else f" {token}")
         else:
             text = self.tokenizer.decode(self.ids)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
@@ -81,6 +99,7 @@ class _TextStream:
 
 def cmd_generate(args) -> int:
     import hermes_ort
+    from hermes_ort.cli.model_options import load_model, profile_first
 
     hermes_ort.load_manifest(args.model_dir)  # a missing model is named as such, first
     ids, tokenizer = _prompt(args, args.model_dir)
@@ -88,7 +107,9 @@ def cmd_generate(args) -> int:
         raise OptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.cluster is not None:
         return cmd_generate_cluster(args, ids, tokenizer)
-    with hermes_ort.load(
+    if args.profile:
+        profile_first(args.model_dir)
+    with load_model(
         args.model_dir,
         memory_budget=args.budget,
         strategy=args.strategy,
@@ -112,6 +133,9 @@ def cmd_generate(args) -> int:
         )
         s = model.generation_stats
         plan = model.plan
+        if stream is not None:
+            sys.stdout.write("\n")  # the text's line ends: output ends with a newline
+            sys.stdout.flush()
     new = [int(t) for t in out[len(ids) :]]
     if args.json:
         record = {
@@ -126,7 +150,7 @@ def cmd_generate(args) -> int:
         print(json.dumps(record))
         return 0
     print(
-        f"\n\n{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, "
+        f"\n{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, "
         f"first token {s.time_to_first_token_s * 1000:.0f} ms | "
         f"{s.decode_tokens_per_s:.2f} tokens/s after it | "
         f"peak RSS {format_bytes(s.peak_rss_bytes)} | read {format_bytes(s.bytes_read)} | "

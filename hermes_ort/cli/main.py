@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-import zipfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,51 +18,38 @@ from hermes_ort.cli.cluster_cmd import (
     cmd_plan_cluster,
     cmd_run_cluster,
 )
-from hermes_ort.core.errors import HermesError, InputError, OptionError, interrupted_status
+from hermes_ort.cli.info_cmd import add_info
+from hermes_ort.cli.model_options import (
+    MODEL_DIR_HELP,
+    add_plan_options,
+    load_model,
+    profile_first,
+    read_inputs,
+)
+from hermes_ort.core.choices import (
+    LoadPath,
+    VerifyMode,
+    values,
+)
+from hermes_ort.core.errors import (
+    HermesError,
+    InputError,
+    OptionError,
+    interrupted_status,
+)
 from hermes_ort.core.units import format_bytes
-
-
-def _add_plan_options(p, objective_default: str | None) -> None:
-    from hermes_ort.planning.pipeline_planner import OBJECTIVES
-    from hermes_ort.planning.strategies import STRATEGIES
-
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB, min")
-    p.add_argument("--strategy", default="pipeload", choices=tuple(STRATEGIES))
-    p.add_argument("--loaders", type=int, default=None, help="override the plan's loading agents")
-    p.add_argument("--window", type=int, default=None, help="override the plan's window")
-    p.add_argument(
-        "--objective",
-        default=objective_default,
-        choices=OBJECTIVES,
-        help="what pipeload's plan makes fastest: later passes or the first",
-    )
-    p.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        metavar="N",
-        help="rows of the batch to plan for / run (default: the manifest's sample)",
-    )
-    p.add_argument(
-        "--page-cache",
-        default="auto",
-        choices=("auto", "keep", "drop"),
-        help="under a budget, drop streamed blocks' file pages after their run (auto: only where "
-        "the memory cgroup or available memory has no room for the model's files)",
-    )
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="measure a layer profile first if none is stored (measured costs for the planner)",
-    )
 
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run one pass of an exported model and print a summary")
-    p.add_argument("model_dir", type=Path)
-    _add_plan_options(p, None)
+    p.add_argument("model_dir", type=Path, help=MODEL_DIR_HELP)
+    add_plan_options(p, None)
     p.add_argument(
-        "--load-path", default="default", choices=("default", "stream"), help="baselines' load path"
+        "--load-path",
+        default="default",
+        choices=values(LoadPath),
+        help="how the per-block baselines open blocks: ONNX Runtime's default, or pipeload's "
+        "stream (mmapped, read ahead) for ablations",
     )
     p.add_argument(
         "--input", default="random", help="an .npz of inputs, or 'random' (the manifest's sample)"
@@ -81,32 +68,14 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--verify",
         default="once",
-        choices=("once", "size"),
+        choices=values(VerifyMode),
         help="check each file's sha256 once and cache it (default), or only sizes",
     )
     add_cluster_options(p)
     p.set_defaults(func=cmd_run)
 
 
-def read_inputs(path: str) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file (what `np.savez` writes), or InputError naming the file."""
-    try:
-        data = np.load(path)  # object arrays are refused (numpy's default)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise InputError(f"--input '{path}' holds one array, expected an .npz of named arrays")
-        with data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise InputError(f"--input '{path}' does not exist") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(
-            f"--input '{path}' is not an .npz of named arrays (np.savez): {e}"
-        ) from None
-
-
 def cmd_run(args) -> int:
-    import hermes_ort
-
     if args.repeat < 1:
         raise OptionError(f"--repeat must be at least 1, got {args.repeat}")
     feeds = None if args.input == "random" else read_inputs(args.input)
@@ -116,7 +85,9 @@ def cmd_run(args) -> int:
         return cmd_run_cluster(args, feeds)
     if args.trace is not None and not args.trace.parent.is_dir():
         raise InputError(f"--trace '{args.trace}': directory '{args.trace.parent}' does not exist")
-    model = hermes_ort.load(
+    if args.profile:
+        profile_first(args.model_dir)
+    model = load_model(
         args.model_dir,
         memory_budget=args.budget,
         strategy=args.strategy,
@@ -178,39 +149,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe an exported model directory")
-    p.add_argument("model_dir", type=Path)
-    p.add_argument("--verify", action="store_true", help="also hash every file now (sha256)")
-    p.set_defaults(func=cmd_info)
-
-
-def cmd_info(args) -> int:
-    from hermes_ort.core.manifest import load_manifest
-    from hermes_ort.streaming.integrity import Verifier
-
-    m = load_manifest(args.model_dir)
-    print(
-        f"{m.name}: {m.family} / {m.task}, {m.num_layers} layers in {len(m.blocks)} blocks, "
-        f"{format_bytes(m.blocks_bytes)} of blocks"
-    )
-    print("inputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.inputs))
-    print("outputs: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in m.outputs))
-    for b in m.blocks:
-        size = format_bytes(b.bytes)
-        print(f"  {b.name:<14} {b.kind:<9} {size:>10}  in {len(b.inputs)}, out {len(b.outputs)}")
-    verifier = Verifier(args.model_dir, "size")
-    files = list(m.all_files().values())
-    for f in files:
-        if args.verify:
-            verifier.hash_now(f)
-        else:
-            verifier.check(f)
-    checked = "and their sha256 match" if args.verify else "with the right sizes"
-    print(f"{len(files)} files present {checked}")
-    return 0
-
-
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export", help="cut a Hugging Face model into per-block ONNX files (needs the export extra)"
@@ -220,7 +158,7 @@ def _add_export(sub) -> None:
             add_arguments,  # argparse only: torch is imported when it runs
         )
     except ImportError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="the exporter's options")
         p.set_defaults(func=lambda args: _missing_extra("the export package"))
         return
     add_arguments(p)
@@ -261,7 +199,7 @@ def _missing_extra(what: str) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="export bert-base (random weights), compare pipeload, full")
-    p.add_argument("--preset", default="bert-base")
+    p.add_argument("--preset", default="bert-base", help="the model to export (default bert-base)")
     p.add_argument("--out", type=Path, default=None, help="model directory (default models/PRESET)")
     p.add_argument("--budget", default=None, help="pipeload's budget (default: min)")
     p.set_defaults(func=cmd_demo)
@@ -277,7 +215,7 @@ def _add_profile(sub) -> None:
     p = sub.add_parser(
         "profile", help="measure every block on this machine (stored beside the manifest)"
     )
-    p.add_argument("model_dir", type=Path)
+    p.add_argument("model_dir", type=Path, help=MODEL_DIR_HELP)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: sample's)")
     p.add_argument("--force", action="store_true", help="measure again even if one matches")
     p.set_defaults(func=cmd_profile)
@@ -296,10 +234,15 @@ def cmd_profile(args) -> int:
         def progress(i, n, b):
             print(f"  {i}/{n} {b.name}", file=sys.stderr)
 
+        t0 = time.perf_counter()
         profile = profile_model(args.model_dir, args.seq_len, progress=progress)
-        profile = calibrate(args.model_dir, profile)
-        path = profile.save(args.model_dir)
-        print(f"profile written to {path}")
+        try:
+            profile = calibrate(args.model_dir, profile)  # stores it as it goes
+            path = profile.save(args.model_dir)
+        except OSError as e:  # a read-only model directory, a full disk
+            raise InputError(f"cannot store the profile in '{args.model_dir}': {e}") from None
+        took = time.perf_counter() - t0
+        print(f"measured this machine's layer profile in {took:.1f} s (stored in {path})")
     else:
         print(f"stored profile matches this machine ({profile.created}); --force measures again")
     from hermes_ort.cli.profile_table import print_profile
@@ -310,8 +253,8 @@ def cmd_profile(args) -> int:
 
 def _add_plan(sub) -> None:
     p = sub.add_parser("plan", help="show the pipeline plan for a budget, its prediction, reasons")
-    p.add_argument("model_dir", type=Path)
-    _add_plan_options(p, "repeated")
+    p.add_argument("model_dir", type=Path, help=MODEL_DIR_HELP)
+    add_plan_options(p, "repeated")
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
     p.add_argument("--seq-len", type=int, default=None, help="positions of --batch's rows")
     p.add_argument("--json", action="store_true", help="with --cluster: the split as JSON")
@@ -325,12 +268,12 @@ def _check_batch(batch: int | None) -> None:
 
 
 def cmd_plan(args) -> int:
-    import hermes_ort
-
     _check_batch(args.batch)
     if args.cluster is not None:
         return cmd_plan_cluster(args)
-    with hermes_ort.load(
+    if not args.no_profile:
+        profile_first(args.model_dir)
+    with load_model(
         args.model_dir,
         memory_budget=args.budget,
         strategy=args.strategy,
@@ -339,11 +282,12 @@ def cmd_plan(args) -> int:
         profile=not args.no_profile,
         objective=args.objective,
         page_cache=args.page_cache,
+        verify="size",  # a plan opens no file: hashing them is `run`'s (and left RSS behind)
     ) as model:
         if args.batch is not None or args.seq_len is not None:
             model.plan_batch(args.batch or 1, args.seq_len)
         print(model.plan.describe())
-        everything = model.cost.peak(tuple(range(model.cost.blocks)), 1)
+        everything = model.cost.peak(tuple(range(model.cost.count)), 1)
         print(
             f"smallest workable budget: {format_bytes(model.cost.min_budget())}; "
             f"whole model resident: {format_bytes(everything)}"
@@ -351,12 +295,28 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version (what pip reports), else the package's own."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("hermes-ort")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        import hermes_ort
+
+        return hermes_ort.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hermes_ort.cli.generate_cmd import add_generate
 
     parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"hermes-ort {version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_export, _add_run, add_generate, _add_profile, _add_plan, _add_info):
+    for add in (_add_demo, _add_export, _add_run, add_generate, _add_profile, _add_plan, add_info):
         add(sub)
     return parser
 

@@ -20,8 +20,8 @@ def print_profile(profile: Profile) -> None:
         f"{p.read_bandwidth_bytes_per_s / 1e6:.0f} MB/s, batch 1, sequence {p.sequence_length}"
     )
     print(
-        "| block | file | read cold / warm | create / prepacked | 1st run | run / prepacked "
-        "| live | open | transient |"
+        "| block | on disk | read cold / warm | create / prepacked | 1st run | run / prepacked "
+        "| resident when run | opened, not run | transient |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for b in p.blocks:

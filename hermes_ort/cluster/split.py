@@ -1,7 +1,8 @@
 """Splitting a model over boards: the block list cut into contiguous stages, one per board, each
 fitting its board's budget (all resident where it fits, else streamed within the stage by the
 single-board planner), the slowest stage as fast as possible. Arithmetic only: the boards are
-data (cluster.py measures them on the cluster), the costs are the single-board cost model's.
+data (cluster/connect.py measures them on the cluster), the costs are the single-board cost
+model's.
 
 A stage's time is its predicted repeated pass; a request's latency is the sum of the stages plus
 the hops between boards; with several requests in flight the slowest stage sets the throughput."""
@@ -143,7 +144,7 @@ class _Costs:
             cost = CostModel.estimate(sub, board.baseline_bytes, warmup_pending=True)
         else:  # streamed blocks re-read each pass: a board that streams has no room to cache
             cost = CostModel.from_profile(sub, profile, board.baseline_bytes, True, None, True)
-        everything = tuple(range(cost.blocks))
+        everything = tuple(range(cost.count))
         peak = cost.peak(everything, 1, 0)
         if peak <= room(board.budget_bytes):
             return cost.latency(1, 1, everything, False, 0), len(everything), peak
@@ -151,7 +152,7 @@ class _Costs:
             plan = plan_pipeload(cost, board.budget_bytes)
         except BudgetError:
             return None
-        return plan.predicted_latency_s or 0.0, len(plan.resident), plan.predicted_peak_bytes or 0
+        return plan.prediction.latency_s or 0.0, len(plan.resident), plan.prediction.peak_bytes or 0
 
 
 def split_blocks(

@@ -1,6 +1,6 @@
 """One stage on its board: its blocks run by the single-board engine under the board's budget,
-its files checked before anything runs, its KV cache kept per request. No Ray here (cluster.py
-places stages on boards and passes tensors between them)."""
+its files checked before anything runs, its KV cache kept per request. No Ray here
+(placement.py places stages on boards, driver.py passes tensors between them)."""
 
 from __future__ import annotations
 

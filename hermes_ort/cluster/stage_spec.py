@@ -1,6 +1,6 @@
 """A stage of a model spread over several boards, as data: the contiguous blocks [first, last)
 and the tensors it takes and hands on. Its manifest is cut from the whole model's, so the
-single-board planner and engine run it as a model of their own (stage.py).
+single-board planner and engine run it as a model of their own (stage_runner.py).
 
 Between stages travel only the tensors later stages read (hidden states, BERT's additive mask),
 the model inputs later stages read (input ids, the attention mask), and the model outputs. A

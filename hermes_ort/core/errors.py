@@ -1,8 +1,6 @@
 """The error contract: everything a user can trigger raises a HermesError subclass whose message
 names the file, tensor, block or budget at fault. Nothing else is raised on purpose."""
 
-import ctypes
-
 
 class HermesError(Exception):
     """Base of all hermes-ort errors."""
@@ -52,12 +50,8 @@ class TokenizerError(HermesError):
 
 def interrupted_status() -> int:
     """The exit status of a command that caught Ctrl-C (or SIGTERM) and cleaned up: 130, as a
-    shell reports it. CPython 3.11 would instead kill the process with SIGINT at exit (status -2
-    to a parent process) if the interrupt landed inside an `exec` of a string, which dataclasses
-    run for every class defined during imports: that leaves a flag set, cleared here."""
-    try:
-        flag = ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt")
-    except (ValueError, AttributeError):  # other Pythons: no such flag
-        return 130
-    flag.value = 0
+    shell reports it (core/cpython.py says why a flag is cleared first)."""
+    from hermes_ort.core.cpython import clear_unhandled_interrupt
+
+    clear_unhandled_interrupt()
     return 130

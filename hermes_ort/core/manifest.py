@@ -32,12 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.core.choices import BlockKind, values
 from hermes_ort.core.errors import ManifestError
 
 SCHEMA_VERSION = 2  # 2: `quantization` (schema 1 directories still load: unquantized)
 READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
-BLOCK_KINDS = ("prologue", "layers", "epilogue")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class FileSpec:
 @dataclass(frozen=True)
 class BlockSpec:
     name: str
-    kind: str  # "prologue" | "layers" | "epilogue"
+    kind: BlockKind
     layers: tuple[int, ...]  # transformer layers inside (empty for prologue/epilogue)
     path: str  # the block's .onnx, relative to the model directory
     inputs: tuple[str, ...]  # tensor names consumed: model inputs or outputs of earlier blocks
@@ -102,8 +102,8 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
     full_model_mmap: FullModelSpec | None = None  # same weights in an external data file (mmap)
-    # how the weights were quantized (export/quantize.py: mode int4|int8, method nbits|dynamic,
-    # block_size, symmetric, accuracy_level, algorithm, embeddings); None: fp32
+    # how the weights were quantized (hermes_ort/export/quantize.py: mode int4|int8, method
+    # nbits|dynamic, block_size, symmetric, accuracy_level, algorithm, embeddings); None: fp32
     quantization: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
@@ -201,8 +201,9 @@ def _block(data: Any, where: str) -> BlockSpec:
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: expected an object")
     kind = _require(data, "kind", str, where)
-    if kind not in BLOCK_KINDS:
-        raise ManifestError(f"{where}: unknown block kind '{kind}' (expected one of {BLOCK_KINDS})")
+    if kind not in values(BlockKind):
+        kinds = ", ".join(values(BlockKind))
+        raise ManifestError(f"{where}: unknown block kind '{kind}' (expected one of {kinds})")
     files = tuple(
         _file(f, f"{where}.files[{i}]") for i, f in enumerate(_require(data, "files", list, where))
     )
@@ -211,7 +212,7 @@ def _block(data: Any, where: str) -> BlockSpec:
         raise ManifestError(f"{where}: its path '{path}' is not listed in its files")
     return BlockSpec(
         name=_require(data, "name", str, where),
-        kind=kind,
+        kind=BlockKind(kind),
         layers=tuple(_require(data, "layers", list, where)),
         path=path,
         inputs=tuple(_require(data, "inputs", list, where)),
@@ -302,6 +303,8 @@ def check_dataflow(manifest: Manifest, source: str = MANIFEST_NAME) -> None:
 def load_manifest(model_dir: str | Path) -> Manifest:
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
+    if model_dir.is_file():
+        raise ManifestError(f"'{model_dir}' is a file, not a model directory")
     if not model_dir.is_dir():
         raise ManifestError(f"model directory '{model_dir}' does not exist")
     if not path.is_file():

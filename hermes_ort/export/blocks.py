@@ -12,6 +12,7 @@ from typing import Any
 from hermes_ort.core.manifest import BlockSpec, Manifest
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.install import remove_tree
+from hermes_ort.export.logs import say
 from hermes_ort.tensors.kv_cache import dim_sizes
 
 
@@ -46,10 +47,7 @@ def cut_blocks(
     types = value_types(whole)
     fused = fuse_transposed_weight_matmuls(whole.graph)  # a tied head reads the table in place
     if fused:
-        print(
-            f"{fused} MatMul(x, Transpose(W)) -> FusedMatMul(x, W, transB=1): W read in place",
-            file=sys.stderr,
-        )
+        say(f"{fused} MatMul(x, Transpose(W)) -> FusedMatMul(x, W, transB=1): W read in place")
     remove_dead_nodes(whole.graph)
     plans = plan_blocks(whole.graph, stack, layers_per_block, arch)
     lap("cut_s")
@@ -114,10 +112,9 @@ def verify_blocks(
     full_diffs = verify.max_abs_diff(full, reference)
     worst = max(diffs, key=diffs.get)
     worst_full = max(full_diffs, key=full_diffs.get)
-    print(
+    say(
         f"verified against PyTorch: blocks max abs diff {diffs[worst]:.3g} ('{worst}'), "
-        f"full model {full_diffs[worst_full]:.3g} (tolerance {tolerance:g})",
-        file=sys.stderr,
+        f"full model {full_diffs[worst_full]:.3g} (tolerance {tolerance:g})"
     )
     for what, d, key in (("chained blocks", diffs, worst), ("full model", full_diffs, worst_full)):
         if not d[key] <= tolerance:
@@ -145,11 +142,10 @@ def _verify_quantized(manifest: Manifest, got: dict, full: dict, reference: dict
     streaming = max(verify.max_abs_diff(got, full).values())
     a = accuracy[main]
     top1 = f", top-1 agreement {a['top1']:.1%}" if "top1" in a else ""
-    print(
+    say(
         f"verified against PyTorch fp32 ({mode}): '{main}' cosine {a['cosine']:.5f} (floor "
         f"{floor}), max abs diff {a['max_abs_diff']:.3g}{top1}; chained blocks vs "
-        f"the whole {mode} model: max abs diff {streaming:.3g}",
-        file=sys.stderr,
+        f"the whole {mode} model: max abs diff {streaming:.3g}"
     )
     check_accuracy(mode, a["cosine"], main, floor)
     check_accuracy(mode, verify.accuracy(full, reference)[main]["cosine"], main, floor)

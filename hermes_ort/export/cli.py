@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -67,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet", action="store_true", help="print nothing but errors (no progress, no summary)"
+    )
     q = parser.add_argument_group("quantization (weight-only; export/quantize.py)")
     q.add_argument(
         "--quantize",
@@ -93,7 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=(1, 2, 3, 4),
         help="MatMulNBits' compute: 4 = int8 activations (default), 1 = fp32",
     )
-    q.add_argument("--quant-algorithm", choices=("rtn", "hqq"), default="rtn")
+    q.add_argument(
+        "--quant-algorithm",
+        choices=("rtn", "hqq"),
+        default="rtn",
+        help="how weights are rounded: rtn = round to nearest (fast kernel), hqq = half-quadratic "
+        "(float zero points: slower kernel)",
+    )
     q.add_argument(
         "--quant-no-embeddings",
         action="store_true",
@@ -184,24 +193,32 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print_summary(result)
+    if not args.quiet:
+        print_summary(result)
     return 0
 
 
+def on_disk(root: Path, paths) -> int:
+    """Bytes the files take on disk, as `du` counts them: the 64 KiB alignment of the data files
+    leaves holes (storage.py) that their length counts and the disk does not hold."""
+    return sum(os.stat(root / p).st_blocks * 512 for p in paths)
+
+
 def print_summary(result) -> None:
-    """Elapsed time, then a table of blocks and their sizes (shared files counted apart)."""
-    m = result.manifest
+    """Elapsed time, then a table of blocks and their bytes on disk (shared files counted
+    apart)."""
+    m, root = result.manifest, result.out
     uses: dict[str, int] = {}
     for b in m.blocks:
         for f in b.files:
             uses[f.path] = uses.get(f.path, 0) + 1
     shared = sorted(p for p, n in uses.items() if n > 1)
-    rows = [("block", "kind", "layers", "bytes", "")]
+    rows = [("block", "kind", "layers", "on disk", "")]
     for b in m.blocks:
         layers = (
             "-" if not b.layers else "-".join(str(x) for x in sorted({b.layers[0], b.layers[-1]}))
         )
-        own = sum(f.bytes for f in b.files if f.path not in shared)
+        own = on_disk(root, (f.path for f in b.files if f.path not in shared))
         also = ", ".join(f.path for f in b.files if f.path in shared)
         rows.append((b.name, b.kind, layers, format_bytes(own), f"+ {also}" if also else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -215,11 +232,10 @@ def print_summary(result) -> None:
         )
     for path in shared:
         print(
-            f"  {path}: {format_bytes(m.block_files()[path].bytes)}, stored once, "
+            f"  {path}: {format_bytes(on_disk(root, [path]))} on disk, stored once, "
             f"read by {uses[path]} blocks"
         )
-    full = format_bytes(m.full_model.bytes) if m.full_model else "-"
-    print(f"  blocks total {format_bytes(m.blocks_bytes)}; full model {full}")
+    print("  " + _totals(m, root))
     v = m.verification
     if "quantized" in v:
         a = v["outputs"][m.output_names[0]]
@@ -235,6 +251,17 @@ def print_summary(result) -> None:
         )
     else:
         print("  not verified (--no-verify)")
+
+
+def _totals(m, root: Path) -> str:
+    blocks = on_disk(root, m.block_files())
+    line = f"blocks on disk: {format_bytes(blocks)}"
+    if m.blocks_bytes > blocks:  # sparse files: their length (the manifest's bytes) is more
+        line += f" (file length {format_bytes(m.blocks_bytes)}, with the alignment's holes)"
+    if m.full_model is None:
+        return line
+    full = on_disk(root, (f.path for f in m.full_model.files))
+    return f"{line}; full model on disk: {format_bytes(full)}"
 
 
 def main(argv: list[str] | None = None) -> int:

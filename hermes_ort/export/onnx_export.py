@@ -32,6 +32,23 @@ def quiet_libraries() -> None:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
+def positions(model: Any) -> tuple[int | None, str]:
+    """How many tokens a sequence can hold, and why, from the config's max_position_embeddings
+    (GPT-2's n_positions). RoBERTa-style models (XLM-R, CamemBERT, Longformer, ESM, MPNet, ...)
+    number positions from padding_idx + 1 (transformers' create_position_ids_from_input_ids): they
+    build their position table with that padding index, and lose padding_idx + 1 positions."""
+    total = getattr(model.config, "max_position_embeddings", None)
+    if not total:
+        return None, ""
+    for name, module in model.named_modules():
+        pad = getattr(module, "padding_idx", None)
+        table = getattr(module, "num_embeddings", None) == total
+        if name.endswith("position_embeddings") and table and pad is not None:
+            why = f"{total} position embeddings, numbered from after the padding index {pad}"
+            return total - pad - 1, why
+    return int(total), f"{total} position embeddings"
+
+
 def architecture_name(model: Any) -> str:
     return type(model).__name__
 

@@ -10,7 +10,6 @@ import contextlib
 import gc
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -20,6 +19,7 @@ from typing import Any
 from hermes_ort.core.manifest import FullModelSpec, Manifest, TensorSpec, check_dataflow
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.install import install_atomically, remove_tree
+from hermes_ort.export.logs import quiet, say
 from hermes_ort.export.sources import Source, check_checkpoint_files, open_source, write_tokenizer
 from hermes_ort.tensors.kv_cache import dim_sizes
 
@@ -43,7 +43,7 @@ class ExportOptions:
     tolerance: float | None = None  # None: verify.TOLERANCE_FP32
     kv_cache: bool = True  # decoders take and return each layer's past keys/values (generation)
     streaming: bool = False  # --model only: layer by layer from safetensors (streaming.py)
-    progress: bool = True
+    progress: bool = True  # progress lines and bars; False (--quiet): nothing but errors
     quantization: Any = None  # quantize.Quantization, or None: fp32
     graph: str = "auto"  # "optimum" | "fused" (fused.py) | "auto": fused to quantize a Llama
 
@@ -66,16 +66,13 @@ class Signature:
     seq_len: int
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def export_model(opts: ExportOptions) -> ExportResult:
     """Export, cut, verify and atomically install a model directory at `opts.out`."""
     start = time.perf_counter()
     check_options(opts)
     run = _Export(opts)
-    manifest = install_atomically(Path(opts.out), opts.force, run.into)
+    with quiet(not opts.progress):
+        manifest = install_atomically(Path(opts.out), opts.force, run.into)
     return ExportResult(manifest, Path(opts.out).absolute(), time.perf_counter() - start, run.laps)
 
 
@@ -161,6 +158,7 @@ class _Export:
         manifest = self.quantize_whole(manifest)
         manifest = self.verify(manifest, reference, signature)
         manifest = self.finish(manifest, streamed)
+        remove_tree(tmp / ".scratch")  # the stages empty their parts of it; the folder goes here
         manifest.save(tmp)
         return manifest
 
@@ -174,11 +172,15 @@ class _Export:
 
     def describe(self, source: Source) -> int:
         """The verification sample's length: --seq-len, else the default the model can hold."""
-        config = source.model.config
-        positions = getattr(config, "max_position_embeddings", None)  # GPT-2: n_positions too
+        from hermes_ort.export.onnx_export import positions as model_positions
+
+        positions, why = model_positions(source.model)
         wanted = self.opts.seq_len
         if wanted is not None and positions and wanted > positions:
-            raise ExportError(f"--seq-len {wanted} exceeds the model's {positions} positions")
+            raise ExportError(
+                f"--seq-len {wanted} exceeds the {positions} tokens model '{source.name}' can "
+                f"hold ({why}): give --seq-len {positions} or less"
+            )
         if wanted is None:
             wanted = min(DEFAULT_SEQ_LEN, positions) if positions else DEFAULT_SEQ_LEN
         return wanted
@@ -215,12 +217,12 @@ class _Export:
                 "llama, mistral and qwen2 decoders"
             )
         if self.is_fused:
-            log(f"building the fused graph of {arch} ({source.task}, {where})")
+            say(f"building the fused graph of {arch} ({source.task}, {where})")
             raw = _fused_graph(
                 source, raw_dir, self.opts.opset, untie=self.opts.quantization is not None
             )
         else:
-            log(f"exporting {arch} ({source.task}, {where})")
+            say(f"exporting {arch} ({source.task}, {where})")
             raw = onnx_export.export_whole_model(
                 source.model, source.task, raw_dir, self.opts.opset
             )
@@ -244,9 +246,9 @@ class _Export:
         sample = {"batch_size": 1, "sequence_length": seq_len}
         if any("past_sequence_length" in t.shape for t in inputs):
             sample["past_sequence_length"] = 0  # one pass = the prompt pass of generation
-        positions = getattr(source.model.config, "max_position_embeddings", None)
+        positions, _ = onnx_export.positions(source.model)
         if positions and any("sequence_length" in t.shape for t in inputs):
-            sample["max_sequence_length"] = int(positions)
+            sample["max_sequence_length"] = positions
         return Signature(inputs, outputs, sample, seq_len)
 
     def reference(self, source: Source, signature: Signature) -> dict | None:

@@ -16,6 +16,8 @@ initializer also feeds a Gather, which then reads it as it was."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -96,12 +98,31 @@ def _tied_tables(model) -> set[str]:
 
 def quantize_model(model, q: Quantization):
     """`model` (a ModelProto with its weights loaded) with its weights quantized."""
-    if q.method == "dynamic":
-        return _dynamic(model)
-    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
-    if q.bits == 4 and q.head_bits == 8 and head:  # the head alone at 8 bits, then the rest
-        model = _nbits(model, replace(q, mode="int8", embeddings=False), only=head)
-    return _nbits(model, q)
+    with _quantizer_logs_off():
+        if q.method == "dynamic":
+            return _dynamic(model)
+        head = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+        if q.bits == 4 and q.head_bits == 8 and head:  # the head alone at 8 bits, then the rest
+            model = _nbits(model, replace(q, mode="int8", embeddings=False), only=head)
+        return _nbits(model, q)
+
+
+@contextlib.contextmanager
+def _quantizer_logs_off():
+    """Only errors from ONNX Runtime's quantizers: they log each node at INFO, and warn through
+    the root logger (opset < 21 "may not be a valid model": the verification runs it; "consider
+    pre-processing"). Importing matmul_nbits_quantizer calls logging.basicConfig(level=INFO),
+    which would print every library's INFO logs from then on: undone."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer  # noqa: F401  (its basicConfig)
+
+    root.handlers[:] = handlers
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _nbits(model, q: Quantization, only: list[str] | None = None):

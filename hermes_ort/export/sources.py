@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hermes_ort.export.errors import ExportError
+from hermes_ort.export.logs import say
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,7 @@ def open_source(
         from hermes_ort.export.streaming import load_template
 
         ref = Path(model)
-        log(f"streaming '{ref}': a small template first, then the other layers one by one")
+        say(f"streaming '{ref}': a small template first, then the other layers one by one")
         template = load_template(ref, task)
         record = {"kind": "checkpoint", "path": str(ref), "streaming": True}
         family = template.model.config.model_type
@@ -48,13 +44,13 @@ def open_source(
         from hermes_ort.export.presets import build_random_model, load_preset
 
         spec = load_preset(preset)
-        log(f"building preset '{spec.name}' ({spec.model_class}, random weights, seed {seed})")
+        say(f"building preset '{spec.name}' ({spec.model_class}, random weights, seed {seed})")
         record = {"kind": "preset", "name": spec.name, "seed": seed}
         return Source(build_random_model(spec, seed), spec.task, spec.family, spec.name, record)
     from hermes_ort.export.checkpoint import load_checkpoint, resolve_source
 
     ref = resolve_source(model)
-    log(f"loading checkpoint '{ref}'")
+    say(f"loading checkpoint '{ref}'")
     torch_model, task = load_checkpoint(ref, task)
     local = Path(ref).is_dir()
     record = {"kind": "checkpoint", "path": ref} if local else {"kind": "hub", "name": ref}
@@ -100,7 +96,7 @@ def write_tokenizer(ref: str, out: Path) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(ref)
     except Exception:  # no tokenizer files at all: generate() takes token ids
-        log("no tokenizer in the checkpoint: the model takes token ids only")
+        say("no tokenizer in the checkpoint: the model takes token ids only")
         return
     if getattr(tokenizer, "is_fast", False):
         tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))

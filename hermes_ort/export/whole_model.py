@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from hermes_ort.core.manifest import FileSpec, FullModelSpec, Manifest
 from hermes_ort.export.install import remove_tree
+from hermes_ort.export.logs import say
 
 INLINE_LIMIT_BYTES = 2_000_000_000  # protobuf's 2 GB: above it optimum writes external data too
 
@@ -29,7 +29,7 @@ def write_full_model(raw: Path, tmp: Path):
     finally:
         reader.close()
     if tied:
-        print(f"tied weights: dropped the exporter's copies {tied}", file=sys.stderr)
+        say(f"tied weights: dropped the exporter's copies {tied}")
     files = write_external(whole, raw.parent, tmp / "full" / "model.onnx", tmp)
     remove_tree(raw.parent)
     return whole, files

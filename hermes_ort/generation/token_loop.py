@@ -56,6 +56,32 @@ class GenerationStats:
     batch_size: int = 1  # prompts generated at once (new_tokens: over all of them)
 
 
+def decode_rate(new_tokens: int, rows: int, first_s: float, total_s: float) -> float:
+    """Tokens after each row's first, per second after the first token (0 if none)."""
+    decode_s = total_s - first_s
+    return (new_tokens - rows) / decode_s if new_tokens > rows and decode_s > 0 else 0.0
+
+
+def combined_stats(parts: Sequence[GenerationStats], total_s: float) -> GenerationStats:
+    """One call's stats from those of its groups of rows generated at once over `total_s`: the
+    first token when the slowest group had its, stopped by "eos" if every group was."""
+    count = sum(p.new_tokens for p in parts)
+    rows = sum(p.batch_size for p in parts)
+    first = max(p.time_to_first_token_s for p in parts)
+    return GenerationStats(
+        prompt_tokens=sum(p.prompt_tokens for p in parts),
+        new_tokens=count,
+        time_to_first_token_s=first,
+        total_s=total_s,
+        decode_tokens_per_s=decode_rate(count, rows, first, total_s),
+        peak_rss_bytes=max(p.peak_rss_bytes for p in parts),
+        bytes_read=sum(p.bytes_read for p in parts),
+        cache_bytes=sum(p.cache_bytes for p in parts),
+        stopped_by="eos" if all(p.stopped_by == "eos" for p in parts) else "max_new_tokens",
+        batch_size=rows,
+    )
+
+
 @dataclass(frozen=True)
 class Prompts:
     """Prompts as one left-padded batch: ids [B, T] int64, the attention mask [B, T] (0 over the
@@ -255,7 +281,7 @@ def generate_tokens(
     batch). A row that meets an end-of-sequence id stops there (later passes feed it `pad_id`,
     its tokens discarded); the loop stops when every row has. streamer(token) for one prompt,
     streamer(list of B tokens, None where a row has stopped) for a batch. `runner_keeps_cache`:
-    `run` keeps the KV cache itself (each board its own layers': cluster.py), so the feeds carry
+    `run` keeps the KV cache itself (each board its own layers': the cluster), so the feeds carry
     no past and the outputs no present."""
     rng = np.random.default_rng(sampling.seed)
     rows = prompts.rows
@@ -294,14 +320,13 @@ def generate_tokens(
         mask = np.concatenate([mask, np.ones((rows, 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
     total = time.perf_counter() - t0
-    decode_s = total - first_s
     count = sum(len(n) for n in new)
     stats = GenerationStats(
         prompt_tokens=int(prompts.mask.sum()),
         new_tokens=count,
         time_to_first_token_s=first_s,
         total_s=total,
-        decode_tokens_per_s=(count - rows) / decode_s if count > rows and decode_s > 0 else 0.0,
+        decode_tokens_per_s=decode_rate(count, rows, first_s, total),
         peak_rss_bytes=peak,
         bytes_read=read,
         cache_bytes=sig.cache_bytes(mask.shape[1], rows)

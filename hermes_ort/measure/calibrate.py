@@ -104,7 +104,9 @@ def measure_overhead(model_dir: Path) -> dict:
     overhead = -(1 << 62)
     for lag in (1, 0):
         blocks = tuple(dataclasses.replace(b, drop_pages=False) for b in plan.blocks)
-        lagged = dataclasses.replace(plan, lag=lag, blocks=blocks)
+        lagged = dataclasses.replace(
+            plan, mechanism=dataclasses.replace(plan.mechanism, lag=lag, blocks=blocks)
+        )
         engine = m.engine(lagged)
         try:
             for _ in range(CALIBRATION_PASSES):
@@ -129,7 +131,7 @@ def measure_kept_overhead(model_dir: Path) -> dict:
     worst, first_extra, ratios = 0.0, None, []
     for share in (0.5, 1.0):
         cost = m.costs()  # as load() would see it now
-        low, high = cost.min_budget(), cost.peak(tuple(range(cost.blocks)), 1)
+        low, high = cost.min_budget(), cost.peak(tuple(range(cost.count)), 1)
         budget = int(low + share * (high - low))
         try:
             check_budget(cost, budget, m.names)
@@ -137,17 +139,17 @@ def measure_kept_overhead(model_dir: Path) -> dict:
             continue
         plan = plan_pipeload(cost, budget)
         packed = cost.with_prepack(frozenset(plan.prepack_resident))
-        kept = sum(packed.resident_bytes[i] for i in plan.resident)
+        kept = sum(packed.blocks[i].resident_bytes for i in plan.resident)
         engine = m.engine(plan)
         try:
             for _ in range(CALIBRATION_PASSES + 1):  # the first pass, then repeated ones
                 _, stats = engine.run(feeds)
                 if first_extra is None:
-                    first_extra = stats.latency_s - plan.predicted_first_latency_s
-                elif len(plan.resident) < cost.blocks:
-                    ratios.append(stats.latency_s / plan.predicted_latency_s)
+                    first_extra = stats.latency_s - plan.prediction.first_latency_s
+                elif len(plan.resident) < cost.count:
+                    ratios.append(stats.latency_s / plan.prediction.latency_s)
                 if kept >= MIN_KEPT_BYTES:
-                    over = stats.peak_rss_bytes - plan.predicted_peak_bytes
+                    over = stats.peak_rss_bytes - plan.prediction.peak_bytes
                     worst = max(worst, over / kept)
         finally:
             engine.close()

@@ -1,4 +1,5 @@
-"""The layer profiler: measures every block on this machine, once (profile.py holds the result).
+"""The layer profiler: measures every block on this machine, once (planning/layer_profile.py
+holds the result).
 
 For each block, one at a time, in block order (real inputs flow from block to block):
 cold and warm read-ahead time, session creation with and without prepacking, first and steady run

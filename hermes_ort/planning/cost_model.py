@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.manifest import Manifest, last_consumers
 from hermes_ort.planning.layer_profile import Profile
 from hermes_ort.planning.schedule import BlockTimes, simulate
@@ -33,57 +34,82 @@ _KEEP_PER_MILLE = round(1000 * (1 - SAFETY_MARGIN))
 
 
 @dataclass(frozen=True)
+class BlockCost:
+    """What one block costs, as streamed and as kept. Sizes in bytes, times in seconds."""
+
+    live_bytes: int  # streamed, after it has run (packed where `stream_prepack`)
+    open_bytes: int  # opened ahead, not yet run
+    resident_bytes: int  # kept between runs (prepacked where `resident_prepack`)
+    mapped_live_bytes: int  # an unpacked session's, after it has run
+    resident_prepack: bool  # prepacked when kept: faster runs
+    # opened prepacked even when streamed: its weights' kernel needs the packed layout (int4
+    # MatMulNBits: unpacked, every run dequantizes the whole weight), so its load (the packing)
+    # and first run beat the mapped way's; live/open bytes are then packed
+    stream_prepack: bool
+    sparse: bool  # touches a small part of its weights (embedding lookups): not read ahead,
+    # its pages fault in on demand
+    stream_times: BlockTimes  # streamed (prepacking per stream_prepack), read ahead
+    resident_times: BlockTimes  # as loaded when kept (prepacking per resident_prepack)
+    plain_resident_times: BlockTimes  # kept but not prepacked
+    prepack_transient_bytes: int = 0  # held for a moment while a prepacked session is created
+    # (the mapped originals beside the packed copies), first pass
+
+    def kept_plain(self) -> BlockCost:
+        """As kept without prepacking: its mapped size and unpacked run times."""
+        return replace(
+            self,
+            resident_bytes=self.mapped_live_bytes,
+            resident_times=self.plain_resident_times,
+            resident_prepack=False,
+        )
+
+    def scaled_runs(self, scale: float) -> BlockCost:
+        """Its run times at `scale` times the sample's compute (its loads do not grow)."""
+
+        def runs(t: BlockTimes) -> BlockTimes:
+            return replace(
+                t, first_run_s=t.first_run_s * scale, steady_run_s=t.steady_run_s * scale
+            )
+
+        return replace(
+            self,
+            stream_times=runs(self.stream_times),
+            resident_times=runs(self.resident_times),
+            plain_resident_times=runs(self.plain_resident_times),
+        )
+
+
+@dataclass(frozen=True)
 class CostModel:
     baseline_bytes: int  # resident set of the process before any block is opened
-    live_bytes: tuple[int, ...]  # per block, streamed (prepacking off), after it has run
-    open_bytes: tuple[int, ...]  # per block, opened ahead, not yet run
-    resident_bytes: tuple[int, ...]  # per block, when kept between runs (with `resident_prepack`)
-    resident_prepack: tuple[bool, ...]  # prepack a block when it stays resident (faster runs)
+    blocks: tuple[BlockCost, ...]  # per manifest block
     activation_bytes: int  # intermediates + tensors in flight, worst block
-    sparse: tuple[bool, ...]  # blocks that touch a small part of their weights (embedding lookups):
-    # not read ahead, their pages fault in on demand
-    stream_times: tuple[BlockTimes, ...]  # prepacking off, read-ahead from storage
-    resident_times: tuple[BlockTimes, ...]  # as loaded when kept (prepacking per resident_prepack)
     source: str = "estimate"
-    plain_resident_times: tuple[BlockTimes, ...] = ()  # kept but not prepacked (default: as above)
     kept_overhead: float = 0.0  # share added to the kept blocks' bytes (calibrated)
     first_pass_extra_s: float = 0.0  # a fresh process's first pass: ORT's one-time start
     stream_pass_scale: float = 1.0  # repeated passes that stream: calibrated measured/predicted
-    prepack_transient_bytes: tuple[int, ...] = ()  # per block, held for a moment while a
-    # prepacked session is created (the mapped originals beside the packed copies), first pass
-    # per block, whether a streamed block is opened prepacked: its weights' kernel needs the
-    # packed layout (int4 MatMulNBits: unpacked, every run dequantizes the whole weight), so its
-    # load (the packing) and first run beat the mapped way's; live/open bytes are then packed
-    stream_prepack: tuple[bool, ...] = ()
-    mapped_live_bytes: tuple[int, ...] = ()  # per block, an unpacked session's (default: live)
     # the part of `activation_bytes` that is tensors between blocks (it grows with the whole
     # batch); the rest is a block's own intermediates (they grow with the rows run at once)
     inflight_bytes: int = 0
     fixed_activation_bytes: int = 0  # the part that does not grow with a batch (ORT's own)
 
     @property
-    def blocks(self) -> int:
-        return len(self.live_bytes)
+    def count(self) -> int:
+        return len(self.blocks)
 
     @property
     def model_bytes(self) -> int:
-        return sum(self.resident_bytes)
+        return sum(b.resident_bytes for b in self.blocks)
 
     def with_prepack(self, prepacked: frozenset[int]) -> CostModel:
         """The costs when only the resident blocks in `prepacked` are prepacked; the others keep
         their weights mmapped (the live size and run times of a streamed block)."""
-        plain = self.plain_resident_times or self.resident_times
-        mapped = self.mapped_live_bytes or self.live_bytes
-        on = [i in prepacked and self.resident_prepack[i] for i in range(self.blocks)]
         return replace(
             self,
-            resident_bytes=tuple(
-                r if p else live for r, live, p in zip(self.resident_bytes, mapped, on, strict=True)
+            blocks=tuple(
+                b if i in prepacked and b.resident_prepack else b.kept_plain()
+                for i, b in enumerate(self.blocks)
             ),
-            resident_times=tuple(
-                r if p else q for r, q, p in zip(self.resident_times, plain, on, strict=True)
-            ),
-            resident_prepack=tuple(on),
         )
 
     def at_batch(self, batch_scale: float, micro_scale: float) -> CostModel:
@@ -95,21 +121,11 @@ class CostModel:
             return self
         fixed = self.fixed_activation_bytes
         own = self.activation_bytes - self.inflight_bytes - fixed
-
-        def runs(t: BlockTimes) -> BlockTimes:
-            return replace(
-                t,
-                first_run_s=t.first_run_s * batch_scale,
-                steady_run_s=t.steady_run_s * batch_scale,
-            )
-
         return replace(
             self,
             activation_bytes=int(fixed + own * micro_scale + self.inflight_bytes * batch_scale),
             inflight_bytes=int(self.inflight_bytes * batch_scale),
-            stream_times=tuple(runs(t) for t in self.stream_times),
-            resident_times=tuple(runs(t) for t in self.resident_times),
-            plain_resident_times=tuple(runs(t) for t in self.plain_resident_times),
+            blocks=tuple(b.scaled_runs(batch_scale) for b in self.blocks),
         )
 
     def min_budget(self) -> int:
@@ -122,24 +138,21 @@ class CostModel:
         previous block (if the daemon may lag) and blocks opened ahead. On the first pass each
         loading agent may be creating a prepacked kept block: the largest transients are added."""
         keep = set(resident)
-        streamed = [i for i in range(self.blocks) if i not in keep]
+        b = self.blocks
+        streamed = [i for i in range(self.count) if i not in keep]
         worst = 0
         for pos, i in enumerate(streamed):
-            cost = self.live_bytes[i]
+            cost = b[i].live_bytes
             ahead = window - 1
             if lag and window >= 2 and pos > 0:
-                cost += self.live_bytes[streamed[pos - 1]]
+                cost += b[streamed[pos - 1]].live_bytes
                 ahead -= 1
-            cost += sum(self.open_bytes[j] for j in streamed[pos + 1 : pos + 1 + ahead])
+            cost += sum(b[j].open_bytes for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
-        kept = int(sum(self.resident_bytes[i] for i in keep) * (1 + self.kept_overhead))
-        packed = [i for i in keep if self.resident_prepack[i]]
-        packed += [i for i in streamed if self.stream_prepack and self.stream_prepack[i]]
-        packing = (
-            sorted((self.prepack_transient_bytes[i] for i in packed), reverse=True)[:loaders]
-            if self.prepack_transient_bytes
-            else []
-        )
+        kept = int(sum(b[i].resident_bytes for i in keep) * (1 + self.kept_overhead))
+        packed = [i for i in keep if b[i].resident_prepack]
+        packed += [i for i in streamed if b[i].stream_prepack]
+        packing = sorted((b[i].prepack_transient_bytes for i in packed), reverse=True)[:loaders]
         return self.baseline_bytes + kept + worst + self.activation_bytes + sum(packing)
 
     def latency(
@@ -147,13 +160,12 @@ class CostModel:
     ) -> float:
         keep = frozenset(resident)
         times = [
-            self.resident_times[i] if i in keep else self.stream_times[i]
-            for i in range(self.blocks)
+            b.resident_times if i in keep else b.stream_times for i, b in enumerate(self.blocks)
         ]
         simulated = simulate(times, loaders, window, keep, first_pass, lag)
         if first_pass:
             return simulated + self.first_pass_extra_s
-        return simulated * (self.stream_pass_scale if len(keep) < self.blocks else 1.0)
+        return simulated * (self.stream_pass_scale if len(keep) < self.count else 1.0)
 
     @classmethod
     def estimate(
@@ -163,7 +175,7 @@ class CostModel:
         `warmup_pending`: this process has opened no session yet (the first one adds ONNX
         Runtime's code and buffers to the baseline)."""
         sizes = [b.bytes for b in manifest.blocks]
-        sparse = tuple(b.kind == "prologue" for b in manifest.blocks)
+        sparse = tuple(b.kind == BlockKind.PROLOGUE for b in manifest.blocks)
         # MatMulNBits blocks run only prepacked: packed at ~0.26 GB/s of CPU (docs/design.md §2.7)
         packed = tuple(manifest.packed_weights and not sp for sp in sparse)
         if warmup_pending:
@@ -180,20 +192,25 @@ class CostModel:
         )
         return cls(
             baseline_bytes=baseline_bytes,
-            live_bytes=live,
-            open_bytes=tuple(
-                x if pk else SESSION_OVERHEAD_BYTES for x, pk in zip(live, packed, strict=True)
+            blocks=tuple(
+                BlockCost(
+                    live_bytes=x,
+                    open_bytes=x if pk else SESSION_OVERHEAD_BYTES,
+                    resident_bytes=x,
+                    mapped_live_bytes=x,
+                    resident_prepack=pk,
+                    stream_prepack=pk,
+                    sparse=sp,
+                    stream_times=t,
+                    resident_times=t,
+                    plain_resident_times=t,
+                )
+                for x, pk, sp, t in zip(live, packed, sparse, times, strict=True)
             ),
-            resident_bytes=live,
-            resident_prepack=packed,
-            stream_prepack=packed,
-            sparse=sparse,
             # in flight: a block's input and output; its own: as much again, and the reserve
             activation_bytes=4 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
             inflight_bytes=2 * output_bytes(manifest),
             fixed_activation_bytes=ACTIVATION_RESERVE_BYTES,
-            stream_times=times,
-            resident_times=times,
             source="estimate",
         )
 
@@ -257,31 +274,29 @@ class CostModel:
             first_extra = profile.first_pass_extra_s
         return cls(
             baseline_bytes=baseline_bytes,
-            live_bytes=tuple(
-                b.live_prepack_bytes if pk else b.live_bytes
-                for b, pk in zip(blocks, packed, strict=True)
+            blocks=tuple(
+                BlockCost(
+                    live_bytes=b.live_prepack_bytes if pk else b.live_bytes,
+                    open_bytes=b.live_prepack_bytes if pk else b.open_bytes,
+                    resident_bytes=b.live_prepack_bytes if p else b.live_bytes,
+                    mapped_live_bytes=b.live_bytes,
+                    resident_prepack=p,
+                    stream_prepack=pk,
+                    sparse=sp,
+                    stream_times=st,
+                    resident_times=rt,
+                    plain_resident_times=pt,
+                    prepack_transient_bytes=b.prepack_transient_bytes,
+                )
+                for b, p, pk, sp, st, rt, pt in zip(
+                    blocks, prepack, packed, sparse, stream, resident, plain, strict=True
+                )
             ),
-            open_bytes=tuple(
-                b.live_prepack_bytes if pk else b.open_bytes
-                for b, pk in zip(blocks, packed, strict=True)
-            ),
-            stream_prepack=packed,
-            mapped_live_bytes=tuple(b.live_bytes for b in blocks),
-            resident_bytes=tuple(
-                b.live_prepack_bytes if p else b.live_bytes
-                for b, p in zip(blocks, prepack, strict=True)
-            ),
-            resident_prepack=prepack,
-            sparse=sparse,
             activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             inflight_bytes=inflight_peak(manifest, profile),
             fixed_activation_bytes=profile.engine_overhead_bytes,
-            stream_times=stream,
-            resident_times=resident,
             source="profile",
-            plain_resident_times=plain,
             kept_overhead=profile.kept_overhead,
-            prepack_transient_bytes=tuple(b.prepack_transient_bytes for b in blocks),
             first_pass_extra_s=first_extra,
             stream_pass_scale=profile.stream_pass_scale,
         )

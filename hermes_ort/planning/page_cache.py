@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hermes_ort.core.choices import PageCacheMode
 from hermes_ort.core.units import format_bytes
 
-POLICIES = ("auto", "keep", "drop")
 # the share of the room left beside the budget the model's files may take before pages are
 # dropped: other processes' pages and the allocator's slack need the rest
 CACHE_SHARE = 0.8
@@ -32,21 +32,15 @@ class PageCachePolicy:
     reason: str
 
 
-def check_policy(policy: str) -> None:
-    from hermes_ort.core.errors import OptionError
-
-    if policy not in POLICIES:
-        raise OptionError(f"page_cache must be one of {', '.join(POLICIES)}, got {policy!r}")
-
-
 def page_cache_policy(
     policy: str, budget: int | None, model_bytes: int, situation: MemorySituation
 ) -> PageCachePolicy:
     """Decide, for a budget of `budget` bytes over a model whose block files total `model_bytes`,
     whether streamed pages are dropped; `policy` "keep"/"drop" forces it, "auto" decides."""
-    check_policy(policy)
-    if policy != "auto":
-        return PageCachePolicy(policy == "drop", f"page cache: '{policy}' as asked")
+    policy = PageCacheMode(policy)
+    if policy != PageCacheMode.AUTO:
+        drop = policy == PageCacheMode.DROP
+        return PageCachePolicy(drop, f"page cache: '{policy}' as asked")
     if budget is None:
         return PageCachePolicy(False, "page cache: kept (no budget)")
     files = format_bytes(model_bytes)

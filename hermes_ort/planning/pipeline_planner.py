@@ -4,13 +4,14 @@ and which are prepacked, under a memory budget; and the fixed plans of the basel
 `plan_pipeload` searches loaders x window, fills the rest of the budget with resident blocks (most
 time saved per byte first), and keeps the plan with the lowest predicted latency of the objective's
 pass: a repeated pass (default) or the first (one-shot); plans within 3% of it are a tie, won by the
-faster other pass (then the lowest peak). Costs come from the cost model (costmodel.py); what each
+faster other pass (then the lowest peak). Costs come from the cost model (cost_model.py); what each
 strategy is, from strategies.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from hermes_ort.core.choices import Engine, LoadPath, Objective, Residency, StrategyName, values
 from hermes_ort.core.errors import BudgetError, OptionError
 from hermes_ort.core.machine import default_threads
 from hermes_ort.core.manifest import Manifest
@@ -18,19 +19,13 @@ from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.core.units import format_bytes
 from hermes_ort.planning.cost_model import CostModel, room, within_margin
 from hermes_ort.planning.page_cache import PageCachePolicy
-from hermes_ort.planning.plan import BlockMechanism, Plan
+from hermes_ort.planning.plan import BlockMechanism, Mechanism, Plan, Prediction
 from hermes_ort.planning.strategies import block_loading, get_strategy, whole_model_file
 
 MAX_LOADERS = 4  # more agents than cores only contend for them (docs/design.md §2.2)
 MAX_WINDOW = 8
 PASS_TIE = 0.03  # plans whose objective's pass is predicted this close are a tie
-OBJECTIVES = ("repeated", "one-shot")  # what the plan makes fastest: later passes, or the first
-
-
-def check_objective(objective: str) -> str:
-    if objective not in OBJECTIVES:
-        raise OptionError(f"unknown objective '{objective}' (choose from {', '.join(OBJECTIVES)})")
-    return objective
+OBJECTIVES = values(Objective)  # what the plan makes fastest: later passes, or the first
 
 
 def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ...]) -> None:
@@ -39,10 +34,11 @@ def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ..
         return
     need = cost.min_budget()
     if need > budget:
-        largest = max(range(cost.blocks), key=lambda i: cost.live_bytes[i])
+        largest = max(range(cost.count), key=lambda i: cost.blocks[i].live_bytes)
         raise BudgetError(
             f"memory budget {format_bytes(budget)} cannot hold block '{block_names[largest]}' "
-            f"({format_bytes(cost.live_bytes[largest])}) plus the process baseline "
+            f"({format_bytes(cost.blocks[largest].live_bytes)} resident when run) plus the process "
+            "baseline "
             f"({format_bytes(cost.baseline_bytes)}) and activations "
             f"({format_bytes(cost.activation_bytes)}); "
             f"the smallest workable budget is {format_bytes(need)} ({need} bytes)"
@@ -51,13 +47,14 @@ def check_budget(cost: CostModel, budget: int | None, block_names: tuple[str, ..
 
 def _fill_resident(cost: CostModel, budget: int | None, window: int, lag: int) -> tuple[int, ...]:
     """Blocks to keep, most time saved per byte first, while the peak stays within the budget."""
-    everything = tuple(range(cost.blocks))
+    everything = tuple(range(cost.count))
     if budget is None or cost.peak(everything, window, lag) <= budget:
         return everything
 
     def saved_per_byte(i: int) -> float:
-        s, r = cost.stream_times[i], cost.resident_times[i]
-        return (s.load_s + s.first_run_s - r.steady_run_s) / max(1, cost.resident_bytes[i])
+        b = cost.blocks[i]
+        s, r = b.stream_times, b.resident_times
+        return (s.load_s + s.first_run_s - r.steady_run_s) / max(1, b.resident_bytes)
 
     resident: tuple[int, ...] = ()
     for i in sorted(everything, key=saved_per_byte, reverse=True):
@@ -78,13 +75,14 @@ def _prepack_within(
 ) -> frozenset[int]:
     """Resident blocks to prepack, most run time saved per extra byte first, within the budget.
     `plain`: the same costs with nothing prepacked."""
-    candidates = [i for i in resident if cost.resident_prepack[i]]
+    candidates = [i for i in resident if cost.blocks[i].resident_prepack]
     if budget is None:
         return frozenset(candidates)
 
     def gain(i: int) -> float:
-        saved = plain.resident_times[i].steady_run_s - cost.resident_times[i].steady_run_s
-        return saved / max(1, cost.resident_bytes[i] - cost.live_bytes[i])
+        b = cost.blocks[i]
+        saved = plain.blocks[i].resident_times.steady_run_s - b.resident_times.steady_run_s
+        return saved / max(1, b.resident_bytes - b.live_bytes)
 
     chosen: frozenset[int] = frozenset()
     for i in sorted(candidates, key=gain, reverse=True):
@@ -125,7 +123,9 @@ def _options(cost, budget, k_options, w_options, fill, objective) -> list[_Optio
                 mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
                 # one-shot: prepacking is a slower session creation, paid back only on later passes
                 variants = [mixed]
-                if objective == "one-shot" and any(mixed.resident_prepack):
+                if objective == Objective.ONE_SHOT and any(
+                    b.resident_prepack for b in mixed.blocks
+                ):
                     variants.append(plain)
                 for c in variants:
                     steady = c.latency(k, w, resident, first_pass=False, lag=lag)
@@ -141,23 +141,27 @@ def plan_pipeload(
     cores: int = 0,
     loaders: int | None = None,
     window: int | None = None,
-    objective: str = "repeated",
+    objective: Objective = Objective.REPEATED,
     page_cache: PageCachePolicy | None = None,
+    headroom: tuple[int | None, str] | None = None,
 ) -> Plan:
     """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`.
+    headroom: (the budget the blocks are searched in, why) where that is below `budget` (a
+    memory cgroup charged with the page cache being read ahead: page_cache.cgroup_headroom).
     objective "repeated": the fastest later pass (kept blocks prepacked where that speeds their
     runs); "one-shot": the fastest first pass (each candidate also without any prepacking, whose
     slower session creation only later passes pay back)."""
-    check_objective(objective)
-    n = cost.blocks
+    objective = Objective(objective)
+    n = cost.count
     cores = cores or default_threads()
     k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
     w_options = [window] if window else list(range(1, min(n, MAX_WINDOW) + 1))
     fill = window is None or budget is not None  # a fixed window without a budget keeps nothing
-    options = _options(cost, budget, k_options, w_options, fill, objective)
+    search, note = headroom or (budget, "")
+    options = _options(cost, search, k_options, w_options, fill, objective)
 
     def passes(o: _Option) -> tuple[float, float]:  # (the objective's, the other)
-        return (o.steady, o.first) if objective == "repeated" else (o.first, o.steady)
+        return (o.steady, o.first) if objective == Objective.REPEATED else (o.first, o.steady)
 
     # the fastest pass of the objective; among those within PASS_TIE of it, the fastest other
     # pass, then the smallest peak
@@ -170,45 +174,41 @@ def plan_pipeload(
     if best is None:
         w = window or 1
         need = format_bytes(within_margin(cost.peak((), w, 0)))
-        raise BudgetError(f"window {w} needs {need}, over the budget {format_bytes(budget)}")
+        raise BudgetError(f"window {w} needs {need}, over the budget {format_bytes(search)}")
     kept = set(best.resident)
-    packed = {i for i in kept if best.cost.resident_prepack[i]}
-    if page_cache is None:  # the policy of a budget where memory is short (pagecache.py)
+    packed = {i for i in kept if best.cost.blocks[i].resident_prepack}
+    if page_cache is None:  # the policy of a budget where memory is short (page_cache.py)
         page_cache = PageCachePolicy(budget is not None, "")
     drop = page_cache.drop
-    streamed_packed = best.cost.stream_prepack or (False,) * n
+    streamed_packed = [b.stream_prepack for b in best.cost.blocks]
     blocks = tuple(
         BlockMechanism(
             resident=i in kept,
             settings=PREPACKED_STREAMING
             if (i in packed if i in kept else streamed_packed[i])
             else STREAMING,
-            readahead=not best.cost.sparse[i],  # sparse: pages fault in on demand
-            drop_pages=drop and (i in packed if i in kept else not best.cost.sparse[i]),
+            readahead=not best.cost.blocks[i].sparse,  # sparse: pages fault in on demand
+            drop_pages=drop and (i in packed if i in kept else not best.cost.blocks[i].sparse),
         )
         for i in range(n)
     )
     return Plan(
-        "pipeload",
-        "blocks",
-        best.loaders,
-        best.window,
-        blocks,
-        lag=best.lag,
+        strategy=StrategyName.PIPELOAD,
+        mechanism=Mechanism(
+            Engine.BLOCKS, loaders=best.loaders, window=best.window, blocks=blocks, lag=best.lag
+        ),
         budget_bytes=budget,
-        predicted_peak_bytes=best.peak,
-        predicted_latency_s=best.steady,
-        predicted_first_latency_s=best.first,
-        cost_source=best.cost.source,
+        prediction=Prediction(best.peak, best.steady, best.first, best.cost.source),
         reasons=_reasons(best, budget, cores, len(packed), loaders, window, objective)
-        + ((page_cache.reason,) if page_cache.reason and len(kept) < n else ()),
+        + ((page_cache.reason,) if page_cache.reason and len(kept) < n else ())
+        + ((note,) if note else ()),
     )
 
 
 def _reasons(
     best: _Option, budget, cores, prepacked, loaders, window, objective
 ) -> tuple[str, ...]:
-    cost, resident, n = best.cost, best.resident, best.cost.blocks
+    cost, resident, n = best.cost, best.resident, best.cost.count
     why = []
     if len(resident) == n:
         fits = f"the whole model ({format_bytes(cost.model_bytes)}) fits the budget"
@@ -240,37 +240,44 @@ def _reasons(
 
 
 def plan_strategy(
-    strategy: str,
+    strategy: StrategyName,
     cost: CostModel,
     budget: int | None,
-    load_path: str = "default",
+    load_path: LoadPath = LoadPath.DEFAULT,
     loaders: int | None = None,
     window: int | None = None,
-    objective: str = "repeated",
+    objective: Objective = Objective.REPEATED,
     manifest: Manifest | None = None,
     page_cache: PageCachePolicy | None = None,
+    headroom: tuple[int | None, str] | None = None,
 ) -> Plan:
     """The plan of any strategy (strategies.py): pipeload's from the search above, the baselines'
     fixed. The whole-model strategies need the manifest (the file they open)."""
     spec = get_strategy(strategy)
     settings, readahead = block_loading(load_path)
-    check_objective(objective)
-    n = cost.blocks
-    if spec.residency == "planned":
+    n = cost.count
+    if spec.residency == Residency.PLANNED:
         return plan_pipeload(
-            cost, budget, loaders=loaders, window=window, objective=objective, page_cache=page_cache
+            cost,
+            budget,
+            loaders=loaders,
+            window=window,
+            objective=objective,
+            page_cache=page_cache,
+            headroom=headroom,
         )
-    common = dict(budget_bytes=budget, cost_source=cost.source, reasons=(spec.about,))
-    if spec.engine == "whole":
+    report = dict(strategy=spec.name, budget_bytes=budget, reasons=(spec.about,))
+    if spec.engine == Engine.WHOLE:
         if manifest is None:
             raise OptionError(f"strategy '{strategy}' is planned with the model's manifest")
         whole = whole_model_file(manifest, spec)
         whole_settings = spec.whole_settings
         if manifest.packed_weights:  # mapped, MatMulNBits would dequantize on every run
             whole_settings = replace(whole_settings, prepack=True)
-        return Plan(strategy, "whole", 0, 1, whole=whole, whole_settings=whole_settings, **common)
-    keep = spec.residency == "all"
-    packed = cost.stream_prepack or (False,) * n  # MatMulNBits blocks open prepacked, always
+        mechanism = Mechanism(Engine.WHOLE, whole=whole, whole_settings=whole_settings)
+        return Plan(mechanism=mechanism, prediction=Prediction(cost_source=cost.source), **report)
+    keep = spec.residency == Residency.ALL
+    packed = [b.stream_prepack for b in cost.blocks]  # MatMulNBits blocks open prepacked, always
     blocks = tuple(
         BlockMechanism(keep, replace(settings, prepack=True) if pk else settings, readahead)
         for pk in packed
@@ -280,4 +287,5 @@ def plan_strategy(
     w = window or (n if keep else 1)
     resident = tuple(range(n)) if keep else ()
     peak = cost.peak(resident, 1 if keep else w)
-    return Plan(strategy, "blocks", loaders or 1, w, blocks, predicted_peak_bytes=peak, **common)
+    mechanism = Mechanism(Engine.BLOCKS, loaders=loaders or 1, window=w, blocks=blocks)
+    return Plan(mechanism=mechanism, prediction=Prediction(peak, cost_source=cost.source), **report)

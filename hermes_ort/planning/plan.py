@@ -1,6 +1,9 @@
 """A plan: the mechanism one model runs with, stated in full, so that the engine, the integrity
 checks and the reports read it off the plan and never ask for a strategy's name.
 
+A Plan is a Mechanism (what the engine runs) with its report (budget, prediction, reasons,
+batch); the engines read the mechanism only.
+
 - engine "blocks": `loaders` loading agents open the blocks' sessions in order, at most `window`
   streamed ones alive at once; per block, whether it stays resident, how its session is opened,
   whether it is read ahead and whether the daemon drops its file pages after use.
@@ -9,9 +12,10 @@ checks and the reports read it off the plan and never ask for a strategy's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hermes_ort.core.choices import Engine, StrategyName
 from hermes_ort.core.manifest import FullModelSpec
 from hermes_ort.core.settings import SessionSettings
 from hermes_ort.core.units import format_bytes
@@ -28,26 +32,86 @@ class BlockMechanism:
 
 
 @dataclass(frozen=True)
-class Plan:
-    strategy: str  # the name it was planned for (reports only)
-    engine: str  # "blocks" | "whole"
-    loaders: int  # loading agents (threads); 0 for the whole engine
-    window: int  # streamed (non-resident) block sessions alive at once, loading ones included
-    blocks: tuple[BlockMechanism, ...] = ()  # per manifest block ("blocks" engine)
+class Mechanism:
+    """What the engine is built from, and nothing else: two plans with equal mechanisms run on
+    the same engine (a new budget or batch only changes the report and the micro-batch)."""
+
+    engine: Engine
+    loaders: int = 0  # loading agents (threads); 0 for the whole engine
+    window: int = 1  # streamed (non-resident) block sessions alive at once, loading ones included
+    blocks: tuple[BlockMechanism, ...] = ()  # per manifest block (the blocks engine)
     lag: int = 1  # executed streamed blocks the daemon may still be destroying as the next runs
-    whole: FullModelSpec | None = None  # the file the "whole" engine opens
+    whole: FullModelSpec | None = None  # the file the whole engine opens
     whole_settings: SessionSettings | None = None
-    budget_bytes: int | None = None
-    predicted_peak_bytes: int | None = None
-    predicted_latency_s: float | None = None  # a repeated pass
-    predicted_first_latency_s: float | None = None  # the first pass (every block loads)
-    cost_source: str = "estimate"
-    reasons: tuple[str, ...] = field(default=())
-    # the batch it was planned for (None: the manifest's sample) and the rows each block runs at
-    # once (None: the whole batch); each block still runs over the whole batch before the next
-    batch_rows: int | None = None
-    batch_positions: int | None = None
+
+    def engine_key(self) -> Mechanism:
+        """The mechanism as an engine sees it: where every block stays resident nothing is
+        streamed, so the loaders, window and lag make no difference."""
+        if self.blocks and all(b.resident for b in self.blocks):
+            return replace(self, loaders=0, window=0, lag=0)
+        return self
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model predicts of a plan (None: nothing predicted, e.g. the whole engine)."""
+
+    peak_bytes: int | None = None
+    latency_s: float | None = None  # a repeated pass
+    first_latency_s: float | None = None  # the first pass (every block loads)
+    cost_source: str = "estimate"  # "estimate" (file sizes) or "profile" (measured)
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """The batch a plan was made for (None: the manifest's sample) and the rows each block runs
+    at once (None: the whole batch); each block still runs over the whole batch before the next."""
+
+    rows: int | None = None
+    positions: int | None = None
     micro_batch: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A mechanism and its report: the strategy it was planned for, the budget, the
+    predictions, the reasons and the batch."""
+
+    strategy: StrategyName
+    mechanism: Mechanism
+    budget_bytes: int | None = None
+    prediction: Prediction = field(default_factory=Prediction)
+    reasons: tuple[str, ...] = ()
+    batch: BatchRun = field(default_factory=BatchRun)
+
+    # the mechanism's fields, read through (the engines and reports use them)
+    @property
+    def engine(self) -> Engine:
+        return self.mechanism.engine
+
+    @property
+    def loaders(self) -> int:
+        return self.mechanism.loaders
+
+    @property
+    def window(self) -> int:
+        return self.mechanism.window
+
+    @property
+    def blocks(self) -> tuple[BlockMechanism, ...]:
+        return self.mechanism.blocks
+
+    @property
+    def lag(self) -> int:
+        return self.mechanism.lag
+
+    @property
+    def whole(self) -> FullModelSpec | None:
+        return self.mechanism.whole
+
+    @property
+    def whole_settings(self) -> SessionSettings | None:
+        return self.mechanism.whole_settings
 
     @property
     def resident(self) -> tuple[int, ...]:
@@ -58,7 +122,7 @@ class Plan:
         return tuple(i for i, b in enumerate(self.blocks) if b.resident and b.settings.prepack)
 
     def describe(self) -> str:
-        if self.engine == "whole":
+        if self.engine == Engine.WHOLE:
             prepack = "on" if self.whole_settings and self.whole_settings.prepack else "off"
             head = f"one session of '{self.whole.path}', prepack {prepack}"
         else:
@@ -68,17 +132,18 @@ class Plan:
                 f"{len(self.resident)} resident block(s), {self._packing()}, read-ahead {readahead}"
             )
         lines = [f"strategy {self.strategy}: {head}"]
-        if self.batch_rows is not None:
-            rows = f"{self.micro_batch} row{'s' if self.micro_batch != 1 else ''}"
-            micro = f", each block run {rows} at a time" if self.micro_batch else ""
-            lines.append(f"batch {self.batch_rows} x {self.batch_positions} positions{micro}")
+        b = self.batch
+        if b.rows is not None:
+            rows = f"{b.micro_batch} row{'s' if b.micro_batch != 1 else ''}"
+            micro = f", each block run {rows} at a time" if b.micro_batch else ""
+            lines.append(f"batch {b.rows} x {b.positions} positions{micro}")
         if self.budget_bytes is not None:
             lines.append(f"budget {format_bytes(self.budget_bytes)}")
-        if self.predicted_peak_bytes is not None:
+        p = self.prediction
+        if p.peak_bytes is not None:
             lines.append(
-                f"predicted ({self.cost_source}): peak {format_bytes(self.predicted_peak_bytes)}, "
-                f"first pass {_ms(self.predicted_first_latency_s)}, "
-                f"repeated pass {_ms(self.predicted_latency_s)}"
+                f"predicted ({p.cost_source}): peak {format_bytes(p.peak_bytes)}, "
+                f"first pass {_ms(p.first_latency_s)}, repeated pass {_ms(p.latency_s)}"
             )
         lines += [f"- {r}" for r in self.reasons]
         return "\n".join(lines)
@@ -106,14 +171,14 @@ class Plan:
             "drop_pages": [i for i, b in enumerate(self.blocks) if b.drop_pages],
             "whole": self.whole.path if self.whole else None,
             "budget_bytes": self.budget_bytes,
-            "predicted_peak_bytes": self.predicted_peak_bytes,
-            "predicted_first_latency_s": self.predicted_first_latency_s,
-            "predicted_latency_s": self.predicted_latency_s,
-            "cost_source": self.cost_source,
+            "predicted_peak_bytes": self.prediction.peak_bytes,
+            "predicted_first_latency_s": self.prediction.first_latency_s,
+            "predicted_latency_s": self.prediction.latency_s,
+            "cost_source": self.prediction.cost_source,
             "reasons": list(self.reasons),
-            "batch_rows": self.batch_rows,
-            "batch_positions": self.batch_positions,
-            "micro_batch": self.micro_batch,
+            "batch_rows": self.batch.rows,
+            "batch_positions": self.batch.positions,
+            "micro_batch": self.batch.micro_batch,
         }
 
 

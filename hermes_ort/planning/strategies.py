@@ -19,62 +19,74 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hermes_ort.core.errors import ManifestError, OptionError
+from hermes_ort.core.choices import Engine, LoadPath, Residency, StrategyName, choose
+from hermes_ort.core.errors import ManifestError
 from hermes_ort.core.manifest import FileSpec, FullModelSpec, Manifest
 from hermes_ort.core.settings import ORT_DEFAULT, STREAMING, WHOLE_MMAP, SessionSettings
 
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str
-    engine: str  # "blocks": per-block sessions; "whole": one session of the whole-model file
-    residency: str  # blocks kept between passes: "planned" (under the budget), "all" or "none"
+    name: StrategyName
+    engine: Engine
+    residency: Residency | None  # blocks kept between passes (None: the whole engine's one file)
     about: str  # the reason a plan of it gives
     whole_settings: SessionSettings | None = None  # the whole engine's session
     prefers_mmap_file: bool = False  # the whole model with its weights in a data file
 
 
-STRATEGIES: dict[str, Strategy] = {
+STRATEGIES: dict[StrategyName, Strategy] = {
     s.name: s
     for s in (
-        Strategy("pipeload", "blocks", "planned", "the planner's loaders, window and kept blocks"),
-        Strategy("full", "whole", "", "one ONNX Runtime session of the whole model", ORT_DEFAULT),
         Strategy(
-            "full-mmap",
-            "whole",
-            "",
+            StrategyName.PIPELOAD,
+            Engine.BLOCKS,
+            Residency.PLANNED,
+            "the planner's loaders, window and kept blocks",
+        ),
+        Strategy(
+            StrategyName.FULL,
+            Engine.WHOLE,
+            None,
+            "one ONNX Runtime session of the whole model",
+            ORT_DEFAULT,
+        ),
+        Strategy(
+            StrategyName.FULL_MMAP,
+            Engine.WHOLE,
+            None,
             "one session of the whole model, its weights mmapped",
             WHOLE_MMAP,
             prefers_mmap_file=True,
         ),
         Strategy(
-            "pipeswitch",
-            "blocks",
-            "all",
+            StrategyName.PIPESWITCH,
+            Engine.BLOCKS,
+            Residency.ALL,
             "blocks loaded in order by one loader and all kept resident (PipeSwitch)",
         ),
-        Strategy("ondemand", "blocks", "none", "load, run, free each block (AirLLM)"),
+        Strategy(
+            StrategyName.ONDEMAND,
+            Engine.BLOCKS,
+            Residency.NONE,
+            "load, run, free each block (AirLLM)",
+        ),
     )
 }
 # load path -> (how a baseline's block sessions are opened, whether they are read ahead)
-LOAD_PATHS: dict[str, tuple[SessionSettings, bool]] = {
-    "default": (ORT_DEFAULT, False),
-    "stream": (STREAMING, True),
+LOAD_PATHS: dict[LoadPath, tuple[SessionSettings, bool]] = {
+    LoadPath.DEFAULT: (ORT_DEFAULT, False),
+    LoadPath.STREAM: (STREAMING, True),
 }
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise OptionError(f"unknown strategy '{name}' (choose from {', '.join(STRATEGIES)})")
-    return STRATEGIES[name]
+    return STRATEGIES[choose(StrategyName, name, "strategy")]
 
 
 def block_loading(load_path: str) -> tuple[SessionSettings, bool]:
     """(session settings, read ahead?) of a per-block baseline's blocks."""
-    if load_path not in LOAD_PATHS:
-        choices = ", ".join(LOAD_PATHS)
-        raise OptionError(f"unknown load_path '{load_path}' (choose from {choices})")
-    return LOAD_PATHS[load_path]
+    return LOAD_PATHS[choose(LoadPath, load_path, "load_path")]
 
 
 def whole_model_file(manifest: Manifest, strategy: Strategy) -> FullModelSpec:
@@ -92,7 +104,7 @@ def whole_model_file(manifest: Manifest, strategy: Strategy) -> FullModelSpec:
 
 def opened_graphs(manifest: Manifest, strategy: Strategy) -> list[tuple[str, tuple[FileSpec, ...]]]:
     """(.onnx path, the files it opens) of everything a strategy opens."""
-    if strategy.engine == "whole":
+    if strategy.engine == Engine.WHOLE:
         spec = whole_model_file(manifest, strategy)
         return [(spec.path, spec.files)]
     return [(b.path, b.files) for b in manifest.blocks]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -11,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from hermes_ort.core.errors import BudgetError, HermesError, OptionError
+from hermes_ort.core.choices import Engine, Residency
+from hermes_ort.core.errors import BudgetError, HermesError, InputError, OptionError
 from hermes_ort.core.manifest import Manifest, load_manifest
 from hermes_ort.core.stats import RunStats
 from hermes_ort.core.trace import Trace, chrome_trace
-from hermes_ort.core.units import format_bytes, parse_bytes
+from hermes_ort.core.units import format_bytes
 from hermes_ort.generation.token_loop import (
     GenerationStats,
     Sampling,
@@ -26,17 +28,12 @@ from hermes_ort.generation.token_loop import (
 from hermes_ort.measure.calibrate import ensure_profile
 from hermes_ort.planning.cost_model import CostModel
 from hermes_ort.planning.layer_profile import read_profile
-from hermes_ort.planning.page_cache import (
-    check_policy,
-)
-from hermes_ort.planning.pipeline_planner import (
-    check_objective,
-)
 from hermes_ort.planning.plan import Plan
-from hermes_ort.planning.strategies import block_loading, get_strategy, opened_graphs
+from hermes_ort.planning.strategies import get_strategy, opened_graphs
+from hermes_ort.runtime.load_options import LoadOptions
 from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
 from hermes_ort.streaming.block_engine import BlockEngine
-from hermes_ort.streaming.integrity import Verifier, check_verify_mode
+from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.whole_engine import WholeEngine
 from hermes_ort.tensors.batch import BatchShape, batch_shape, sample_shape
 from hermes_ort.tensors.inputs import check_inputs, sample_inputs
@@ -64,6 +61,7 @@ class HermesModel:
         self.verifier = verifier  # the hashes this model has checked
         self.stats: RunStats | None = None
         self.generation_stats: GenerationStats | None = None
+        self.generated_text: str | list[str] | None = None  # generate()'s new text, for text in
         self.decoder = decoder_signature(manifest)
         self.trace = trace or Trace(enabled=False)  # load(trace=True): spans for `take_trace`
         self._engine = make_engine(manifest, plan, verifier, self.trace)
@@ -86,7 +84,7 @@ class HermesModel:
         self, feeds: dict[str, np.ndarray], shape: BatchShape | None = None
     ) -> dict[str, np.ndarray]:
         """`run` on feeds already checked; `shape`: the batch's, where the feeds do not tell it
-        (a stage's tensors between blocks, which no manifest describes: stage.py)."""
+        (a stage's tensors between blocks, which no manifest describes: cluster/stage_runner.py)."""
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
@@ -108,11 +106,12 @@ class HermesModel:
 
     def _plan_batch(self, shape: BatchShape) -> None:
         """Re-plan under the same budget for a batch of `shape`, when it is not the plan's."""
-        if self._replan is None or self.plan.budget_bytes is None or self.plan.engine == "whole":
+        unbudgeted = self.plan.budget_bytes is None
+        if self._replan is None or unbudgeted or self.plan.engine == Engine.WHOLE:
             return
         planned = BatchShape(
-            self.plan.batch_rows or sample_shape(self.manifest).rows,
-            self.plan.batch_positions or sample_shape(self.manifest).positions,
+            self.plan.batch.rows or sample_shape(self.manifest).rows,
+            self.plan.batch.positions or sample_shape(self.manifest).positions,
         )
         if shape == planned or self.decoder is not None:  # decoders: _reserve_cache
             return
@@ -125,7 +124,7 @@ class HermesModel:
     def _switch(self, plan: Plan) -> None:
         """Run with `plan`: a new engine where its blocks' mechanism differs (resident sessions
         of the old plan go), else the same engine with the new plan (its micro-batch)."""
-        if _mechanism(plan) != _mechanism(self.plan):
+        if plan.mechanism.engine_key() != self.plan.mechanism.engine_key():
             self._engine.close()
             self._engine = make_engine(self.manifest, plan, self.verifier, self.trace)
         else:
@@ -154,8 +153,14 @@ class HermesModel:
         stops at its own. streamer(token_id) is called as each token is chosen (a batch: a list,
         None for stopped rows). `generation_stats` describes the call. Under a memory budget,
         the KV cache of the whole batch (prompt plus max_new_tokens) is reserved first and the
-        blocks are planned in what is left, for the batch's activations."""
+        blocks are planned in what is left, for the batch's activations. A prompt may be text
+        (a str, or a list of str), encoded with the model directory's tokenizer (TokenizerError
+        without one): the ids come back as for the encoded prompts, and the new text, decoded,
+        is left in `generated_text` (a str, or a list of str; None after ids)."""
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+        tokenizer = None
+        if self.decoder is not None:  # else generation_request names the missing KV cache
+            input_ids, tokenizer = _encode_text(self.model_dir, input_ids)
         request = generation_request(
             self.model_dir, self.decoder, input_ids, max_new_tokens, sampling, eos_token_id
         )
@@ -180,6 +185,8 @@ class HermesModel:
                 streamer,
                 request.pad,
             )
+            texts = None if tokenizer is None else [tokenizer.decode(n) for n in new]
+            self.generated_text = texts[0] if texts and prompts.single else texts
         return as_given(input_ids, request, new)
 
     def _reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
@@ -187,7 +194,7 @@ class HermesModel:
         given), when that changes the plan. The plan keeps the user's budget: its predicted peak
         is the blocks' (cache excluded)."""
         budget = self.plan.budget_bytes
-        if self._replan is None or budget is None or self.plan.engine == "whole":
+        if self._replan is None or budget is None or self.plan.engine == Engine.WHOLE:
             return
         if (
             self._smallest
@@ -195,7 +202,7 @@ class HermesModel:
             smallest = self._replan(None, batch).budget_bytes if batch else self.cost.min_budget()
             budget = smallest + cache_bytes
         blocks_budget = budget - cache_bytes
-        planned = (self.plan.batch_rows, self.plan.batch_positions)
+        planned = (self.plan.batch.rows, self.plan.batch.positions)
         wanted = (batch.rows, batch.positions) if batch else (None, None)
         same = self._blocks_budget == blocks_budget and self.plan.budget_bytes == budget
         if same and planned == wanted:
@@ -212,7 +219,7 @@ class HermesModel:
 
     def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a
-        stage's caches of the generations in flight: stage.py), for `batch`."""
+        stage's caches of the generations in flight: cluster/stage_runner.py), for `batch`."""
         with self._lock:
             self._reserve_cache(cache_bytes, batch)
 
@@ -244,106 +251,89 @@ class HermesModel:
         return f"HermesModel('{self.model_dir}', {self.plan.strategy}, {blocks} blocks)"
 
 
+def _encode_text(model_dir: Path, prompt: Any) -> tuple[Any, Any]:
+    """(token ids, tokenizer) for a text prompt or a list of them; ids are passed through."""
+    one = isinstance(prompt, str)
+    many = isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt)
+    if not (one or many):
+        return prompt, None
+    if many and not all(isinstance(p, str) for p in prompt):
+        raise InputError("give prompts all as text or all as token ids, not a mix")
+    from hermes_ort.generation.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)  # TokenizerError naming what is missing
+    ids = tokenizer.encode(prompt) if one else [tokenizer.encode(p) for p in prompt]
+    return ids, tokenizer
+
+
+class BudgetNotHonoured(UserWarning):
+    """A baseline strategy was given a memory budget that its fixed plan may exceed."""
+
+
+def budget_note(spec, plan: Plan, budget: int | None) -> str | None:
+    """Why a baseline given a budget may exceed it; None for pipeload (planned within it), no
+    budget, or a per-block baseline whose fixed plan is predicted to fit (ondemand's window of one
+    block: the smallest workable budget). Budgets below that are refused for both per-block
+    baselines; the whole-model ones check none."""
+    if budget is None or spec.residency is Residency.PLANNED:
+        return None
+    if spec.engine is Engine.WHOLE:
+        why = "it opens the whole model in one session"
+    else:
+        peak = plan.prediction.peak_bytes
+        if peak is None or peak <= budget:
+            return None
+        fixed = (
+            "every block kept resident"
+            if spec.residency is Residency.ALL
+            else f"a fixed window of {plan.window} block(s)"
+        )
+        why = f"{fixed}: predicted peak {format_bytes(peak)}"
+    return (
+        f"strategy '{spec.name}' does not honour the memory budget of {format_bytes(budget)} "
+        f"({why}); only pipeload plans within a budget"
+    )
+
+
 def make_engine(
     manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace
 ) -> BlockEngine | WholeEngine:
     """The engine the plan names."""
-    if plan.engine == "whole":
+    if plan.engine == Engine.WHOLE:
         return WholeEngine(manifest, plan, verifier, trace)
     return BlockEngine(manifest, plan, verifier, trace)
 
 
-def load(
-    model_dir: str | Path,
-    memory_budget: int | str | None = None,
-    strategy: str = "pipeload",
-    loaders: int | None = None,
-    window: int | None = None,
-    load_path: str = "default",
-    profile: bool | None = None,
-    verify: str = "once",
-    objective: str = "repeated",
-    page_cache: str = "auto",
-    trace: bool = False,
-) -> HermesModel:
-    """Open an exported model directory.
-
-    memory_budget: bytes or a string ("512MB", "1.5GiB"); "min" = the smallest workable budget;
-        None = no limit. Bounds the process's peak resident memory (RSS) during `run`; a budget
-        too small for the largest block is refused, naming it and the smallest workable budget.
-    strategy: "pipeload" (default) or a baseline: "full", "full-mmap", "pipeswitch", "ondemand"
-        (strategies.py).
-    loaders, window: override the planner's number of loading agents and window.
-    load_path: for the per-block baselines, "default" (ORT's default load: prepacking on) or
-        "stream" (pipeload's: weights mmapped, no prepacking, read-ahead) for ablations.
-    profile: None = plan with the stored profile (`hermes-ort profile`) if it matches this machine,
-        else with estimates from file sizes; True = measure one now if missing; False = estimates.
-    verify: "once" (default) = the sha256 of every file the strategy opens is checked before its
-        first use, then cached by size, times and inode (in `verified.json`); "size" = sizes only
-        (a damaged file of the right size then goes unnoticed). Both refuse paths and external
-        data that leave the model directory. See docs/reliability.md.
-    objective: what pipeload's plan makes fastest: "repeated" (default) = later passes (a model
-        loaded once and run many times); "one-shot" = the first pass (load, run once, close).
-    page_cache: under a budget, whether streamed blocks' file pages are dropped after their run
-        (later passes read them from storage again) or left to the kernel: "auto" (default) drops
-        them only where the process's memory cgroup or the available memory has no room for the
-        model's files beside the budget (pagecache.py; the plan says which and why); "keep",
-        "drop" force it.
-    trace: record a timeline of every load, run and free (`model.take_trace()`: Chrome
-        trace-event JSON; `hermes-ort run --trace FILE`).
-    """
+def open_model(model_dir: str | Path, options: LoadOptions) -> HermesModel:
+    """A model directory opened on this board with options already checked
+    (`hermes_ort.load` is the public entry, documenting each option)."""
     t_open = time.perf_counter()
-    spec = get_strategy(strategy)  # every option is checked before any file is read
-    block_loading(load_path)
-    check_objective(objective)
-    check_verify_mode(verify)
-    check_policy(page_cache)
-    for name, value in (("loaders", loaders), ("window", window)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
-    smallest = isinstance(memory_budget, str) and memory_budget.strip().lower() == "min"
-    budget = None if smallest else parse_bytes(memory_budget)
+    o = options
+    spec = get_strategy(o.strategy)
+    budget = o.budget_bytes
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
-    verifier = Verifier(model_dir, verify)
+    verifier = Verifier(model_dir, o.verify)
     verifier.check_graphs(opened_graphs(manifest, spec))
     stored = None
-    if profile is not False:
-        stored = ensure_profile(model_dir) if profile else read_profile(model_dir)
+    if o.profile is not False:
+        stored = ensure_profile(model_dir) if o.profile else read_profile(model_dir)
     planner = ModelPlanner(
         model_dir,
         manifest,
-        strategy,
+        o.strategy,
         stored,
-        PlanOptions(load_path, loaders, window, objective, page_cache),
+        PlanOptions(o.load_path, o.loaders, o.window, o.objective, o.page_cache),
     )
-    if smallest:  # the least memory that works, as the cost model predicts it
+    if o.smallest:  # the least memory that works, as the cost model predicts it
         budget = planner.min_budget()
     plan = planner.plan(budget)
+    note = budget_note(spec, plan, budget)
+    if note:  # stacklevel: the caller of hermes_ort.load
+        warnings.warn(note, BudgetNotHonoured, stacklevel=3)
     cost = planner.cost_under(budget)
-    timeline = Trace(enabled=trace)
-    timeline.add("", "open", t_open)
+    trace = Trace(enabled=o.trace)
+    trace.add("", "open", t_open)
     return HermesModel(
-        manifest, plan, cost, verifier, replan=planner.plan, smallest=smallest, trace=timeline
-    )
-
-
-def _mechanism(plan: Plan) -> Plan:
-    """What a plan's engine is built from: its blocks, loaders, window, lag and whole-model file,
-    without the budget, predictions, reasons and batch bookkeeping it runs with (and without the
-    loaders, window and lag where every block stays resident: nothing is streamed)."""
-    everything = bool(plan.blocks) and all(b.resident for b in plan.blocks)
-    return replace(
-        plan,
-        loaders=0 if everything else plan.loaders,
-        window=0 if everything else plan.window,
-        lag=0 if everything else plan.lag,
-        budget_bytes=None,
-        predicted_peak_bytes=None,
-        predicted_latency_s=None,
-        predicted_first_latency_s=None,
-        reasons=(),
-        batch_rows=None,
-        batch_positions=None,
-        micro_batch=None,
+        manifest, plan, cost, verifier, replan=planner.plan, smallest=o.smallest, trace=trace
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hermes_ort.core.choices import Engine, LoadPath, Objective, PageCacheMode, Residency
 from hermes_ort.core.errors import BudgetError
 from hermes_ort.core.machine import available_memory, cgroup_memory_limit, default_threads
 from hermes_ort.core.manifest import Manifest
@@ -21,18 +22,18 @@ from hermes_ort.planning.page_cache import (
     page_cache_policy,
 )
 from hermes_ort.planning.pipeline_planner import MAX_LOADERS, PASS_TIE, check_budget, plan_strategy
-from hermes_ort.planning.plan import Plan
+from hermes_ort.planning.plan import BatchRun, Plan
 from hermes_ort.planning.strategies import get_strategy
 from hermes_ort.tensors.batch import BatchShape, micro_batches, sample_shape
 
 
 @dataclass(frozen=True)
 class PlanOptions:
-    load_path: str = "default"
+    load_path: LoadPath = LoadPath.DEFAULT
     loaders: int | None = None
     window: int | None = None
-    objective: str = "repeated"
-    page_cache: str = "auto"
+    objective: Objective = Objective.REPEATED
+    page_cache: PageCacheMode = PageCacheMode.AUTO
 
 
 class ModelPlanner:
@@ -89,28 +90,26 @@ class ModelPlanner:
 
     def _plan_one(self, budget: int | None, cost: CostModel, policy: PageCachePolicy) -> Plan:
         o, spec = self.options, self.spec
-        if spec.engine == "blocks":
+        if spec.engine == Engine.BLOCKS:
             check_budget(cost, budget, tuple(b.name for b in self.manifest.blocks))
-        planned_here = spec.residency == "planned"
+        planned_here = spec.residency == Residency.PLANNED
         largest = max(b.bytes for b in self.manifest.blocks)
         in_flight = min(o.loaders or default_threads(), MAX_LOADERS) * largest
         planned, note = cgroup_headroom(
             budget, self.situation.cgroup_limit_bytes, in_flight, cost.min_budget()
         )
-        plan = plan_strategy(
+        return plan_strategy(
             self.strategy,
             cost,
-            planned if planned_here else budget,
+            budget,
             load_path=o.load_path,
             loaders=o.loaders,
             window=o.window,
             objective=o.objective,
             manifest=self.manifest,
             page_cache=policy,
+            headroom=(planned, note) if note and planned_here else None,
         )
-        if note and planned_here:
-            plan = replace(plan, budget_bytes=budget, reasons=(*plan.reasons, note))
-        return plan
 
     def _plan_batch(self, budget: int | None, batch: BatchShape) -> Plan:
         """Each candidate micro-batch (the whole batch, then halves) planned; the largest
@@ -126,7 +125,7 @@ class ModelPlanner:
         base = self.cost_for(policy.drop)
         found: list[tuple[int, Plan]] = []
         error: BudgetError | None = None
-        planned_here = self.spec.residency == "planned"
+        planned_here = self.spec.residency == Residency.PLANNED
         for m in micro_batches(batch.rows) if planned_here else [batch.rows]:
             try:
                 found.append(
@@ -136,9 +135,9 @@ class ModelPlanner:
                 error = e
         if not found:
             raise BudgetError(f"a batch of {batch.rows} x {batch.positions} positions: {error}")
-        fastest = min(p.predicted_latency_s or 0.0 for _, p in found)
+        fastest = min(p.prediction.latency_s or 0.0 for _, p in found)
         m, plan = next(
-            (m, p) for m, p in found if (p.predicted_latency_s or 0.0) <= fastest * (1 + PASS_TIE)
+            (m, p) for m, p in found if (p.prediction.latency_s or 0.0) <= fastest * (1 + PASS_TIE)
         )
         between = format_bytes(base.at_batch(scale, 1.0).inflight_bytes)
         how = "at once" if m == batch.rows else f"{m} row{'s' if m != 1 else ''} at a time"
@@ -148,8 +147,6 @@ class ModelPlanner:
         )
         return replace(
             plan,
-            batch_rows=batch.rows,
-            batch_positions=batch.positions,
-            micro_batch=m if m < batch.rows else None,
+            batch=BatchRun(batch.rows, batch.positions, m if m < batch.rows else None),
             reasons=(*plan.reasons, reason),
         )

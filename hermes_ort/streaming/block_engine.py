@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from hermes_ort.core.cpython import release_if_held
 from hermes_ort.core.manifest import Manifest
 from hermes_ort.core.stats import BlockStats, RunStats
 from hermes_ort.core.trace import Trace
@@ -148,8 +149,12 @@ class BlockEngine:
                         ),
                         tensors.inputs_of(i),
                         rows,
-                        self.plan.micro_batch or rows,
-                        *(per_row(block, spec.outputs) if self.plan.micro_batch else (None, None)),
+                        self.plan.batch.micro_batch or rows,
+                        *(
+                            per_row(block, spec.outputs)
+                            if self.plan.batch.micro_batch
+                            else (None, None)
+                        ),
                     )
                     run_s = time.perf_counter() - t_run
                     self.trace.add(spec.name, "wait", t_wait, t_run)
@@ -197,12 +202,7 @@ class BlockEngine:
 
     def _drain(self, slots: _Slots) -> None:
         """After a run (or its failure): no load pending, every streamed session destroyed."""
-        # Ctrl-C landing just as the inference agent took the slots' lock can leave it held (the
-        # interrupt fires between the acquire and the `with` block). Nothing holds it here, so a
-        # hold left is such a leak; kept, the daemon's callbacks would wait on it forever (seen:
-        # test_ctrl_c_during_a_run hung in 2 of ~14 full runs, the daemon in free_one).
-        while slots.cond._is_owned():
-            slots.cond.release()
+        release_if_held(slots.cond)  # a hold left by Ctrl-C (core/cpython.py)
         with slots.cond:
             slots.closed = True
             pending = list(slots.futures.values())

@@ -24,11 +24,11 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hermes_ort.core.errors import IntegrityError, OptionError
+from hermes_ort.core.choices import VerifyMode
+from hermes_ort.core.errors import IntegrityError
 from hermes_ort.core.manifest import MANIFEST_NAME, FileSpec
 from hermes_ort.streaming.external_data import WireError, external_locations
 
-VERIFY_MODES = ("once", "size")
 CACHE_NAME = "verified.json"
 CACHE_KIND = "hermes-ort-verified"
 CACHE_SCHEMA = 1
@@ -58,12 +58,6 @@ class Verified:
             # write; an mtime may come from another machine (tar, cp -p), even from the future
             and self.hashed_at_ns - st.st_ctime_ns >= racy_ns
         )
-
-
-def check_verify_mode(verify: str) -> str:
-    if verify not in VERIFY_MODES:
-        raise OptionError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    return verify
 
 
 def resolve_inside(model_dir: Path, relative: str) -> Path:
@@ -153,9 +147,11 @@ class Verifier:
     files whose external data passed, each keyed by the file's stat, so a streamed block's next
     opening costs a stat. Thread-safe (the loading agents share it)."""
 
-    def __init__(self, model_dir: str | Path, mode: str = "once", racy_ns: int | None = None):
+    def __init__(
+        self, model_dir: str | Path, mode: VerifyMode = VerifyMode.ONCE, racy_ns: int | None = None
+    ):
         self.model_dir = Path(model_dir)
-        self.mode = check_verify_mode(mode)
+        self.mode = VerifyMode(mode)
         self.racy_ns = RACY_NS if racy_ns is None else racy_ns
         self.hashed: list[str] = []  # manifest paths hashed by this verifier, in order
         self._seen: dict[str, Verified] = {}
@@ -166,7 +162,7 @@ class Verifier:
         """Before a model's first use: sizes always; with "once", the sha256 of every file not
         already verified (here, or in the persisted cache) with its current stat."""
         stats = [(spec, *_stat(self.model_dir, spec)) for spec in specs]
-        if self.mode == "size":
+        if self.mode == VerifyMode.SIZE:
             return
         stored = _read_cache(self.model_dir)
         new = False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.errors import HermesError, LoadError
 from hermes_ort.core.manifest import BlockSpec
 from hermes_ort.core.settings import SessionSettings
@@ -46,7 +47,7 @@ def read_ahead_block(spec: BlockSpec, paths: list[Path]) -> int:
     shared files and the prologue's (embedding tables, looked up a few rows at a time) in small
     folios, or a lookup maps whole large ones (docs/design.md §2.4)."""
     return sum(
-        read_ahead(str(p), sequential=spec.is_own(f) and spec.kind != "prologue")
+        read_ahead(str(p), sequential=spec.is_own(f) and spec.kind != BlockKind.PROLOGUE)
         for f, p in zip(spec.files, paths, strict=True)
     )
 

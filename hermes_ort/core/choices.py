@@ -1,0 +1,102 @@
+"""Every closed set of choices the runtime offers, as enums, and the one place a user's value is
+checked against one (`choose`). The CLI takes its `choices=` from these (`values`).
+
+Members are `str`s too: they compare equal to their value, print as it and go into JSON as it,
+so a manifest, a profile or a plan on disk stays plain text."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+from hermes_ort.core.errors import OptionError
+
+
+class Choice(str, Enum):
+    """A str-valued enum that prints as its value (`enum.StrEnum` is Python >= 3.11 only)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class StrategyName(Choice):
+    """pipeload and the baselines every benchmark carries (planning/strategies.py)."""
+
+    PIPELOAD = "pipeload"
+    FULL = "full"
+    FULL_MMAP = "full-mmap"
+    PIPESWITCH = "pipeswitch"
+    ONDEMAND = "ondemand"
+
+
+class Engine(Choice):
+    """Which engine runs a plan: per-block sessions, or one session of the whole-model file."""
+
+    BLOCKS = "blocks"
+    WHOLE = "whole"
+
+
+class Residency(Choice):
+    """Which of a per-block strategy's blocks stay open between passes."""
+
+    PLANNED = "planned"  # as many as the budget holds (pipeload's planner)
+    ALL = "all"  # pipeswitch
+    NONE = "none"  # ondemand
+
+
+class BlockKind(Choice):
+    """A manifest block's place in the model."""
+
+    PROLOGUE = "prologue"  # embeddings (and a decoder's mask arithmetic)
+    LAYERS = "layers"  # one or more transformer layers
+    EPILOGUE = "epilogue"  # final norm, head
+
+
+class Objective(Choice):
+    """What pipeload's plan makes fastest."""
+
+    REPEATED = "repeated"  # later passes: a model loaded once and run many times
+    ONE_SHOT = "one-shot"  # the first pass: load, run once, close
+
+
+class PageCacheMode(Choice):
+    """Whether streamed blocks' file pages are dropped after their run (planning/page_cache.py)."""
+
+    AUTO = "auto"  # drop only where memory has no room for the model's files beside the budget
+    KEEP = "keep"
+    DROP = "drop"
+
+
+class VerifyMode(Choice):
+    """How a model's files are checked before use (streaming/integrity.py)."""
+
+    ONCE = "once"  # sha256 before first use, then cached by size, times and inode
+    SIZE = "size"  # sizes only
+
+
+class LoadPath(Choice):
+    """How a per-block baseline opens its blocks."""
+
+    DEFAULT = "default"  # ONNX Runtime's default load: prepacking on, no read-ahead
+    STREAM = "stream"  # pipeload's: weights mmapped, no prepacking, read-ahead (ablations)
+
+
+C = TypeVar("C", bound=Choice)
+
+
+def values(kind: type[Choice]) -> tuple[str, ...]:
+    """The values of a choice, in declaration order (argparse's `choices=`)."""
+    return tuple(member.value for member in kind)
+
+
+def choose(kind: type[C], value: object, option: str) -> C:
+    """`value` as a member of `kind`, or OptionError naming the option and its choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise OptionError(
+            f"unknown {option} {value!r} (choose from {', '.join(values(kind))})"
+        ) from None
