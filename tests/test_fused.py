@@ -1,6 +1,7 @@
 """The fused graph (hermes_ort/export/fused.py) of Llama-family decoders: the same model as
 transformers' (greedy tokens equal, logits within 1e-4 on the prompt), cut into blocks like any
-other graph, and streamed layer by layer from a checkpoint (with int4 weights, equal to the regular int4 export)."""
+other graph, and streamed layer by layer from a checkpoint (with int4 weights, equal to the regular
+int4 export)."""
 
 from __future__ import annotations
 
