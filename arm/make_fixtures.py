@@ -120,7 +120,7 @@ def export_presets(models: Path) -> None:
 
     for name, args in PRESETS.items():
         t0 = time.perf_counter()
-        code = export_main([*args, "--out", str(models / name), "--quiet"])
+        code = export_main([*args, "--out", str(models / name), "--quiet", "--full-model"])
         if code:
             sys.exit(f"make_fixtures: exporting {name} failed (exit {code})")
         print(f"  exported {name} in {time.perf_counter() - t0:.1f} s", flush=True)

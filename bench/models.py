@@ -64,6 +64,7 @@ def ensure_exported(name: str, model_dir: Path, log=print) -> None:
         "--out",
         str(model_dir),
         "--quiet",
+        "--full-model",  # the full and full-mmap baselines open it
     ]
     what = f"export of '{name}' ({' '.join(cmd)})"
     require(run_child(cmd, timeout_s=3600, env=child_env()), what)

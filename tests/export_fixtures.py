@@ -13,10 +13,13 @@ PRESETS_DIR = Path(__file__).resolve().parents[1] / "hermes_ort" / "presets"
 SEQ_LEN = 16  # the exports' verification length; the tests run other shapes on purpose
 
 
-def export_cli(out: Path, *args: str) -> int:
+def export_cli(out: Path, *args: str, full_model: bool = True) -> int:
+    """`hermes-ort export ... --out OUT`, quietly, at SEQ_LEN; with the whole-model files the
+    `full` baselines open unless `full_model` is False (the exporter's default)."""
     from hermes_ort.export import cli
 
-    return cli.main([*args, "--out", str(out), "--seq-len", str(SEQ_LEN), "--quiet"])
+    extra = ["--full-model"] if full_model else []
+    return cli.main([*args, "--out", str(out), "--seq-len", str(SEQ_LEN), "--quiet", *extra])
 
 
 def preset_model(name: str, seed: int = 0):

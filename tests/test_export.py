@@ -82,9 +82,11 @@ def test_manifest_lists_blocks_in_order_with_relative_paths(exports, name):
     assert manifest.sample["batch_size"] == 1 and manifest.sample["sequence_length"] == fx.SEQ_LEN
     positions = getattr(model.config, "max_position_embeddings", None)
     assert manifest.sample.get("max_sequence_length") == (None if name == "tiny-vit" else positions)
-    assert manifest.verification["reference"] == "pytorch"
-    assert 0 <= manifest.verification["max_abs_diff"] <= TOLERANCE
-    assert manifest.verification["full_model_max_abs_diff"] <= TOLERANCE
+    v = manifest.verification
+    assert v["reference"] == "pytorch" and v["sample"] == "random ids"  # no tokenizer here
+    assert 0 <= v["max_abs_diff"] <= TOLERANCE
+    assert v["blocks_max_relative_diff"] <= v["tolerance_relative"]
+    assert max(v["full_model_max_abs_diff"].values()) <= TOLERANCE
     for pkg in ("torch", "transformers", "optimum", "onnx", "onnxruntime"):
         assert manifest.versions[pkg]
 
@@ -264,3 +266,22 @@ def test_a_tensor_can_skip_blocks(exports):
     assert skipping, "every layer should read a prologue tensor (the mask)"
     for b in layer_blocks:
         assert not skipping & set(b.outputs)
+
+
+def test_by_default_a_model_directory_holds_its_blocks_only(tmp_path):
+    """The weights once: no whole-model files unless --full-model, nothing temporary left, and
+    the baselines that need the whole model say how to get it."""
+    import hermes_ort
+
+    out = tmp_path / "m"
+    assert fx.export_cli(out, "--preset", "tiny-bert", full_model=False) == 0
+    manifest = load_manifest(out)
+    assert manifest.full_model is None and manifest.full_model_mmap is None
+    assert not (out / "full").exists()
+    on_disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert on_disk <= 1.05 * manifest.blocks_bytes, (on_disk, manifest.blocks_bytes)
+    assert fx.leftovers(tmp_path) == []
+    with hermes_ort.load(out, memory_budget="min") as model:  # the blocks run
+        model.run(model.sample_inputs())
+    with pytest.raises(hermes_ort.ManifestError, match="export with --full-model"):
+        hermes_ort.load(out, strategy="full")

@@ -60,7 +60,7 @@ def test_progress_and_bytes_on_disk_without_the_quantizer_logs(tmp_path):
     done = _export(tmp_path / "m")
     assert done.returncode == 0, done.stderr
     assert "building preset 'tiny-llama'" in done.stderr
-    assert "verified against PyTorch fp32 (int4)" in done.stderr
+    assert "verified (int4): 'logits' cosine" in done.stderr
     for noise in ("matmul_nbits_quantizer", "[INFO]", "WARNING", "opset"):
         assert noise not in done.stderr + done.stdout, noise
     model_dir = tmp_path / "m"

@@ -66,7 +66,8 @@ def test_an_image_classifier_checkpoint_exports_without_a_task(tmp_path):
     assert fx.export_cli(tmp_path / "m", "--model", str(tmp_path / "ckpt")) == 0
     manifest = load_manifest(tmp_path / "m")
     assert manifest.task == "image-classification" and manifest.output_names == ("logits",)
-    assert manifest.verification["max_abs_diff"] <= manifest.verification["tolerance"]
+    v = manifest.verification
+    assert v["blocks_max_relative_diff"] <= v["tolerance_relative"]
 
 
 def test_the_default_sequence_length_fits_the_model(tmp_path, capsys):
@@ -107,7 +108,8 @@ def test_roberta_positions_start_after_the_padding_index(tmp_path, capsys):
     manifest = load_manifest(out)
     assert manifest.family == "roberta"
     assert manifest.sample["sequence_length"] == manifest.sample["max_sequence_length"] == 62
-    assert manifest.verification["max_abs_diff"] <= manifest.verification["tolerance"]
+    v = manifest.verification
+    assert v["blocks_max_relative_diff"] <= v["tolerance_relative"]
     args = ["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "n"), "--seq-len", "64"]
     assert cli.main([*args, "--quiet"]) == 1
     err = capsys.readouterr().err

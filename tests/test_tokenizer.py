@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import hermes_ort
+
 try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
     import export_fixtures as fx
 except ImportError:  # pragma: no cover
@@ -64,6 +66,22 @@ def llama_checkpoint_export(tmp_path_factory):
     tokenizer.save_pretrained(root / "ckpt")
     assert fx.export_cli(root / "model", "--model", str(root / "ckpt")) == 0
     return root / "model", model, tokenizer
+
+
+def test_the_export_is_verified_on_real_text_in_the_models_own_tokens(llama_checkpoint_export):
+    """With a tokenizer the verification sample is the exporter's English text in the model's
+    tokens (its perplexity recorded); the ids fed are exactly that text's."""
+    import numpy as np
+
+    from hermes_ort.export import verify
+
+    model_dir, _, hf_tokenizer = llama_checkpoint_export
+    v = hermes_ort.load_manifest(model_dir).verification
+    assert v["sample"] == "real text"
+    assert v["perplexity"] == pytest.approx(v["perplexity_pytorch"], rel=1e-3)
+    ids = verify.text_ids(model_dir, fx.SEQ_LEN, None)
+    expected = hf_tokenizer.encode(verify.SAMPLE_TEXT.read_text(), add_special_tokens=False)
+    np.testing.assert_array_equal(ids, np.resize(expected, fx.SEQ_LEN))
 
 
 def test_checkpoint_tokenizer_is_exported(llama_checkpoint_export):

@@ -194,6 +194,7 @@ def hermes(model: PeerModel, fmt: str = "fp32") -> None:
         "--out",
         str(out),
         "--quiet",
+        "--full-model",  # hermes-ort:fp32:full opens it
     ]
     if fmt != "fp32":  # the exporter's defaults for the mode (hermes_ort/export/quantize.py)
         cmd += ["--quantize", fmt, "--accuracy-floor", str(RANDOM_WEIGHTS_FLOOR[fmt])]

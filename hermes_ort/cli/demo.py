@@ -33,6 +33,7 @@ def ensure_exported(preset: str, model_dir: Path) -> int:
         preset,
         "--out",
         str(model_dir),
+        "--full-model",  # the demo runs `full` beside pipeload
     ]
     return subprocess.run(cmd).returncode
 

@@ -1,22 +1,20 @@
 """The blocks of an export: the whole graph cut into prologue, layer groups and epilogue (cut.py),
 each optimised at ORT's portable level and laid out with its weights in an aligned data file
-(storage.py), then checked, chained, against the PyTorch model (verify.py)."""
+(storage.py); verify.py then checks them, chained, against the PyTorch model."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from hermes_ort.core.manifest import BlockSpec, Manifest
+from hermes_ort.core.manifest import BlockSpec
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.install import remove_tree
 from hermes_ort.export.logs import say
-from hermes_ort.tensors.kv_cache import dim_sizes
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
@@ -55,7 +53,7 @@ def cut_blocks(
     opt_dir = tmp / ".scratch" / "opt"
     opt_dir.mkdir(parents=True)
     optimised = []
-    with _progress(len(plans), "optimise blocks", progress) as bar:
+    with progress_bar(len(plans), "optimise blocks", progress) as bar:
         for plan in plans:
             src = tmp / "full" / f".cut-{plan.name}.onnx"  # beside model.onnx_data, its weights
             onnx.save_model(block_model(whole, plan, types), str(src))
@@ -86,75 +84,3 @@ def cut_blocks(
         )
         blocks.append(spec)
     return blocks
-
-
-def verify_blocks(
-    tmp: Path,
-    manifest: Manifest,
-    reference: dict[str, Any],
-    seq_len: int,
-    tolerance: float,
-    progress: bool,
-) -> dict[str, Any]:
-    """The chained blocks and the whole-model file against PyTorch on the same sample; the
-    manifest's `verification` record, or ExportError past the tolerance. A quantized model is
-    held to a cosine floor on its main output instead (quantize.COSINE_FLOOR), and its chained
-    blocks must equal its whole-model file (streaming adds no error of its own)."""
-    from hermes_ort.export import verify
-
-    feed = verify.make_sample(manifest.inputs, dim_sizes(manifest.sample, 1, seq_len))
-    with _progress(len(manifest.blocks), "verify blocks", progress) as bar:
-        got = verify.run_blocks(tmp, manifest, feed, step=lambda _: bar.update(1))
-    full = verify.run_full(tmp, manifest, feed)
-    if manifest.quantization:
-        return _verify_quantized(manifest, got, full, reference)
-    diffs = verify.max_abs_diff(got, reference)
-    full_diffs = verify.max_abs_diff(full, reference)
-    worst = max(diffs, key=diffs.get)
-    worst_full = max(full_diffs, key=full_diffs.get)
-    say(
-        f"verified against PyTorch: blocks max abs diff {diffs[worst]:.3g} ('{worst}'), "
-        f"full model {full_diffs[worst_full]:.3g} (tolerance {tolerance:g})"
-    )
-    for what, d, key in (("chained blocks", diffs, worst), ("full model", full_diffs, worst_full)):
-        if not d[key] <= tolerance:
-            raise ExportError(
-                f"verification failed: {what} differ from PyTorch on output '{key}' by "
-                f"{d[key]:.3g} > tolerance {tolerance:g}"
-            )
-    return {
-        "reference": "pytorch",
-        "max_abs_diff": diffs[worst],
-        "tolerance": tolerance,
-        "outputs_max_abs_diff": diffs,
-        "full_model_max_abs_diff": full_diffs[worst_full],
-        "sample_seed": verify.SAMPLE_SEED,
-    }
-
-
-def _verify_quantized(manifest: Manifest, got: dict, full: dict, reference: dict) -> dict:
-    from hermes_ort.export import verify
-    from hermes_ort.export.quantize import check_accuracy, floor_of
-
-    mode, floor = manifest.quantization["mode"], floor_of(manifest.quantization)
-    main = manifest.output_names[0]  # logits, last_hidden_state
-    accuracy = verify.accuracy(got, reference)
-    streaming = max(verify.max_abs_diff(got, full).values())
-    a = accuracy[main]
-    top1 = f", top-1 agreement {a['top1']:.1%}" if "top1" in a else ""
-    say(
-        f"verified against PyTorch fp32 ({mode}): '{main}' cosine {a['cosine']:.5f} (floor "
-        f"{floor}), max abs diff {a['max_abs_diff']:.3g}{top1}; chained blocks vs "
-        f"the whole {mode} model: max abs diff {streaming:.3g}"
-    )
-    check_accuracy(mode, a["cosine"], main, floor)
-    check_accuracy(mode, verify.accuracy(full, reference)[main]["cosine"], main, floor)
-    return {
-        "reference": "pytorch fp32",
-        "quantized": mode,
-        "cosine_floor": floor,
-        "outputs": accuracy,
-        "max_abs_diff": a["max_abs_diff"],
-        "blocks_vs_full_max_abs_diff": streaming,
-        "sample_seed": verify.SAMPLE_SEED,
-    }

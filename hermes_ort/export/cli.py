@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="max abs diff allowed vs PyTorch (default 1e-4)",
+        help="fp32: the largest difference from PyTorch allowed, relative to each output's "
+        "largest value (default 1e-4)",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument(
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--model only: export layer by layer from the checkpoint's safetensors, so memory "
         "grows with one layer, not the model (no whole-model file for full/full-mmap)",
+    )
+    parser.add_argument(
+        "--full-model",
+        action="store_true",
+        help="also keep the whole-model files the `full` and `full-mmap` baselines open (full/); "
+        "by default DIR holds the blocks only, the weights once",
     )
     parser.add_argument(
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
@@ -179,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         quantization=quantization,
         graph=args.graph,
+        full_model=args.full_model,
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
@@ -236,21 +244,39 @@ def print_summary(result) -> None:
             f"read by {uses[path]} blocks"
         )
     print("  " + _totals(m, root))
-    v = m.verification
+    print("  " + describe_verification(m.verification, m.output_names[0]))
+
+
+def describe_verification(v: dict, main: str) -> str:
+    """The manifest's verification record in one line."""
     if "quantized" in v:
-        a = v["outputs"][m.output_names[0]]
-        print(
-            f"  verified vs PyTorch fp32 ({v['quantized']}): '{m.output_names[0]}' cosine "
-            f"{a['cosine']:.5f} (floor {v['cosine_floor']}), max abs diff {a['max_abs_diff']:.3g}; "
-            f"blocks vs the whole {v['quantized']} model {v['blocks_vs_full_max_abs_diff']:.3g}"
+        q = v["quality"]
+        line = (
+            f"verified on {v['sample']} ({v['quantized']}): '{main}' cosine with fp32 "
+            f"{q['cosine']:.5f}"
         )
-    elif "max_abs_diff" in v:
-        print(
-            f"  verified vs PyTorch: max abs diff {v['max_abs_diff']:.3g} "
-            f"(full model {v['full_model_max_abs_diff']:.3g}), tolerance {v['tolerance']:g}"
+        if "same_weights" in v:
+            line += f", with the same weights {v['same_weights']['cosine']:.5f}"
+        if "perplexity_ratio" in q:
+            line += (
+                f"; perplexity {q['perplexity']:.2f} vs fp32 {q['perplexity_fp32']:.2f} "
+                f"({q['perplexity_ratio']:.3f}x)"
+            )
+        if "top1" in q:
+            line += f", top-1 agreement {q['top1']:.1%}"
+        return line
+    if "blocks_max_relative_diff" in v:
+        line = (
+            f"verified on {v['sample']}: max abs diff {v['max_abs_diff']:.3g}, "
+            f"{v['blocks_max_relative_diff']:.2g} of the output's scale "
+            f"(tolerance {v['tolerance_relative']:g})"
         )
-    else:
-        print("  not verified (--no-verify)")
+        if "perplexity" in v:
+            line += f"; perplexity {v['perplexity']:.2f} (PyTorch {v['perplexity_pytorch']:.2f})"
+        return line
+    if "max_abs_diff" in v:  # a model exported before relative tolerances
+        return f"verified vs PyTorch: max abs diff {v['max_abs_diff']:.3g}"
+    return "not verified (--no-verify)"
 
 
 def _totals(m, root: Path) -> str:

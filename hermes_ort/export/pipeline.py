@@ -46,6 +46,9 @@ class ExportOptions:
     progress: bool = True  # progress lines and bars; False (--quiet): nothing but errors
     quantization: Any = None  # quantize.Quantization, or None: fp32
     graph: str = "auto"  # "optimum" | "fused" (fused.py) | "auto": fused to quantize a Llama
+    # also keep the whole-model files the `full` / `full-mmap` baselines open (full/): by default
+    # a model directory holds its blocks only (the weights once)
+    full_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,15 +254,30 @@ class _Export:
             sample["max_sequence_length"] = positions
         return Signature(inputs, outputs, sample, seq_len)
 
-    def reference(self, source: Source, signature: Signature) -> dict | None:
-        """PyTorch's outputs on the verification sample (None with --no-verify)."""
+    def reference(self, source: Source, signature: Signature):
+        """PyTorch's outputs on the verification sample (None with --no-verify): real text in
+        the model's own tokenizer where the export has one. Quantized: also PyTorch's with the
+        weights quantized and dequantized as the export holds them (where the method says how)."""
         if not self.opts.verify:
             return None
         from hermes_ort.export import verify
 
         sizes = dim_sizes(signature.sample, 1, signature.seq_len)
-        feed = verify.make_sample(signature.inputs, sizes)
-        return verify.torch_outputs(source.model, feed, [o.name for o in signature.outputs])
+        vocab = getattr(source.model.config, "vocab_size", None)
+        ids = verify.text_ids(self.tmp, signature.seq_len, vocab)
+        feed = verify.make_sample(signature.inputs, sizes, ids=ids)
+        names = [o.name for o in signature.outputs]
+        fp32 = verify.torch_outputs(source.model, feed, names)
+        same = None
+        q = self.opts.quantization
+        if q is not None and not self.opts.streaming:
+            from hermes_ort.export import quantize
+
+            fake = getattr(quantize, "fake_quantize_model", None)
+            if fake is not None and fake(source.model, q):  # False: no exact twin for q
+                same = verify.torch_outputs(source.model, feed, names)
+        text = None if ids is None or "input_ids" not in feed else feed["input_ids"][:1]
+        return verify.References(feed, fp32, same, text)
 
     def cut(self, whole, stack, arch: str):
         from hermes_ort.export.blocks import cut_blocks
@@ -270,7 +288,10 @@ class _Export:
         )
 
     def quantize_whole(self, manifest: Manifest) -> Manifest:
-        """The whole-model file quantized as the blocks were (same algorithm, same weights)."""
+        """The whole-model file quantized as the blocks were (same algorithm, same weights), when
+        it is kept (--full-model)."""
+        if not self.opts.full_model:
+            return manifest
         if self.opts.quantization is None or manifest.full_model is None:
             return manifest
         from hermes_ort.export.whole_model import quantize_full_model
@@ -279,21 +300,28 @@ class _Export:
         self.lap("quantize_full_s")
         return manifest
 
-    def verify(self, manifest: Manifest, reference: dict | None, sig: Signature) -> Manifest:
+    def verify(self, manifest: Manifest, reference, sig: Signature) -> Manifest:
         if reference is None:
             return manifest
         from hermes_ort.export import verify
-        from hermes_ort.export.blocks import verify_blocks
+        from hermes_ort.export.blocks import progress_bar
 
         o = self.opts
         tolerance = verify.TOLERANCE_FP32 if o.tolerance is None else o.tolerance
-        record = verify_blocks(self.tmp, manifest, reference, sig.seq_len, tolerance, o.progress)
+        # the whole-model file is checked only where it is kept (--full-model)
+        checked = manifest if o.full_model else replace(manifest, full_model=None)
+        with progress_bar(len(manifest.blocks), "verify blocks", o.progress) as bar:
+            step = lambda _: bar.update(1)  # noqa: E731
+            record = verify.verify_export(self.tmp, checked, reference, tolerance, step)
         self.lap("verify_s")
         return replace(manifest, verification=record)
 
     def finish(self, manifest: Manifest, streamed) -> Manifest:
         """Streaming: every other layer from the checkpoint (and no whole-model file); else the
-        whole model with its weights inline too."""
+        blocks only, or with --full-model the whole model too, its weights inline as well."""
+        if streamed is None and not self.opts.full_model:
+            remove_tree(self.tmp / "full")  # the graph the blocks were cut from: not shipped
+            return replace(manifest, full_model=None, full_model_mmap=None)
         if streamed is None:
             from hermes_ort.export.whole_model import add_inline_full_model
 

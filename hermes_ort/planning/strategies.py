@@ -96,8 +96,8 @@ def whole_model_file(manifest: Manifest, strategy: Strategy) -> FullModelSpec:
     spec = (manifest.full_model_mmap if strategy.prefers_mmap_file else None) or manifest.full_model
     if spec is None:
         raise ManifestError(
-            f"'{manifest.name}' has no whole-model file (a streaming export writes none): "
-            f"strategy '{strategy.name}' needs one"
+            f"'{manifest.name}' has no whole-model file: strategy '{strategy.name}' opens one "
+            f"(export with --full-model; a streaming export writes none)"
         )
     return spec
 
