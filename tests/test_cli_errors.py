@@ -57,7 +57,6 @@ def one_line(r: subprocess.CompletedProcess) -> str:
         (["generate", "{toy}", "--ids", "1", "--max-new-tokens", "0"], 2, "at least 1"),
         (["export", "--preset", "no-such", "--out", "{tmp}/m"], 1, "unknown preset 'no-such'"),
         (["export", "--model", "{missing}", "--out", "{tmp}/m"], 1, "not found"),
-        (["demo", "--preset", "no-such", "--out", "{tmp}/d"], 1, "unknown preset 'no-such'"),
     ],
 )
 def test_bad_input_is_one_line(toy_dir, tmp_path, args, status, message):

@@ -61,6 +61,8 @@ def test_the_protocol_lists_what_a_model_is_used_for():
         "generation_stats",
         "run",
         "generate",
+        "chat",
+        "embed",
         "sample_inputs",
         "close",
         "__enter__",

@@ -149,13 +149,17 @@ def cmd_generate(args) -> int:
         }
         print(json.dumps(record))
         return 0
-    print(
-        f"\n{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, "
+    print(f"\n{stats_line(s, plan)}", file=sys.stderr)
+    return 0
+
+
+def stats_line(s, plan) -> str:
+    """One generation's figures (a GenerationStats under a Plan), for stderr."""
+    return (
+        f"{s.new_tokens} tokens ({s.stopped_by}) | prompt {s.prompt_tokens} tokens, "
         f"first token {s.time_to_first_token_s * 1000:.0f} ms | "
         f"{s.decode_tokens_per_s:.2f} tokens/s after it | "
         f"peak RSS {format_bytes(s.peak_rss_bytes)} | read {format_bytes(s.bytes_read)} | "
         f"KV cache {format_bytes(s.cache_bytes)} | {plan.strategy}"
-        + (f" under {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else ""),
-        file=sys.stderr,
+        + (f" under {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else "")
     )
-    return 0

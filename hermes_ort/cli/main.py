@@ -198,9 +198,12 @@ def _missing_extra(what: str) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="export bert-base (random weights), compare pipeload, full")
-    p.add_argument("--preset", default="bert-base", help="the model to export (default bert-base)")
-    p.add_argument("--out", type=Path, default=None, help="model directory (default models/PRESET)")
+    p = sub.add_parser(
+        "demo",
+        help="a real model (SmolLM2-135M-Instruct, fetched once) answers a question: "
+        "pipeload under a budget beside full",
+    )
+    p.add_argument("--question", default=None, help="what to ask (default: a capital city)")
     p.add_argument("--budget", default=None, help="pipeload's budget (default: min)")
     p.set_defaults(func=cmd_demo)
 
@@ -208,7 +211,7 @@ def _add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from hermes_ort.cli.demo import main
 
-    return main(args.preset, args.out, args.budget)
+    return main(args.question, args.budget)
 
 
 def _add_profile(sub) -> None:
@@ -309,6 +312,8 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hermes_ort.cli.chat_cmd import add_chat
+    from hermes_ort.cli.embed_cmd import add_embed
     from hermes_ort.cli.generate_cmd import add_generate
 
     parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
@@ -316,7 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"hermes-ort {version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_export, _add_run, add_generate, _add_profile, _add_plan, add_info):
+    for add in (
+        _add_demo,
+        _add_export,
+        _add_run,
+        add_generate,
+        add_chat,
+        add_embed,
+        _add_profile,
+        _add_plan,
+        add_info,
+    ):
         add(sub)
     return parser
 

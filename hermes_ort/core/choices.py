@@ -84,6 +84,18 @@ class LoadPath(Choice):
     STREAM = "stream"  # pipeload's: weights mmapped, no prepacking, read-ahead (ablations)
 
 
+class PoolingMode(Choice):
+    """How an encoder's token embeddings become one sentence embedding (tensors/pooling.py):
+    sentence-transformers' modes, by its names, in the order it concatenates them."""
+
+    CLS = "cls"  # the first real token
+    MAX = "max"  # the largest value per dimension over the real tokens
+    MEAN = "mean"  # the mean over the real tokens (the attention mask)
+    MEAN_SQRT_LEN = "mean_sqrt_len_tokens"  # their sum over the square root of their count
+    WEIGHTED_MEAN = "weightedmean"  # weighted by position 1..T
+    LAST_TOKEN = "lasttoken"  # the last real token
+
+
 C = TypeVar("C", bound=Choice)
 
 

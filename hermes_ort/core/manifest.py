@@ -22,6 +22,7 @@ of frozen dataclasses. Every path is relative to the model directory and must st
       "verification": {"reference": "pytorch", "max_abs_diff": 1e-6, "tolerance": 1e-4},
       "versions": {"onnxruntime": "...", ...},
       "quantization": null | {"mode": "int4", "method": "nbits", "block_size": 32, ...}
+                      | {"mode": "gguf", "method": "nbits", "types": {"Q4_1": "MatMulNBits ..."}}
     }
 """
 
@@ -38,6 +39,8 @@ from hermes_ort.core.errors import ManifestError
 SCHEMA_VERSION = 2  # 2: `quantization` (schema 1 directories still load: unquantized)
 READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+# the exporter's --quantize modes, and "gguf": a GGUF file's own blocks kept as they are
+QUANTIZATION_MODES = ("int4", "int8", "gguf")
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class Manifest:
     versions: dict[str, Any] = field(default_factory=dict)
     full_model_mmap: FullModelSpec | None = None  # same weights in an external data file (mmap)
     # how the weights were quantized (hermes_ort/export/quantize.py: mode int4|int8, method
-    # nbits|dynamic, block_size, symmetric, accuracy_level, algorithm, embeddings); None: fp32
+    # nbits|dynamic, block_size, accuracy_level, algorithm, embeddings, head_bits); None: fp32
     quantization: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
@@ -236,8 +239,9 @@ def _full_model(data: Any, where: str) -> FullModelSpec | None:
 def _quantization(data: Any, source: str) -> dict[str, Any] | None:
     if data is None:
         return None
-    if not isinstance(data, dict) or data.get("mode") not in ("int4", "int8"):
-        raise ManifestError(f"{source}: quantization must be null or name its mode (int4, int8)")
+    if not isinstance(data, dict) or data.get("mode") not in QUANTIZATION_MODES:
+        modes = ", ".join(QUANTIZATION_MODES)
+        raise ManifestError(f"{source}: quantization must be null or name its mode ({modes})")
     return data
 
 

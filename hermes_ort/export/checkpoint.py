@@ -41,7 +41,13 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve_source(ref: str) -> str:
-    """A local checkpoint directory, or a hub id when the hub can be reached; else ExportError."""
+    """A local checkpoint directory, a GGUF file (or a directory holding one and no config.json),
+    or a hub id when the hub can be reached; else ExportError."""
+    from hermes_ort.export.gguf.reader import find_gguf
+
+    gguf = find_gguf(ref)
+    if gguf is not None:
+        return str(gguf)
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -50,7 +56,9 @@ def resolve_source(ref: str) -> str:
             )
         return str(path.resolve())
     if path.exists():
-        raise ExportError(f"checkpoint '{ref}' is a file; expected a directory with config.json")
+        raise ExportError(
+            f"checkpoint '{ref}' is a file; expected a directory with config.json or a .gguf file"
+        )
     if _looks_like_path(ref):
         raise ExportError(f"checkpoint directory '{ref}' not found")
     if not hub_reachable():

@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", metavar="NAME", help="a config in hermes_ort/presets/NAME.json, random weights"
     )
     source.add_argument(
-        "--model", metavar="PATH_OR_HUB_ID", help="a Hugging Face checkpoint directory or hub id"
+        "--model",
+        metavar="PATH_OR_HUB_ID",
+        help="a Hugging Face checkpoint directory or hub id, or a GGUF file (llama.cpp's; llama "
+        "and qwen2: its quantized weights kept as they are, see --dtype)",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="model directory to write"
@@ -78,23 +81,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quiet", action="store_true", help="print nothing but errors (no progress, no summary)"
     )
+    from hermes_ort.core.choices import values
+    from hermes_ort.export.quant_choices import Algorithm, Method, Mode
+
     q = parser.add_argument_group("quantization (weight-only; export/quantize.py)")
     q.add_argument(
         "--quantize",
-        choices=("int4", "int8"),
+        choices=values(Mode),
         default=None,
-        help="int4: MatMulNBits (and int4 embedding tables); int8: dynamic (MatMulInteger)",
+        help="int4 or int8 weights: MatMulNBits, embedding tables GatherBlockQuantized",
     )
     q.add_argument(
         "--quant-method",
-        choices=("nbits", "dynamic"),
+        choices=values(Method),
         default=None,
-        help="int8: nbits (MatMulNBits; default for decoders) or dynamic (MatMulInteger, "
-        "runs unpacked; default for encoders)",
+        help="nbits (MatMulNBits, the default) or, int8 encoders only, dynamic (MatMulInteger: "
+        "runs unpacked, less accurate)",
     )
-    q.add_argument("--quant-block-size", type=int, default=32, metavar="N", help="default 32")
     q.add_argument(
-        "--quant-asymmetric", action="store_true", help="zero points (default: symmetric)"
+        "--quant-block-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="weights per block along K: 16, 32, 64 or 128 (default 32)",
     )
     q.add_argument(
         "--quant-accuracy-level",
@@ -105,30 +114,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--quant-algorithm",
-        choices=("rtn", "hqq"),
-        default="rtn",
-        help="how weights are rounded: rtn = round to nearest (fast kernel), hqq = half-quadratic "
-        "(float zero points: slower kernel)",
+        choices=values(Algorithm),
+        default=None,
+        help="how weights are rounded (default: int4 minmax, int8 rtn; docs/quantization.md): "
+        "rtn = round to nearest, symmetric (the fastest kernel); rtn-zero-point = on an integer "
+        "zero point; minmax = each block's min .. max in equal steps (GGUF's Q4_1); "
+        "minmax-search = minmax with the range fitted to the least squared error; hqq = "
+        "half-quadratic. All but rtn add a per-block offset term (~20%% slower decoding)",
     )
     q.add_argument(
         "--quant-no-embeddings",
         action="store_true",
-        help="keep embedding tables fp32 (int4 quantizes them by default)",
+        help="keep embedding tables fp32 (quantized at the head's bits by default)",
     )
     q.add_argument(
         "--quant-head-bits",
         type=int,
         default=8,
         choices=(4, 8),
-        help="int4: the LM head's bits (default 8: it sets every logit)",
+        help="int4: the bits of the LM head and the embedding tables (default 8: the head sets "
+        "every logit; a tied table is one table)",
     )
     q.add_argument(
         "--accuracy-floor",
         type=float,
         default=None,
         metavar="COSINE",
-        help="the verification's floor on the output's cosine with PyTorch fp32 "
-        "(default: int8 0.999, int4 0.99)",
+        help="dynamic int8 (no PyTorch twin of its weights): the verification's floor on the "
+        "output's cosine with PyTorch fp32 (default 0.999)",
     )
     parser.add_argument(
         "--graph",
@@ -136,6 +149,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="the whole-model graph: optimum's export, or hermes-ort's fused graph "
         "for llama/mistral/qwen2 decoders (auto: fused when quantizing one)",
+    )
+    from hermes_ort.export.sources import WeightsDtype
+
+    parser.add_argument(
+        "--dtype",
+        choices=values(WeightsDtype),
+        default=WeightsDtype.AUTO.value,
+        help="the weights in the blocks: auto = as the checkpoint holds them (a GGUF's quantized "
+        "blocks kept bit for bit as MatMulNBits, its float tensors float32; a Hugging Face "
+        "checkpoint float32); fp32 = every weight float32 (a GGUF dequantized: larger, no int8 "
+        "activations). --quantize instead requantizes them with the exporter's own method",
     )
 
 
@@ -148,7 +172,6 @@ def _quantization(args):
         args.quantize,
         args.quant_method,
         block_size=args.quant_block_size,
-        symmetric=not args.quant_asymmetric,
         accuracy_level=args.quant_accuracy_level,
         algorithm=args.quant_algorithm,
         embeddings=not args.quant_no_embeddings,
@@ -187,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         quantization=quantization,
         graph=args.graph,
         full_model=args.full_model,
+        dtype=args.dtype,
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None

@@ -13,7 +13,12 @@ layer (docs/design.md §2.6):
 Node names carry the layer (`/model/layers.<i>/...`), so the regular cutter cuts it into blocks;
 every MatMul weight is an initializer [in, out] (W^T), so weight-only quantization (quantize.py)
 applies as it does to any block. The same functions build one layer alone, from a checkpoint's
-tensors, for the streaming export."""
+tensors, for the streaming export.
+
+Given `packed` (a GGUF's own blocks, gguf/), a weight it returns is emitted as it is held:
+MatMulNBits (+ its offset term, nbits.py), the embedding as GatherBlockQuantized of the same
+bytes as a tied head's MatMulNBits; q/k/v of different bits or block sizes as three projections
+instead of the packed QKV."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from hermes_ort.export.errors import ExportError
+from hermes_ort.export.nbits import NBitsWeight, gather_block_quantized, matmul_nbits, stack_rows
 
 FAMILIES = ("llama", "mistral", "qwen2")
 MS = "com.microsoft"
@@ -115,6 +121,16 @@ class Graph:
         )
         return outs if outputs > 1 else outs[0]
 
+    def add(self, made: tuple[list, list]) -> None:
+        """Nodes and initializers from nbits.py; an initializer already here is not added again
+        (a tied table's gather and MatMul name the same one)."""
+        nodes, initializers = made
+        self.nodes.extend(nodes)
+        for t in initializers:
+            if t.name not in self.names:
+                self.names.add(t.name)
+                self.initializers.append(t)
+
     def weight(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
 
@@ -125,11 +141,56 @@ class Graph:
 
 
 Tensors = Callable[[str], np.ndarray]  # a checkpoint tensor by its name, as float32
+Packed = Callable[[str], NBitsWeight | None]  # a weight as MatMulNBits holds it, or None: float
 
 
-def _linear(g: Graph, x: str, tensors: Tensors, key: str, name: str) -> str:
+def _unpacked(name: str) -> None:
+    return None
+
+
+def _linear(g: Graph, x: str, tensors: Tensors, key: str, name: str, packed: Packed) -> str:
+    return _project(g, x, packed(f"{key}.weight"), tensors, key, name)
+
+
+def _project(g: Graph, x: str, w: NBitsWeight | None, tensors: Tensors, key: str, name: str):
+    """x @ W^T: MatMul of W^T [in, out], or MatMulNBits of `w`, W's blocks (`name` ends in
+    MatMul)."""
+    if w is not None:
+        name = name.removesuffix("MatMul") + "MatMulNBits"
+        out = f"{name}/output"
+        g.add(matmul_nbits(x, w, out, name, weight=f"{key}.weight"))
+        return out
     w = g.weight(f"{key}.weight.T", tensors(f"{key}.weight").T)
     return g.node("MatMul", [x, w], name)
+
+
+def _qkv(g: Graph, shape: Shape, x: str, tensors: Tensors, a: str, p: str, packed: Packed):
+    """GroupQueryAttention's query, key, value inputs: one packed projection (q, k, v rows
+    stacked) and two "", or three projections when their weights cannot stack."""
+    ws = [packed(f"{a}.{x}_proj.weight") for x in "qkv"]
+    forms = {None if w is None else (w.bits, w.block_size) for w in ws}
+    if len(forms) > 1:  # float and packed, or packed of different forms: apart
+        outs = []
+        for x_, w in zip("qkv", ws, strict=True):
+            out = _project(g, x, w, tensors, f"{a}.{x_}_proj", f"{p}/attn/{x_}_proj/MatMul")
+            if shape.qkv_bias:
+                bias = g.weight(f"{a}.{x_}_proj.bias", tensors(f"{a}.{x_}_proj.bias"))
+                out = g.node("Add", [out, bias], f"{p}/attn/{x_}_proj/Add")
+            outs.append(out)
+        return outs
+    if ws[0] is not None:
+        name = f"{p}/attn/qkv_proj/MatMulNBits"
+        qkv = f"{name}/output"
+        g.add(matmul_nbits(x, stack_rows(ws), qkv, name, weight=f"{a}.qkv_proj.weight"))
+    else:
+        qkv_w = np.concatenate([tensors(f"{a}.{x_}_proj.weight").T for x_ in "qkv"], axis=1)
+        qkv = g.node(
+            "MatMul", [x, g.weight(f"{a}.qkv_proj.weight.T", qkv_w)], f"{p}/attn/qkv_proj/MatMul"
+        )
+    if shape.qkv_bias:
+        bias = np.concatenate([tensors(f"{a}.{x_}_proj.bias") for x_ in "qkv"])
+        qkv = g.node("Add", [qkv, g.weight(f"{a}.qkv_proj.bias", bias)], f"{p}/attn/qkv_proj/Add")
+    return [qkv, "", ""]
 
 
 def _skip_norm(g: Graph, x: str, residual: str, weight: str, name: str, eps: float):
@@ -145,7 +206,9 @@ def _skip_norm(g: Graph, x: str, residual: str, weight: str, name: str, eps: flo
     return outs[0], outs[3]
 
 
-def prologue_nodes(g: Graph, shape: Shape, tensors: Tensors) -> tuple[str, str, str]:
+def prologue_nodes(
+    g: Graph, shape: Shape, tensors: Tensors, packed: Packed = _unpacked
+) -> tuple[str, str, str]:
     """(hidden states, seqlens_k, total_seq_len) from input_ids and attention_mask."""
     one = g.weight("/model/constants/one", np.array([1], np.int64))
     base = "/model/attn_mask_reformat"
@@ -160,7 +223,13 @@ def prologue_nodes(g: Graph, shape: Shape, tensors: Tensors) -> tuple[str, str, 
         axis=0,
     )
     width = g.node("Cast", [width], f"{base}/Gather/Cast", to=6)  # int32 scalar
-    embed = g.weight("model.embed_tokens.weight", tensors("model.embed_tokens.weight"))
+    table = "model.embed_tokens.weight"
+    w = packed(table)
+    if w is not None:
+        name = "/model/embed_tokens/GatherBlockQuantized"
+        g.add(gather_block_quantized("input_ids", w, f"{name}/output", name, weight=table))
+        return f"{name}/output", seqlens, width
+    embed = g.weight(table, tensors(table))
     hidden = g.node("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")
     return hidden, seqlens, width
 
@@ -173,6 +242,7 @@ def layer_nodes(
     inputs: tuple[str, ...],
     seqlens: str,
     width: str,
+    packed: Packed = _unpacked,
 ) -> tuple[str, str]:
     """Layer i: from (hidden) or (residual, MLP output) of the layer before, to (residual, MLP
     output); its KV cache is past_key_values.i.key/value in, present.i.key/value out."""
@@ -192,20 +262,12 @@ def layer_nodes(
         name = f"{p}/input_layernorm/SkipLayerNorm"
         normed, residual = _skip_norm(g, inputs[1], inputs[0], w_in, name, shape.eps)
     a = f"{key}.self_attn"
-    qkv_w = np.concatenate([tensors(f"{a}.{x}_proj.weight").T for x in "qkv"], axis=1)
-    qkv = g.node(
-        "MatMul", [normed, g.weight(f"{a}.qkv_proj.weight.T", qkv_w)], f"{p}/attn/qkv_proj/MatMul"
-    )
-    if shape.qkv_bias:
-        bias = np.concatenate([tensors(f"{a}.{x}_proj.bias") for x in "qkv"])
-        qkv = g.node("Add", [qkv, g.weight(f"{a}.qkv_proj.bias", bias)], f"{p}/attn/qkv_proj/Add")
+    query_key_value = _qkv(g, shape, normed, tensors, a, p, packed)
     cos, sin = rotary_caches(shape)
     attn = g.node(
         "GroupQueryAttention",
         [
-            qkv,
-            "",
-            "",
+            *query_key_value,
             f"past_key_values.{i}.key",
             f"past_key_values.{i}.value",
             seqlens,
@@ -232,32 +294,43 @@ def layer_nodes(
             "Identity", [attn[2]], [f"present.{i}.value"], name=f"{p}/attn/present_value"
         )
     )
-    out = _linear(g, attn[0], tensors, f"{a}.o_proj", f"{p}/attn/o_proj/MatMul")
+    out = _linear(g, attn[0], tensors, f"{a}.o_proj", f"{p}/attn/o_proj/MatMul", packed)
     w_post = g.weight(
         f"{key}.post_attention_layernorm.weight", tensors(f"{key}.post_attention_layernorm.weight")
     )
     name = f"{p}/post_attention_layernorm/SkipLayerNorm"
     normed, residual = _skip_norm(g, out, residual, w_post, name, shape.eps)
     m = f"{key}.mlp"
-    gate = _linear(g, normed, tensors, f"{m}.gate_proj", f"{p}/mlp/gate_proj/MatMul")
-    up = _linear(g, normed, tensors, f"{m}.up_proj", f"{p}/mlp/up_proj/MatMul")
+    gate = _linear(g, normed, tensors, f"{m}.gate_proj", f"{p}/mlp/gate_proj/MatMul", packed)
+    up = _linear(g, normed, tensors, f"{m}.up_proj", f"{p}/mlp/up_proj/MatMul", packed)
     silu = g.node(
         "Mul", [gate, g.node("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul"
     )
     act = g.node("Mul", [silu, up], f"{p}/mlp/Mul")
-    mlp = _linear(g, act, tensors, f"{m}.down_proj", f"{p}/mlp/down_proj/MatMul")
+    mlp = _linear(g, act, tensors, f"{m}.down_proj", f"{p}/mlp/down_proj/MatMul", packed)
     return residual, mlp
 
 
 def epilogue_nodes(
-    g: Graph, shape: Shape, tensors: Tensors, residual: str, mlp: str, untie: bool = False
+    g: Graph,
+    shape: Shape,
+    tensors: Tensors,
+    residual: str,
+    mlp: str,
+    packed: Packed = _unpacked,
 ) -> None:
     """The final norm and the LM head. A tied head reads the embedding table in place (the
-    blocks share its bytes), unless `untie`: quantizing, the head gets its own [hidden, vocab]
-    copy, quantized as a MatMul, and the embedding its own Gather-quantized table."""
+    blocks share its bytes; quantized, quant_graph.py makes the table one MatMulNBits form
+    that the lookup reads too). A packed head is MatMulNBits (tied: of the embedding's own
+    initializers)."""
     w = g.weight("model.norm.weight", tensors("model.norm.weight"))
     normed, _ = _skip_norm(g, mlp, residual, w, "/model/norm/SkipLayerNorm", shape.eps)
-    if shape.tied and not untie:  # the embedding table itself, [vocab, hidden]: stored once
+    head = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
+    w_packed = packed(head)
+    if w_packed is not None:
+        g.add(matmul_nbits(normed, w_packed, "logits", "/lm_head/MatMulNBits", weight=head))
+        return
+    if shape.tied:  # the embedding table itself, [vocab, hidden]: stored once
         table = g.weight("model.embed_tokens.weight", tensors("model.embed_tokens.weight"))
         g.nodes.append(
             g.helper.make_node(
@@ -270,7 +343,6 @@ def epilogue_nodes(
             )
         )
         return
-    head = "model.embed_tokens.weight" if shape.tied else "lm_head.weight"
     w_head = g.weight("lm_head.weight.T", tensors(head).T)
     g.nodes.append(
         g.helper.make_node("MatMul", [normed, w_head], ["logits"], name="/lm_head/MatMul")
@@ -285,18 +357,25 @@ def _cache_value(shape: Shape, name: str, past: bool):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
-def whole_model(shape: Shape, tensors: Tensors, opset: int = 17, untie: bool = False):
-    """The whole decoder as one graph (the exporter then cuts, optimises and verifies it)."""
+def whole_model(
+    shape: Shape,
+    tensors: Tensors,
+    opset: int = 17,
+    packed: Packed | None = None,
+):
+    """The whole decoder as one graph (the exporter then cuts, optimises and verifies it);
+    `packed`: the weights kept in their MatMulNBits form (opset >= 15 for their offset terms)."""
     from onnx import TensorProto, helper
 
+    packed = packed or _unpacked
     g = Graph()
-    hidden, seqlens, width = prologue_nodes(g, shape, tensors)
+    hidden, seqlens, width = prologue_nodes(g, shape, tensors, packed)
     carried: tuple[str, ...] = (hidden,)
     boundary = [hidden]  # what crosses blocks: ONNX's shape inference skips the contrib ops
     for i in range(shape.layers):
-        carried = layer_nodes(g, shape, i, tensors, carried, seqlens, width)
+        carried = layer_nodes(g, shape, i, tensors, carried, seqlens, width, packed)
         boundary += carried
-    epilogue_nodes(g, shape, tensors, *carried, untie=untie)
+    epilogue_nodes(g, shape, tensors, *carried, packed=packed)
     inputs = [
         helper.make_tensor_value_info(
             "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]

@@ -46,6 +46,7 @@ class ExportOptions:
     progress: bool = True  # progress lines and bars; False (--quiet): nothing but errors
     quantization: Any = None  # quantize.Quantization, or None: fp32
     graph: str = "auto"  # "optimum" | "fused" (fused.py) | "auto": fused to quantize a Llama
+    dtype: str = "auto"  # sources.WeightsDtype: "fp32" dequantizes a GGUF; "auto" keeps its blocks
     # also keep the whole-model files the `full` / `full-mmap` baselines open (full/): by default
     # a model directory holds its blocks only (the weights once)
     full_model: bool = False
@@ -104,6 +105,7 @@ def check_options(opts: ExportOptions) -> None:
 
         resolve_source(opts.model)
         check_checkpoint_files(opts.model)
+    _check_weights_dtype(opts)
 
 
 class _Export:
@@ -170,6 +172,9 @@ class _Export:
         source = open_source(o.preset, o.model, o.task, o.seed, o.streaming)
         if source.task == "text-generation" and o.kv_cache:
             source = replace(source, task="text-generation-with-past")
+        self.kept = _kept_gguf(source, o)
+        if self.kept is not None:  # the manifest's record; quantize.py then leaves the blocks
+            self.opts = replace(o, quantization=self.kept)
         self.lap("load_s")
         return source
 
@@ -221,8 +226,12 @@ class _Export:
             )
         if self.is_fused:
             say(f"building the fused graph of {arch} ({source.task}, {where})")
+            kept = self.kept is not None
             raw = _fused_graph(
-                source, raw_dir, self.opts.opset, untie=self.opts.quantization is not None
+                source,
+                raw_dir,
+                self.opts.opset,
+                packed=source.gguf.weights.packed if kept else None,
             )
         else:
             say(f"exporting {arch} ({source.task}, {where})")
@@ -234,6 +243,8 @@ class _Export:
                 os.replace(raw.parent / extra, self.tmp / extra)
         if source.checkpoint is not None:
             write_tokenizer(source.checkpoint, self.tmp)
+        if source.gguf is not None:
+            source.gguf.write_tokenizer(self.tmp)
         self.lap("onnx_export_s")
         whole, files = write_full_model(raw, self.tmp)
         self.lap("full_model_s")
@@ -346,15 +357,64 @@ class _Export:
         return replace(manifest, verification={**template.verification, "streaming": note})
 
 
-def _fused_graph(source: Source, raw_dir: Path, opset: int, untie: bool) -> Path:
-    """fused.py's graph of the source's weights, saved as raw_dir/model.onnx + its data."""
+def _check_weights_dtype(opts: ExportOptions) -> None:
+    """--dtype against the other options, before torch is imported."""
+    from hermes_ort.export.gguf.reader import find_gguf
+    from hermes_ort.export.nbits import OFFSET_MIN_OPSET
+    from hermes_ort.export.sources import WeightsDtype
+
+    if opts.dtype not in set(WeightsDtype):
+        raise ExportError(f"--dtype {opts.dtype}: choose from {', '.join(WeightsDtype)}")
+    if opts.dtype == WeightsDtype.FP32 and opts.quantization is not None:
+        raise ExportError(
+            f"--dtype fp32 keeps every weight float32 and --quantize {opts.quantization.mode} "
+            "quantizes them: give one of the two"
+        )
+    if opts.model is None or find_gguf(opts.model) is None:
+        return
+    if opts.streaming:
+        raise ExportError("--streaming reads safetensors checkpoints, not a GGUF file")
+    as_is = opts.dtype == WeightsDtype.AUTO and opts.quantization is None
+    if as_is and opts.graph == "optimum":
+        raise ExportError(
+            "a GGUF's own blocks are kept by the fused graph: --graph optimum needs --dtype fp32 "
+            "(or --quantize)"
+        )
+    if as_is and opts.opset < OFFSET_MIN_OPSET:
+        raise ExportError(
+            f"a GGUF's own blocks add per-block offsets (Q4_1, K-quants), which need opset >= "
+            f"{OFFSET_MIN_OPSET}: --opset {opts.opset} is too old"
+        )
+    if as_is and not opts.kv_cache:
+        raise ExportError(
+            "a GGUF's own blocks are kept by the fused graph, which has the KV cache: "
+            "--no-kv-cache needs --dtype fp32"
+        )
+
+
+def _kept_gguf(source: Source, opts: ExportOptions):
+    """A GGUF exported as is (no --dtype fp32, no --quantize): the record of what is kept
+    (gguf.source.KeptQuantization), else None."""
+    from hermes_ort.export.sources import WeightsDtype
+
+    if source.gguf is None or opts.quantization is not None or opts.dtype == WeightsDtype.FP32:
+        return None
+    kept = source.gguf.kept()
+    types = ", ".join(f"{k} as {v}" for k, v in kept.types.items())
+    say(f"keeping the GGUF's weights as they are: {types}")
+    return kept
+
+
+def _fused_graph(source: Source, raw_dir: Path, opset: int, packed=None) -> Path:
+    """fused.py's graph of the source's weights, saved as raw_dir/model.onnx + its data;
+    `packed`: the weights kept in MatMulNBits form (a GGUF's own blocks), by name."""
     import json
 
     from hermes_ort.export.fused import Shape, torch_tensors, whole_model
     from hermes_ort.export.storage import save_with_data
 
     config = source.model.config.to_dict()
-    model = whole_model(Shape.of(config), torch_tensors(source.model), opset, untie)
+    model = whole_model(Shape.of(config), torch_tensors(source.model), opset, packed)
     raw_dir.mkdir(parents=True, exist_ok=True)
     save_with_data(model, raw_dir / "model.onnx", "model.onnx_data")
     source.model.config.to_json_file(raw_dir / "config.json")

@@ -1,6 +1,6 @@
 """Where an export's model comes from, as one typed Source: a named preset (random weights), a local
-checkpoint directory, a hub id (where a network exists), or, streaming, a small template of a local
-checkpoint whose other layers are read one at a time later (streaming.py)."""
+checkpoint directory, a hub id (where a network exists), a GGUF file (gguf/), or, streaming, a small
+template of a local checkpoint whose other layers are read one at a time later (streaming.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermes_ort.core.choices import Choice
 from hermes_ort.export.errors import ExportError
 from hermes_ort.export.logs import say
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",  # its chat_template, special tokens
+    "special_tokens_map.json",
+    "chat_template.jinja",  # a chat template saved on its own (transformers >= 4.50)
+)
+# sentence-transformers' description of an embedding model: its modules (pooling, normalize) and
+# how texts are cut; each module's own config.json (1_Pooling/config.json) is copied too
+SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+class WeightsDtype(Choice):
+    """--dtype: what a checkpoint's weights become in the blocks."""
+
+    AUTO = "auto"  # as the checkpoint holds them: a GGUF's own blocks kept, else float32
+    FP32 = "fp32"  # every weight float32 (a GGUF's dequantized)
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,7 @@ class Source:
     record: dict[str, Any]  # the manifest's "source"
     checkpoint: str | None = None  # a checkpoint directory or hub id (tokenizer, config files)
     template: Any = None  # streaming.Template: the checkpoint the other layers are read from
+    gguf: Any = None  # gguf.source.GGUFModel: a GGUF's own blocks and tokenizer (--model X.gguf)
 
 
 def open_source(
@@ -48,8 +65,14 @@ def open_source(
         record = {"kind": "preset", "name": spec.name, "seed": seed}
         return Source(build_random_model(spec, seed), spec.task, spec.family, spec.name, record)
     from hermes_ort.export.checkpoint import load_checkpoint, resolve_source
+    from hermes_ort.export.gguf.reader import find_gguf
 
     ref = resolve_source(model)
+    gguf = find_gguf(ref)
+    if gguf is not None:
+        from hermes_ort.export.gguf.source import open_gguf_source
+
+        return open_gguf_source(gguf)
     say(f"loading checkpoint '{ref}'")
     torch_model, task = load_checkpoint(ref, task)
     local = Path(ref).is_dir()
@@ -58,8 +81,14 @@ def open_source(
 
 
 def check_checkpoint_files(ref: str) -> None:
-    """A local checkpoint's safetensors files are whole (header, then exactly the data it
-    describes): a truncated or damaged file is named before torch is imported."""
+    """A local checkpoint's safetensors files (or its GGUF file) are whole (header, then exactly
+    the data it describes): a truncated or damaged file is named before torch is imported."""
+    from hermes_ort.export.gguf.reader import find_gguf, open_gguf
+
+    gguf = find_gguf(ref)
+    if gguf is not None:
+        open_gguf(gguf)
+        return
     path = Path(ref).expanduser()
     if not path.is_dir():
         return
@@ -84,13 +113,16 @@ def check_checkpoint_files(ref: str) -> None:
 
 def write_tokenizer(ref: str, out: Path) -> None:
     """The checkpoint's tokenizer as `tokenizer.json` (what the runtime loads with `tokenizers`):
-    copied, or saved from transformers' fast tokenizer when the checkpoint has only slow files."""
+    copied, or saved from transformers' fast tokenizer when the checkpoint has only slow files;
+    with its configuration (chat template) and sentence-transformers' files."""
     local = Path(ref)
-    if local.is_dir() and (local / "tokenizer.json").is_file():
+    if local.is_dir():  # the configs (chat template, special tokens) beside slow files too
+        write_sentence_files(local, out)
         for name in TOKENIZER_FILES:
             if (local / name).is_file():
                 shutil.copyfile(local / name, out / name)
-        return
+        if (local / "tokenizer.json").is_file():
+            return
     try:
         from transformers import AutoTokenizer
 
@@ -100,3 +132,20 @@ def write_tokenizer(ref: str, out: Path) -> None:
         return
     if getattr(tokenizer, "is_fast", False):
         tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+
+
+def write_sentence_files(local: Path, out: Path) -> None:
+    """A sentence-transformers checkpoint's files (the runtime's `embed` pools as they say)."""
+    for name in SENTENCE_FILES:
+        if (local / name).is_file():
+            shutil.copyfile(local / name, out / name)
+    try:
+        modules = json.loads((local / "modules.json").read_text())
+        paths = [m.get("path") for m in modules if isinstance(m, dict)]
+    except (OSError, ValueError, TypeError):  # none, or not a list: the runtime says so
+        return
+    for path in paths:
+        config = local / str(path or "") / "config.json"
+        if path and config.is_file() and local.resolve() in config.resolve().parents:
+            (out / path).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config, out / path / "config.json")

@@ -259,22 +259,22 @@ def store_blocks(
 
 
 def _content_keys(models, data) -> list[list[bytes | None]]:
-    """Per initializer: a key equal for equal bytes (None for tensors kept inline)."""
+    """Per initializer: a key equal for equal bytes of one element type (None for tensors kept
+    inline). Not the dims: a quantized tied table is MatMulNBits' B [V, K / bs, blob] in the head
+    and the same bytes as [V, K * bits / 8] in the embedding's lookup, stored once."""
     by_probe: dict[tuple, list[tuple[int, int]]] = {}
     for b, (_, model, _) in enumerate(models):
         for i, t in enumerate(model.graph.initializer):
             d = data[b][i]
             if d is not None and len(d) >= EXTERNAL_MIN_BYTES:
-                by_probe.setdefault((t.data_type, tuple(t.dims), len(d), _probe(d)), []).append(
-                    (b, i)
-                )
+                by_probe.setdefault((t.data_type, len(d), _probe(d)), []).append((b, i))
     keys: list[list[bytes | None]] = [[None] * len(d) for d in data]
-    for n, members in enumerate(by_probe.values()):
+    for n, ((dtype, _, _), members) in enumerate(by_probe.items()):
         for b, i in members:  # unique probes need no full hash
             keys[b][i] = (
                 n.to_bytes(8, "little")
                 if len(members) == 1
-                else b"sha" + hashlib.sha256(data[b][i]).digest()
+                else b"sha" + dtype.to_bytes(4, "little") + hashlib.sha256(data[b][i]).digest()
             )
     return keys
 

@@ -26,8 +26,10 @@ from hermes_ort.tensors.dataflow import Tensors
 
 TOLERANCE_FP32 = 1e-4  # relative: max abs diff / max |reference|, per output
 # a quantized model's main output against PyTorch with the same (dequantized) weights: the
-# kernels' int8 activations (accuracy level 4) are the only difference
-SAME_WEIGHTS_COSINE = 0.999
+# kernels' int8 activations (accuracy level 4) are the only difference. SmolLM2-135M as
+# imported from its GGUF loses 6e-4 to 1e-3 of cosine to them; a broken graph (Q/K rows not
+# un-permuted, one layer's weight scrambled) 0.03-0.3
+SAME_WEIGHTS_COSINE = 0.995
 SAMPLE_SEED = 0
 SAMPLE_TEXT = Path(__file__).with_name("sample_text.txt")  # real English, package data
 
@@ -113,11 +115,15 @@ def _output(out: Any, name: str):
     return cache[int(layer)][0 if kind == "key" else 1]
 
 
-def session_options() -> ort.SessionOptions:
-    """No spinning thread pools; no prepacking, so weights stay mmapped (fast to open, small)."""
+def session_options(packed: bool = False) -> ort.SessionOptions:
+    """No spinning thread pools; fp32 blocks unpacked (weights stay mmapped: fast to open,
+    small). `packed`: prepacking on, as the runtime opens MatMulNBits blocks — only the packed
+    kernel quantizes activations to int8 (accuracy level 4); unpacked, it computes in fp32 and
+    the verification would not see what the runtime runs."""
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not packed:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -133,7 +139,9 @@ def run_blocks(
     for i, block in enumerate(manifest.blocks):
         try:
             session = ort.InferenceSession(
-                str(model_dir / block.path), session_options(), providers=["CPUExecutionProvider"]
+                str(model_dir / block.path),
+                session_options(manifest.packed_weights),
+                providers=["CPUExecutionProvider"],
             )
             values = session.run(list(block.outputs), tensors.inputs_of(i))
         except Exception as e:  # onnxruntime's Fail/InvalidArgument/... types
@@ -151,7 +159,7 @@ def run_full(
     path = model_dir / manifest.full_model.path
     try:
         session = ort.InferenceSession(
-            str(path), session_options(), providers=["CPUExecutionProvider"]
+            str(path), session_options(manifest.packed_weights), providers=["CPUExecutionProvider"]
         )
         values = session.run(list(manifest.output_names), feed)
     except Exception as e:  # onnxruntime's Fail/InvalidArgument/... types
@@ -282,8 +290,9 @@ def _quantized(manifest: Manifest, got, full, refs: References, text: str) -> di
                 f"{same['cosine']:.5f} with PyTorch holding the same dequantized weights, below "
                 f"{SAME_WEIGHTS_COSINE}: the graph is wrong, not the rounding"
             )
-    else:  # no same-weights reference for this method: a floor against fp32
-        floor = floor_of(manifest.quantization)
+    asked = manifest.quantization.get("accuracy_floor")
+    if refs.same_weights is None or asked is not None:  # a floor against fp32: the one asked
+        floor = asked or floor_of(manifest.quantization)  # for, or the mode's without a twin
         check_accuracy(mode, report["cosine"], main, floor)
         record["cosine_floor"] = floor
         check = f"cosine {report['cosine']:.5f} with fp32 (floor {floor})"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hermes_ort.core.errors import TokenizerError
 
 GPT2_VOCAB_SIZE = 50257
@@ -23,11 +25,32 @@ class TextTokenizer:
     backend: Any  # tokenizers.Tokenizer
     source: str  # where it came from, for messages
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; add_special_tokens=False for text that has its own (a rendered chat)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode_batch(self, texts: list[str], max_length: int, pad_id: int) -> dict[str, Any]:
+        """input_ids, attention_mask, token_type_ids [B, T] int64 of `texts`, each cut to
+        `max_length` tokens (its special tokens kept) and right-padded to the longest, as
+        transformers' `tokenizer(texts, padding=True, truncation=True, max_length=...)` does
+        (whatever padding or truncation the tokenizer.json has stored is replaced)."""
+        tok = type(self.backend).from_str(self.backend.to_str())  # settings of our own
+        tok.no_padding()
+        tok.enable_truncation(max_length)
+        pad_token = self.backend.id_to_token(pad_id) or ""
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+        done = tok.encode_batch(texts, add_special_tokens=True)
+        return {
+            "input_ids": np.array([e.ids for e in done], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in done], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in done], np.int64),
+        }
 
 
 def _tokenizers():
@@ -85,6 +108,53 @@ def load_tokenizer(model_dir: str | Path) -> TextTokenizer:
         f"'{model_dir}' has no tokenizer.json and its vocabulary is not GPT-2's; export from a "
         f"checkpoint that has one, or give token ids instead of text"
     )
+
+
+SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+    "additional_special_tokens",
+)
+
+
+def special_tokens(model_dir: str | Path) -> dict[str, Any]:
+    """The named special tokens as transformers' `special_tokens_map` gives them (strings; a
+    list for additional_special_tokens): tokenizer_config.json's, special_tokens_map.json's
+    over them, as transformers loads them."""
+    found: dict[str, Any] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = read_json(Path(model_dir) / name)
+        extra = data.get("extra_special_tokens")  # named ones of a model's own ("image_token")
+        for key in (*SPECIAL_TOKENS, *(extra if isinstance(extra, dict) else {})):
+            value = data.get(key, extra.get(key) if isinstance(extra, dict) else None)
+            if isinstance(value, list):
+                found[key] = [_content(v) for v in value]
+            elif value is not None:
+                found[key] = _content(value)
+    return {k: v for k, v in found.items() if v}  # transformers leaves out the empty ones
+
+
+def _content(token: Any) -> str:
+    """A token as a string: tokenizer configs store some as {"content": ..., "lstrip": ...}."""
+    return str(token.get("content", "")) if isinstance(token, dict) else str(token)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file, {} if absent; TokenizerError naming a damaged one."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read '{path}': {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"'{path}' is not a JSON object")
+    return data
 
 
 def _config(model_dir: Path) -> dict:

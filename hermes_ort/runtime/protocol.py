@@ -18,7 +18,8 @@ _M = TypeVar("_M", bound="Model")
 
 @runtime_checkable
 class Model(Protocol):
-    """A model opened for inference: `run`, `generate`, their stats, `close` (or `with`)."""
+    """A model opened for inference: `run`, `generate`, `chat`, `embed`, their stats, `close`
+    (or `with`)."""
 
     @property
     def model_dir(self) -> Path: ...
@@ -55,6 +56,23 @@ class Model(Protocol):
         seed: int | None = None,
         streamer: Callable[[int], Any] | None = None,
     ) -> Any: ...
+
+    def chat(
+        self,
+        messages: Any,
+        max_new_tokens: int = 256,
+        system: str | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        streamer: Callable[[str], Any] | None = None,
+    ) -> str:
+        """The assistant's reply (generation/chat.py's `chat_reply` over `generate`)."""
+
+    def embed(self, texts: Any, normalize: bool | None = None, batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings [n, dim] (runtime/embedding.py's `embed_texts` over `run`)."""
 
     def sample_inputs(
         self, batch_size: int = 1, sequence_length: int | None = None, seed: int = 0
