@@ -202,6 +202,8 @@ def _method(q: dict | None) -> str:
         return "fp32"
     if q.get("method") == "dynamic":
         return f"{q['mode']} dynamic"
+    if q["mode"] == "gguf":  # the file's own blocks, per GGML type
+        return "GGUF as is: " + ", ".join(f"{k} {v}" for k, v in q.get("types", {}).items())
     head = f", head/tables {q.get('head_bits', 8)}-bit" if q["mode"] == "int4" else ""
     return f"{q['mode']} {q.get('algorithm')} block {q.get('block_size')}{head}"
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("tokenizers", reason="the text extra (not on the aarch64 board)")
+
 try:  # tests/ on sys.path (pytest's default import mode) or tests/ as a package
     import export_fixtures as fx
     import real_models
