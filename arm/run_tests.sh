@@ -25,8 +25,13 @@ run=$HERMES_ARM_CACHE/run # this run's reports and pytest temp dirs
 # Under qemu the process's RSS includes the emulator's own memory (its translated-code cache grows
 # 2-6 MiB a pass as new code runs), so this check passes or fails by chance there; tests/arm checks
 # the same on the guest's own memory (test_streaming_gives_memory_back_in_guest_memory)
-emulation_only_failures=(tests/test_budget.py::test_streaming_gives_memory_back)
-spawning_tests=(tests/test_cli.py tests/test_cli_errors.py tests/test_bench.py) # left out by smoke
+# under qemu the emulator's own memory moves a process's baseline by megabytes between runs:
+# tests that compare two processes' planned minimum to within 1 MB cannot hold there
+emulation_only_failures=(
+  tests/test_budget.py::test_streaming_gives_memory_back
+  tests/test_cli_friction.py::test_plan_min_is_the_same_on_the_first_call_that_measures_the_profile
+)
+spawning_tests=(tests/test_cli.py tests/test_cli_errors.py tests/test_cli_friction.py tests/test_bench.py) # left out by smoke
 
 now() { date +%s.%N; }
 took() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }'; }
