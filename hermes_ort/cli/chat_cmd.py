@@ -15,7 +15,7 @@ EXIT = "/exit"
 
 
 def add_chat(sub) -> None:
-    from hermes_ort.core.choices import StrategyName, values
+    from hermes_ort.cli.model_options import add_budget_and_strategy
 
     p = sub.add_parser("chat", help="chat with an instruct model (its chat template)")
     p.add_argument(
@@ -33,13 +33,7 @@ def add_chat(sub) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=256, metavar="N", help="reply length limit (256)"
     )
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 1GB, 'min' (default: none)")
-    p.add_argument(
-        "--strategy",
-        default="pipeload",
-        choices=values(StrategyName),
-        help="pipeload (default) plans within --budget; the baselines have fixed plans",
-    )
+    add_budget_and_strategy(p)
     p.add_argument(
         "--profile", action="store_true", help="measure a layer profile first if none is stored"
     )

@@ -13,7 +13,7 @@ from hermes_ort.core.units import format_bytes
 
 
 def add_generate(sub) -> None:
-    from hermes_ort.core.choices import StrategyName, values
+    from hermes_ort.cli.model_options import add_budget_and_strategy
 
     p = sub.add_parser("generate", help="generate text with a decoder exported with its KV cache")
     p.add_argument(
@@ -25,13 +25,7 @@ def add_generate(sub) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=32, metavar="N", help="tokens to add (default 32)"
     )
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 1GB, 'min' (default: none)")
-    p.add_argument(
-        "--strategy",
-        default="pipeload",
-        choices=values(StrategyName),
-        help="pipeload (default) plans within --budget; the baselines have fixed plans",
-    )
+    add_budget_and_strategy(p)
     p.add_argument(
         "--profile", action="store_true", help="measure a layer profile first if none is stored"
     )

@@ -27,7 +27,8 @@ from hermes_ort.core.errors import (
 MODEL_DIR_HELP = "a model directory written by `hermes-ort export`"
 
 
-def add_plan_options(p, objective_default: str | None) -> None:
+def add_budget_and_strategy(p) -> None:
+    """--budget and --strategy, as every command that opens a model takes them."""
     p.add_argument("--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB, min")
     p.add_argument(
         "--strategy",
@@ -35,6 +36,10 @@ def add_plan_options(p, objective_default: str | None) -> None:
         choices=values(StrategyName),
         help="pipeload (default) plans within --budget; the baselines have fixed plans",
     )
+
+
+def add_plan_options(p, objective_default: str | None) -> None:
+    add_budget_and_strategy(p)
     p.add_argument(
         "--loaders", type=int, default=None, help="override the plan's loading agents (threads)"
     )
