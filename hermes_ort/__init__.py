@@ -15,7 +15,7 @@ subpackage or those below it; tests/test_layers.py checks it by folder):
 - streaming: memory, readahead, external_data, integrity, sessions, loader, daemon,
   block_engine, whole_engine (the PIPELOAD mechanism)
 - measure: profiler, calibrate, fresh_process
-- runtime: model (HermesModel), model_planner, load_options
+- runtime: model (HermesModel), model_planner, load_options, tasks (chat, embed), protocol
 - cluster: several boards on Ray (only with `cluster=`)
 - api: loading (`load`)
 - cli: the `hermes-ort` command and the demo

@@ -25,7 +25,6 @@ from hermes_ort.cluster.placement import Placement, kill_quietly, place
 from hermes_ort.cluster.split import StagePlan
 from hermes_ort.core.errors import HermesError, OptionError
 from hermes_ort.core.manifest import load_manifest
-from hermes_ort.generation.chat import chat_reply
 from hermes_ort.generation.token_loop import (
     GenerationStats,
     Request,
@@ -35,13 +34,13 @@ from hermes_ort.generation.token_loop import (
     generate_tokens,
     generation_request,
 )
-from hermes_ort.runtime.embedding import embed_texts
+from hermes_ort.runtime.tasks import ChatAndEmbed
 from hermes_ort.tensors.batch import batch_shape
 from hermes_ort.tensors.inputs import check_inputs, sample_inputs
 from hermes_ort.tensors.kv_cache import decoder_signature
 
 
-class ClusterModel:
+class ClusterModel(ChatAndEmbed):
     """A model placed over several boards: `run`, `run_many`, `generate`, `stats`, `close` (the
     `Model` protocol of runtime/protocol.py, as `HermesModel`)."""
 
@@ -194,35 +193,6 @@ class ClusterModel:
                 [stats for _, stats in results], time.perf_counter() - t0
             )
             return as_given(input_ids, request, [row for new, _ in results for row in new])
-
-    def chat(
-        self,
-        messages: Any,
-        max_new_tokens: int = 256,
-        system: str | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        streamer: Callable[[str], Any] | None = None,
-    ) -> str:
-        """As `HermesModel.chat`, over the boards."""
-        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        return chat_reply(
-            self.model_dir,
-            self.decoder,
-            self.generate,
-            messages,
-            max_new_tokens,
-            system,
-            {**sampling, "seed": seed},
-            streamer,
-        )
-
-    def embed(self, texts: Any, normalize: bool | None = None, batch_size: int = 32) -> np.ndarray:
-        """As `HermesModel.embed`, over the boards."""
-        return embed_texts(self.model_dir, self.manifest, self.run, texts, normalize, batch_size)
 
     def _generate_rows(
         self,

@@ -72,7 +72,8 @@ def open_source(
     if gguf is not None:
         from hermes_ort.export.gguf.source import open_gguf_source
 
-        return open_gguf_source(gguf)
+        torch_model, arch, record, kept = open_gguf_source(gguf)
+        return Source(torch_model, "text-generation", arch, gguf.stem, record, gguf=kept)
     say(f"loading checkpoint '{ref}'")
     torch_model, task = load_checkpoint(ref, task)
     local = Path(ref).is_dir()

@@ -32,6 +32,7 @@ from hermes_ort.planning.plan import Plan
 from hermes_ort.planning.strategies import get_strategy, opened_graphs
 from hermes_ort.runtime.load_options import LoadOptions
 from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
+from hermes_ort.runtime.tasks import ChatAndEmbed
 from hermes_ort.streaming.block_engine import BlockEngine
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.whole_engine import WholeEngine
@@ -40,7 +41,7 @@ from hermes_ort.tensors.inputs import check_inputs, sample_inputs
 from hermes_ort.tensors.kv_cache import decoder_signature
 
 
-class HermesModel:
+class HermesModel(ChatAndEmbed):
     """A model directory opened for inference under a plan. Use `run`, read `stats`, then `close`
     (or use it as a context manager). `run` calls from several threads are serialised."""
 
@@ -188,51 +189,6 @@ class HermesModel:
             texts = None if tokenizer is None else [tokenizer.decode(n) for n in new]
             self.generated_text = texts[0] if texts and prompts.single else texts
         return as_given(input_ids, request, new)
-
-    def chat(
-        self,
-        messages: Any,
-        max_new_tokens: int = 256,
-        system: str | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        streamer: Callable[[str], Any] | None = None,
-    ) -> str:
-        """The assistant's reply to `messages` ([{"role": "user", "content": "..."}, ...], or
-        one user message as a str), with `system` as the first message if given: the
-        conversation rendered by the model directory's chat template (as transformers'
-        `apply_chat_template` with add_generation_prompt), generated until the end-of-turn token
-        (generation_config.json's eos ids and the tokenizer's eos token) or max_new_tokens
-        (fewer if the model's positions run out), and decoded. streamer(text) is called with
-        each piece of the reply as it becomes whole. Needs a chat template (TokenizerError) and
-        `jinja2` (the `text` extra); `generation_stats` describes the turn."""
-        from hermes_ort.generation.chat import chat_reply
-
-        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        return chat_reply(
-            self.model_dir,
-            self.decoder,
-            self.generate,
-            messages,
-            max_new_tokens,
-            system,
-            {**sampling, "seed": seed},
-            streamer,
-        )
-
-    def embed(self, texts: Any, normalize: bool | None = None, batch_size: int = 32) -> np.ndarray:
-        """Sentence embeddings [len(texts), dim] float32 of `texts` (a list of str, or one str)
-        with an encoder exported for feature-extraction, as sentence-transformers' `encode`:
-        tokenized (cut to the checkpoint's max_seq_length), run `batch_size` texts per pass,
-        pooled as the directory's modules.json and Pooling config say (else mean pooling, with
-        a `PoolingNotDeclared` warning); normalize: None as declared, else forced on or off.
-        `stats` describes the last pass."""
-        from hermes_ort.runtime.embedding import embed_texts
-
-        return embed_texts(self.model_dir, self.manifest, self.run, texts, normalize, batch_size)
 
     def _reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Re-plan the blocks in the budget minus the KV cache (for a batch's activations, if

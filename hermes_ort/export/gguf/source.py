@@ -72,10 +72,9 @@ def _file_type(f: GGUFFile) -> str | None:
         return str(value)
 
 
-def open_gguf_source(path: Path):
-    """The Source of the GGUF file at `path` (sources.Source)."""
-    from hermes_ort.export.sources import Source
-
+def open_gguf_source(path: Path) -> tuple[Any, str, dict[str, Any], GGUFModel]:
+    """The GGUF file at `path` as (torch model, architecture, the manifest's source record, its
+    own blocks and tokenizer); sources.py makes the Source of them."""
     f = open_gguf(path)
     config = config_of(f)
     weights = GGUFWeights(f, config)
@@ -88,8 +87,7 @@ def open_gguf_source(path: Path):
 
     record = {"kind": "gguf", "path": str(path), "file_type": _file_type(f)}
     record["reader"] = f"gguf-py {version('gguf')}"
-    gguf = GGUFModel(f, weights)
-    return Source(model, "text-generation", f.architecture, path.stem, record, gguf=gguf)
+    return model, f.architecture, record, GGUFModel(f, weights)
 
 
 def torch_model(config: dict[str, Any], weights: GGUFWeights, generation: dict[str, int]):
