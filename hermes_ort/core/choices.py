@@ -52,7 +52,10 @@ class BlockKind(Choice):
 
     PROLOGUE = "prologue"  # embeddings (and a decoder's mask arithmetic)
     LAYERS = "layers"  # one or more transformer layers
-    EPILOGUE = "epilogue"  # final norm, head
+    EPILOGUE = "epilogue"  # final norm, head (or, with HEAD blocks, what follows them)
+    # one slice of a decoder's LM head over the vocabulary (position-wise: the runtime may feed
+    # it only the last position); the block after the slices concatenates their logits
+    HEAD = "head"
 
 
 class Objective(Choice):

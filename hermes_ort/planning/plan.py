@@ -70,6 +70,9 @@ class BatchRun:
     rows: int | None = None
     positions: int | None = None
     micro_batch: int | None = None
+    # a decoder's prompt prefilled this many positions per pass (its KV cache carried from
+    # chunk to chunk), None: the whole prompt in one pass
+    prefill_chunk: int | None = None
 
 
 @dataclass(frozen=True)
