@@ -86,8 +86,10 @@ def cmd_run(args) -> dict[str, Any]:
         t_loaded = time.time()
         with model:
             feeds = model.sample_inputs(batch_size=args.batch, sequence_length=args.seq_len)
-            model.run(feeds)
+            outputs = model.run(feeds)
             t_outputs = time.time()
+            digest = {k: _digest(v) for k, v in outputs.items()}
+            del outputs  # not held through the later passes (a caller's, not the plan's)
             passes = [model.stats]
             for _ in range(args.passes - 1):
                 model.run(feeds)
@@ -115,7 +117,22 @@ def cmd_run(args) -> dict[str, Any]:
         "peak_rss_bytes": max([p.peak_rss_bytes for p in passes] + [v for _, v in curve]),
         "read_bytes": storage_read_bytes(),
         "rss_curve": downsample(curve),
+        "output_digest": digest,
     }
+
+
+def _digest(value) -> list[float]:
+    """A few numbers that tell two outputs apart: sum, sum of squares, max abs (no copies of a
+    large output: the bench must not add to the peak it measures)."""
+    import numpy as np
+
+    flat = np.asarray(value).ravel()
+    if flat.size == 0:
+        return [0.0, 0.0, 0.0]
+    if not np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float64)
+    top = max(abs(float(flat.max())), abs(float(flat.min())))
+    return [float(flat.sum(dtype=np.float64)), float(np.dot(flat, flat)), top]
 
 
 def cmd_generate(args) -> dict[str, Any]:
@@ -239,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate")
     gen.add_argument("model_dir", type=Path)
     gen.add_argument("--strategy", default="pipeload")
-    gen.add_argument("--budget", type=int, default=None)
+    gen.add_argument("--budget", default=None, help="bytes, or a spelling load() takes")
     gen.add_argument("--prompt-tokens", type=int, default=32)
     gen.add_argument("--new-tokens", type=int, default=16)
     gen.add_argument("--prompts", type=int, default=1, help="prompts generated at once (a batch)")

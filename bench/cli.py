@@ -41,6 +41,7 @@ COMMANDS = {
     "peers": ("bench.peers.run", "the peers side by side on the same weights and boards"),
     "batches": ("bench.batches", "a batch under a budget against full; batched generation"),
     "cluster": ("bench.cluster", "one model over 2-4 emulated boards on Ray, against one board"),
+    "budget": ("bench.budget_grid", "the budget at every batch and length: rows x positions"),
     "quality": ("bench.quality", "quantized exports against fp32 on real text: perplexity, top-1"),
 }
 

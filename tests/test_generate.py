@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover
     from tests import export_fixtures as fx
 
 import hermes_ort
+from hermes_ort.tensors.batch import BatchShape
 from hermes_ort.tensors.kv_cache import decoder_signature
 
 PROMPT = [5, 17, 99, 3, 42, 7, 250, 11]
@@ -219,14 +220,16 @@ def test_the_kv_cache_is_reserved_in_the_budget(decoders, monkeypatch):
 
     monkeypatch.setattr(profiler, "rss_bytes", lambda: 100 << 20)  # a fixed process baseline
     model_dir, _ = decoders["tiny-gpt2"]
+    prompt = BatchShape(1, len(PROMPT))
     with hermes_ort.load(model_dir, memory_budget="min") as model:
-        smallest = model.plan.budget_bytes
-        cache = model.decoder.cache_bytes(len(PROMPT) + 100)
+        # past and present side by side while a pass runs: the cache counted twice
+        cache = 2 * model.decoder.cache_bytes(len(PROMPT) + 100)
+        smallest = model.smallest_budget(prompt, generation=True)  # "min" for this prompt
         model.generate(PROMPT, max_new_tokens=100, eos_token_id=[])
         assert model.plan.budget_bytes == smallest + cache  # "min" grows by the cache
     # The estimate of the process baseline changes once ORT's environment exists: measure again.
     with hermes_ort.load(model_dir, memory_budget="min") as model:
-        smallest = model.plan.budget_bytes
+        smallest = model.smallest_budget(prompt, generation=True)
     with hermes_ort.load(model_dir, memory_budget=smallest) as model:
         with pytest.raises(hermes_ort.BudgetError, match="KV cache"):
             model.generate(PROMPT, max_new_tokens=100)

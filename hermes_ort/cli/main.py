@@ -260,7 +260,7 @@ def _add_plan(sub) -> None:
     add_plan_options(p, "repeated")
     p.add_argument("--no-profile", action="store_true", help="plan from file sizes, do not measure")
     p.add_argument("--seq-len", type=int, default=None, help="positions of --batch's rows")
-    p.add_argument("--json", action="store_true", help="with --cluster: the split as JSON")
+    p.add_argument("--json", action="store_true", help="print the plan (or the split) as JSON")
     add_cluster_options(p)
     p.set_defaults(func=cmd_plan)
 
@@ -289,10 +289,18 @@ def cmd_plan(args) -> int:
     ) as model:
         if args.batch is not None or args.seq_len is not None:
             model.plan_batch(args.batch or 1, args.seq_len)
-        print(model.plan.describe())
+        smallest = model.smallest_budget()  # for the shape planned
         everything = model.cost.peak(tuple(range(model.cost.count)), 1)
+        if args.json:
+            record = model.plan.to_json()
+            record |= {"smallest_budget_bytes": smallest, "whole_model_resident_bytes": everything}
+            print(json.dumps(record))
+            return 0
+        print(model.plan.describe())
+        shape = model.plan.batch
+        at = f" for {shape.rows} x {shape.positions}" if shape.rows else ""
         print(
-            f"smallest workable budget: {format_bytes(model.cost.min_budget())}; "
+            f"smallest workable budget{at}: {format_bytes(smallest)}; "
             f"whole model resident: {format_bytes(everything)}"
         )
     return 0

@@ -1,5 +1,6 @@
-"""Text generation on a decoder exported with its KV cache: one prompt pass (prefill), then one
-token per pass, each block reading and returning its own layer's cache.
+"""Text generation on a decoder exported with its KV cache: the prompt's passes (prefill: one, or
+one per chunk of positions, tensors/prefill.py), then one token per pass, each block reading and
+returning its own layer's cache.
 
 The cache lives in this loop (numpy arrays, [B, kv_heads, tokens, head_dim] per layer and
 key/value) between passes; the engine streams or keeps resident the blocks as its plan says. A
@@ -20,6 +21,7 @@ import numpy as np
 
 from hermes_ort.core.errors import InputError
 from hermes_ort.tensors.kv_cache import DecoderSignature
+from hermes_ort.tensors.prefill import check_prefill_chunk, prefill_spans
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class GenerationStats:
     cache_bytes: int  # the KV cache at the end
     stopped_by: str  # "eos" (every row) | "max_new_tokens"
     batch_size: int = 1  # prompts generated at once (new_tokens: over all of them)
+    prefill_passes: int = 1  # passes the prompt took (a chunked prefill: one per chunk)
 
 
 def decode_rate(new_tokens: int, rows: int, first_s: float, total_s: float) -> float:
@@ -79,6 +82,7 @@ def combined_stats(parts: Sequence[GenerationStats], total_s: float) -> Generati
         cache_bytes=sum(p.cache_bytes for p in parts),
         stopped_by="eos" if all(p.stopped_by == "eos" for p in parts) else "max_new_tokens",
         batch_size=rows,
+        prefill_passes=max(p.prefill_passes for p in parts),
     )
 
 
@@ -275,31 +279,47 @@ def generate_tokens(
     streamer: Callable[[Any], Any] | None = None,
     pad_id: int = 0,
     runner_keeps_cache: bool = False,
+    prefill_chunk: int | None = None,
 ) -> tuple[list[list[int]], GenerationStats]:
     """The loop, over a batch: each pass runs every row's next token at once (`run(feeds)` ->
     (outputs, RunStats) is one pass of the model, which streams each block once for the whole
-    batch). A row that meets an end-of-sequence id stops there (later passes feed it `pad_id`,
-    its tokens discarded); the loop stops when every row has. streamer(token) for one prompt,
-    streamer(list of B tokens, None where a row has stopped) for a batch. `runner_keeps_cache`:
-    `run` keeps the KV cache itself (each board its own layers': the cluster), so the feeds carry
-    no past and the outputs no present."""
+    batch; its logits may be every position's or the last one's). A row that meets an
+    end-of-sequence id stops there (later passes feed it `pad_id`, its tokens discarded); the loop
+    stops when every row has. streamer(token) for one prompt, streamer(list of B tokens, None
+    where a row has stopped) for a batch. `runner_keeps_cache`: `run` keeps the KV cache itself
+    (each board its own layers': the cluster), so the feeds carry no past and the outputs no
+    present. `prefill_chunk`: the prompt run this many positions per pass, the cache carried
+    from chunk to chunk (None: one pass); the last chunk's last position chooses the first
+    token, and the time to it covers every chunk."""
+    chunk = check_prefill_chunk(prefill_chunk)
     rng = np.random.default_rng(sampling.seed)
     rows = prompts.rows
     cache = {} if runner_keeps_cache else sig.empty_cache(rows)
+    peak, read = 0, 0
+
+    def one_pass(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Run `ids` [B, n] after the cache; their last position's logits [B, vocab]."""
+        nonlocal cache, peak, read
+        outputs, stats = run(step_feeds(sig, ids, mask, positions, cache))
+        if not runner_keeps_cache:
+            cache = {s.past: outputs[s.present] for s in sig.slots}
+        peak, read = max(peak, stats.peak_rss_bytes), read + stats.bytes_read
+        return np.array(outputs[sig.logits][:, -1])  # a copy: not a view of every position's
+
     mask = prompts.mask
     positions = prompt_positions(mask)
+    spans = prefill_spans(mask.shape[1], chunk)
     new: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    peak, read = 0, 0
     t0 = time.perf_counter()
     first_s, stopped_by = 0.0, "max_new_tokens"
     step_ids = prompts.ids
     for step in range(max_new_tokens):
-        outputs, stats = run(step_feeds(sig, step_ids, mask, positions, cache))
-        if not runner_keeps_cache:
-            cache = {s.past: outputs[s.present] for s in sig.slots}
-        peak, read = max(peak, stats.peak_rss_bytes), read + stats.bytes_read
-        logits = outputs[sig.logits][:, -1]
+        if step == 0:  # the prompt, chunk by chunk: each mask covers every position so far
+            for start, end in spans:
+                logits = one_pass(step_ids[:, start:end], mask[:, :end], positions[:, start:end])
+        else:
+            logits = one_pass(step_ids, mask, positions)
         chosen: list[int | None] = []
         for r in range(rows):
             if done[r]:
@@ -334,5 +354,6 @@ def generate_tokens(
         else sum(v.nbytes for v in cache.values()),
         stopped_by=stopped_by,
         batch_size=rows,
+        prefill_passes=len(spans),
     )
     return new, stats

@@ -18,6 +18,7 @@ import numpy as np
 
 from hermes_ort.core.manifest import Manifest, load_manifest
 from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING, SessionSettings
+from hermes_ort.measure.activation_probe import probe_activations
 from hermes_ort.planning.cost_model import CostModel
 from hermes_ort.planning.layer_profile import BlockProfile, Profile, fingerprint
 from hermes_ort.streaming.daemon import destroy, drop_own_files
@@ -159,6 +160,7 @@ def profile_model(
         blocks.append(profile_block(verifier, manifest, i, tensors))
         if progress:
             progress(i + 1, len(manifest.blocks), blocks[-1])
+    blocks = probe_activations(verifier, manifest, seq, blocks)
     measured = [b for b in blocks if b.cold_read_bytes >= 1 << 20] or blocks  # tiny reads: syscalls
     read = sum(b.cold_read_bytes for b in measured)
     cold = sum(b.readahead_cold_s for b in measured)

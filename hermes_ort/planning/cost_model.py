@@ -17,6 +17,7 @@ import numpy as np
 
 from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.manifest import Manifest, last_consumers
+from hermes_ort.planning.activation_model import ActivationModel, PassShape, fit_points
 from hermes_ort.planning.layer_profile import Profile
 from hermes_ort.planning.schedule import BlockTimes, simulate
 
@@ -92,6 +93,9 @@ class CostModel:
     # batch); the rest is a block's own intermediates (they grow with the rows run at once)
     inflight_bytes: int = 0
     fixed_activation_bytes: int = 0  # the part that does not grow with a batch (ORT's own)
+    # measured activations at any shape (a profile with probes); None: scaled from the sample
+    activations: ActivationModel | None = None
+    sample_shape: tuple[int, int] = (1, 1)  # (rows, positions) the costs were made at
 
     @property
     def count(self) -> int:
@@ -127,6 +131,33 @@ class CostModel:
             inflight_bytes=int(self.inflight_bytes * batch_scale),
             blocks=tuple(b.scaled_runs(batch_scale) for b in self.blocks),
         )
+
+    def at_pass(self, shape: PassShape) -> CostModel:
+        """The costs of passes of `shape` (batch.py's rows, micro-batch, prefill chunk and logits
+        positions): activations from the measured fits where the profile has them, else scaled
+        from the sample as `at_batch`; run times with the tokens a pass computes."""
+        a = self.activations
+        if a is None:
+            sample_tokens = self.sample_tokens()
+            scale = shape.rows * shape.positions / sample_tokens
+            micro = shape.run_rows * shape.positions / sample_tokens
+            longer = max(1.0, (shape.attended or shape.positions) / self.sample_positions())
+            return self.at_batch(scale * longer, micro * longer)
+        scale = shape.rows * shape.positions / (a.sample_rows * a.sample_positions)
+        return replace(
+            self,
+            activation_bytes=a.bytes_at(shape),
+            inflight_bytes=a.inflight_at(shape),
+            blocks=tuple(b.scaled_runs(scale) for b in self.blocks)
+            if scale != 1.0
+            else self.blocks,
+        )
+
+    def sample_tokens(self) -> int:
+        return self.sample_shape[0] * self.sample_shape[1]
+
+    def sample_positions(self) -> int:
+        return self.sample_shape[1]
 
     def min_budget(self) -> int:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept, and
@@ -212,6 +243,7 @@ class CostModel:
             inflight_bytes=2 * output_bytes(manifest),
             fixed_activation_bytes=ACTIVATION_RESERVE_BYTES,
             source="estimate",
+            sample_shape=_sample_of(manifest),
         )
 
     @classmethod
@@ -268,6 +300,8 @@ class CostModel:
             else q
             for b, p, q, c in zip(blocks, prepack, plain, now, strict=True)
         )
+        acts = activation_model(manifest, profile)
+        sample = PassShape(profile.batch_size, profile.sequence_length)
         first_extra = 0.0
         if warmup_pending:
             baseline_bytes += profile.warmup_bytes
@@ -292,10 +326,14 @@ class CostModel:
                     blocks, prepack, packed, sparse, stream, resident, plain, strict=True
                 )
             ),
-            activation_bytes=activation_peak(manifest, profile) + profile.engine_overhead_bytes,
+            activation_bytes=acts.bytes_at(sample)
+            if acts
+            else activation_peak(manifest, profile) + profile.engine_overhead_bytes,
             inflight_bytes=inflight_peak(manifest, profile),
             fixed_activation_bytes=profile.engine_overhead_bytes,
             source="profile",
+            activations=acts,
+            sample_shape=(profile.batch_size, profile.sequence_length),
             kept_overhead=profile.kept_overhead,
             first_pass_extra_s=first_extra,
             stream_pass_scale=profile.stream_pass_scale,
@@ -324,6 +362,41 @@ def activation_peak(manifest: Manifest, profile: Profile) -> int:
         )
         worst = max(worst, block.transient_bytes + in_flight)
     return worst
+
+
+def activation_model(manifest: Manifest, profile: Profile) -> ActivationModel | None:
+    """The measured activation model, where every block of the profile was probed."""
+    fits = tuple(fit_points(b.activation_points) for b in profile.blocks)
+    if any(f is None for f in fits):
+        return None
+    last = last_consumers(manifest)
+    vocab_sized = [_vocab_sized(manifest, i) for i in range(len(profile.blocks))]
+    hidden, vocab = [], []
+    for i in range(len(profile.blocks)):
+        flying = [
+            j for j in range(i + 1) if any(last.get(t, -1) >= i for t in manifest.blocks[j].outputs)
+        ]
+        hidden.append(sum(profile.blocks[j].output_bytes for j in flying if not vocab_sized[j]))
+        vocab.append(sum(profile.blocks[j].output_bytes for j in flying if vocab_sized[j]))
+    return ActivationModel(
+        sample_rows=profile.batch_size,
+        sample_positions=profile.sequence_length,
+        fits=fits,
+        inflight_hidden=tuple(hidden),
+        inflight_vocab=tuple(vocab),
+        fixed_bytes=profile.engine_overhead_bytes,
+    )
+
+
+def _vocab_sized(manifest: Manifest, i: int) -> bool:
+    """A block whose outputs are logits (a head slice, or the block that makes `logits`)."""
+    block = manifest.blocks[i]
+    return block.kind == BlockKind.HEAD or "logits" in block.outputs
+
+
+def _sample_of(manifest: Manifest) -> tuple[int, int]:
+    s = manifest.sample
+    return int(s.get("batch_size", 1)), int(s.get("sequence_length", 1))
 
 
 def inflight_peak(manifest: Manifest, profile: Profile) -> int:

@@ -19,8 +19,8 @@ from hermes_ort.core.manifest import MANIFEST_NAME
 PROFILE_NAME = "profile.json"
 # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files read sequentially;
 # 6: prologue read in small folios, kept blocks measured as kept, cold read CPU; 7: prepacking's
-# transient
-PROFILE_SCHEMA = 7
+# transient; 8: activations probed at several shapes (activation_model.py)
+PROFILE_SCHEMA = 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class BlockProfile:
     open_bytes: int  # RSS of the session after creation, before any run (prepacking off)
     transient_bytes: int  # peak above the steady state during a run (intermediates, arena)
     output_bytes: int  # bytes of the tensors the block hands on
+    # (rows, positions, transient bytes) of runs at several shapes, shrunk arena between them:
+    # what the activation fit is made from
+    activation_points: tuple[tuple[int, int, int], ...] = ()
+    # (rows, positions, predicted from the other points, measured): how well the fit predicts a
+    # shape it was not made from
+    activation_check: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,18 @@ class Profile:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Profile:
-        blocks = tuple(BlockProfile(**b) for b in data["blocks"])
+        blocks = tuple(
+            BlockProfile(
+                **{
+                    **b,
+                    "activation_points": tuple(tuple(x) for x in b.get("activation_points", ())),
+                    "activation_check": tuple(b["activation_check"])
+                    if b.get("activation_check")
+                    else None,
+                }
+            )
+            for b in data["blocks"]
+        )
         return cls(**{**data, "blocks": blocks})
 
 

@@ -139,7 +139,8 @@ class Plan:
         if b.rows is not None:
             rows = f"{b.micro_batch} row{'s' if b.micro_batch != 1 else ''}"
             micro = f", each block run {rows} at a time" if b.micro_batch else ""
-            lines.append(f"batch {b.rows} x {b.positions} positions{micro}")
+            chunk = f", prefilled {b.prefill_chunk} positions a pass" if b.prefill_chunk else ""
+            lines.append(f"batch {b.rows} x {b.positions} positions{micro}{chunk}")
         if self.budget_bytes is not None:
             lines.append(f"budget {format_bytes(self.budget_bytes)}")
         p = self.prediction
@@ -182,6 +183,7 @@ class Plan:
             "batch_rows": self.batch.rows,
             "batch_positions": self.batch.positions,
             "micro_batch": self.batch.micro_batch,
+            "prefill_chunk": self.batch.prefill_chunk,
         }
 
 

@@ -39,6 +39,7 @@ from hermes_ort.streaming.whole_engine import WholeEngine
 from hermes_ort.tensors.batch import BatchShape, batch_shape, sample_shape
 from hermes_ort.tensors.inputs import check_inputs, sample_inputs
 from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.tensors.prefill import check_prefill_chunk, chunked_prefill_refusal
 
 
 class HermesModel(ChatAndEmbed):
@@ -53,6 +54,7 @@ class HermesModel(ChatAndEmbed):
         verifier: Verifier,
         replan: Callable[..., Plan] | None = None,
         smallest: bool = False,
+        smallest_for: Callable[..., int] | None = None,
         trace: Trace | None = None,
     ):
         self.model_dir = verifier.model_dir
@@ -69,20 +71,39 @@ class HermesModel(ChatAndEmbed):
         self._replan = replan  # budget for the blocks -> plan (to make room for a KV cache)
         self._blocks_budget = plan.budget_bytes
         self._smallest = smallest  # the budget is "min"
+        self._smallest_for = smallest_for  # (BatchShape, generation) -> the least that runs it
+        self._cache_reserved = False  # a KV cache planned for (generate, a cluster stage)
         self._lock = threading.Lock()
         self._closed = False
         self._batch_plans: dict[tuple, Plan] = {}  # (budget, BatchShape) -> plan
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], last_logits: bool = False
+    ) -> dict[str, np.ndarray]:
         """One forward pass. `inputs`: name -> numpy array, as `manifest.inputs` describes; any
         batch. Returns name -> numpy array for every model output; `self.stats` describes the
         pass. Under a budget, a batch other than the plan's is planned for first: its
         activations counted, each block run over the whole batch in micro-batches that fit
-        (batch.py), or refused with the budget it needs."""
-        return self.run_feeds(check_inputs(self.manifest, inputs))
+        (batch.py), or refused with the budget it needs.
+
+        last_logits: a decoder's (a model with a KV cache) `logits` at the last position only,
+            [rows, 1, vocab] instead of [rows, positions, vocab]: its head blocks are fed the last
+            position alone (tensors/last_position.py), so the prompt pass neither computes nor
+            holds the others (the `full` strategies' one session computes them all and returns
+            the last). The last column is each row's last token when prompts are left-padded
+            or unpadded, as generate pads them. OptionError for a model without a KV cache."""
+        if last_logits and self.decoder is None:
+            raise OptionError(
+                f"last_logits: model '{self.model_dir}' is not a decoder with a KV cache "
+                f"(past_key_values.*); its outputs have no last-position logits to keep"
+            )
+        return self.run_feeds(check_inputs(self.manifest, inputs), last_logits=last_logits)
 
     def run_feeds(
-        self, feeds: dict[str, np.ndarray], shape: BatchShape | None = None
+        self,
+        feeds: dict[str, np.ndarray],
+        shape: BatchShape | None = None,
+        last_logits: bool = False,
     ) -> dict[str, np.ndarray]:
         """`run` on feeds already checked; `shape`: the batch's, where the feeds do not tell it
         (a stage's tensors between blocks, which no manifest describes: cluster/stage_runner.py)."""
@@ -90,7 +111,7 @@ class HermesModel(ChatAndEmbed):
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
             self._plan_batch(shape or batch_shape(self.manifest, feeds))
-            outputs, self.stats = self._engine.run(feeds)
+            outputs, self.stats = self._engine.run(feeds, last_logits=last_logits)
         return outputs
 
     def plan_batch(self, rows: int, positions: int | None = None) -> Plan:
@@ -114,7 +135,7 @@ class HermesModel(ChatAndEmbed):
             self.plan.batch.rows or sample_shape(self.manifest).rows,
             self.plan.batch.positions or sample_shape(self.manifest).positions,
         )
-        if shape == planned or self.decoder is not None:  # decoders: _reserve_cache
+        if shape == planned or self._cache_reserved:  # generating: planned by _reserve_cache
             return
         budget = None if self._smallest else self.plan.budget_bytes
         key = (budget, shape)
@@ -143,6 +164,7 @@ class HermesModel(ChatAndEmbed):
         eos_token_id: int | Sequence[int] | None = None,
         seed: int | None = None,
         streamer: Callable[[int], Any] | None = None,
+        prefill_chunk: int | None = None,
     ) -> np.ndarray:
         """Generate up to `max_new_tokens` after the prompt `input_ids` (a list, [T] or [1, T]),
         or after each of a batch of prompts ([B, T], or a list of lists of different lengths,
@@ -157,7 +179,17 @@ class HermesModel(ChatAndEmbed):
         blocks are planned in what is left, for the batch's activations. A prompt may be text
         (a str, or a list of str), encoded with the model directory's tokenizer (TokenizerError
         without one): the ids come back as for the encoded prompts, and the new text, decoded,
-        is left in `generated_text` (a str, or a list of str; None after ids)."""
+        is left in `generated_text` (a str, or a list of str; None after ids).
+
+        The prompt pass computes the last position's logits only (`run(last_logits=True)`).
+        prefill_chunk: the prompt run this many positions per pass, each reading the KV cache
+        of the ones before (llama.cpp's n_ubatch, vLLM's chunked prefill), so its activations
+        and logits stay bounded; None (default) = as the plan says (`plan.batch.prefill_chunk`,
+        None there: the whole prompt in one pass); a chunk at least the prompt's length = one
+        pass. OptionError for anything but a whole number >= 1, or where the graph cannot take
+        this batch in chunks (`hermes_ort.tensors.prefill.chunked_prefill_refusal`: the fused
+        graph's GroupQueryAttention takes a batch of one only)."""
+        check_prefill_chunk(prefill_chunk)
         sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
         tokenizer = None
         if self.decoder is not None:  # else generation_request names the missing KV cache
@@ -169,11 +201,15 @@ class HermesModel(ChatAndEmbed):
         with self._lock:
             if self._closed:
                 raise HermesError(f"model '{self.model_dir}' is closed")
-            batch = BatchShape(prompts.rows, prompts.ids.shape[1]) if prompts.rows > 1 else None
-            self._reserve_cache(self.decoder.cache_bytes(request.total, prompts.rows), batch)
+            batch = BatchShape(prompts.rows, prompts.ids.shape[1])
+            # past and present caches live side by side while a pass runs: both counted
+            cache = 2 * self.decoder.cache_bytes(request.total, prompts.rows)
+            self._reserve_cache(cache, batch, generation=True)
+            chunk = self._prefill_chunk(prefill_chunk, prompts.ids.shape)
 
             def run(feeds):
-                outputs, self.stats = self._engine.run(check_inputs(self.manifest, feeds))
+                checked = check_inputs(self.manifest, feeds)
+                outputs, self.stats = self._engine.run(checked, last_logits=True)
                 return outputs, self.stats
 
             new, self.generation_stats = generate_tokens(
@@ -185,22 +221,41 @@ class HermesModel(ChatAndEmbed):
                 request.eos,
                 streamer,
                 request.pad,
+                prefill_chunk=chunk,
             )
             texts = None if tokenizer is None else [tokenizer.decode(n) for n in new]
             self.generated_text = texts[0] if texts and prompts.single else texts
         return as_given(input_ids, request, new)
 
-    def _reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
+    def _prefill_chunk(self, given: int | None, prompt: tuple[int, int]) -> int | None:
+        """The chunk a [rows, width] prompt is prefilled in: `given`, else the plan's (read after
+        `_reserve_cache`, which may re-plan); OptionError where the graph cannot take it."""
+        chunk = given if given is not None else self.plan.batch.prefill_chunk
+        rows, width = prompt
+        if chunk is None or chunk >= width:
+            return None
+        if chunk > 1:  # one position after a past is the decode step: every graph takes it
+            why = chunked_prefill_refusal(self.model_dir, self.manifest, rows)
+            if why:
+                whose = "" if given is not None else " (the plan's)"
+                raise OptionError(f"prefill_chunk {chunk}{whose}: {why}")
+        return chunk
+
+    def _reserve_cache(
+        self, cache_bytes: int, batch: BatchShape | None = None, generation: bool = False
+    ) -> None:
         """Re-plan the blocks in the budget minus the KV cache (for a batch's activations, if
-        given), when that changes the plan. The plan keeps the user's budget: its predicted peak
-        is the blocks' (cache excluded)."""
+        given; `generation`: a prompt pass, logits of its last position, chunks allowed), when
+        that changes the plan. The plan keeps the user's budget: its predicted peak is the
+        blocks' (cache excluded)."""
+        self._cache_reserved = True
         budget = self.plan.budget_bytes
         if self._replan is None or budget is None or self.plan.engine == Engine.WHOLE:
             return
         if (
             self._smallest
         ):  # "min": the smallest budget of the blocks (for the batch), plus this cache
-            smallest = self._replan(None, batch).budget_bytes if batch else self.cost.min_budget()
+            smallest = self.smallest_budget(batch, generation)
             budget = smallest + cache_bytes
         blocks_budget = budget - cache_bytes
         planned = (self.plan.batch.rows, self.plan.batch.positions)
@@ -209,7 +264,12 @@ class HermesModel(ChatAndEmbed):
         if same and planned == wanted:
             return
         try:
-            plan = replace(self._replan(blocks_budget, batch), budget_bytes=budget)
+            plan = (
+                self._replan(blocks_budget, batch, generation)
+                if batch
+                else self._replan(blocks_budget)
+            )
+            plan = replace(plan, budget_bytes=budget)
         except BudgetError as e:
             raise BudgetError(
                 f"memory budget {format_bytes(budget)} minus the KV cache of this generation "
@@ -217,6 +277,15 @@ class HermesModel(ChatAndEmbed):
             ) from None
         self._switch(plan)
         self._blocks_budget = blocks_budget
+
+    def smallest_budget(self, batch: BatchShape | None = None, generation: bool = False) -> int:
+        """The smallest budget that runs `batch` (None: the plan's batch, else the sample), by
+        the cost model: one row of the smallest prefill chunk at a time."""
+        if batch is None and self.plan.batch.rows is not None:
+            batch = BatchShape(self.plan.batch.rows, self.plan.batch.positions)
+        if batch is None or self._smallest_for is None:
+            return self.cost.min_budget()
+        return self._smallest_for(batch, generation)
 
     def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a
@@ -328,7 +397,14 @@ def open_model(model_dir: str | Path, options: LoadOptions) -> HermesModel:
     )
     if o.smallest:  # the least memory that works, as the cost model predicts it
         budget = planner.min_budget()
-    plan = planner.plan(budget)
+    try:
+        plan = planner.plan(budget)
+    except BudgetError:
+        if not planner.decoder:
+            raise
+        # a decoder's sample (every position's logits at once) is not what it will run: plan a
+        # short prompt; generate (and run) re-plan for their own shapes, or refuse them then
+        plan = planner.plan(budget, BatchShape(1, 1), generation=True)
     note = budget_note(spec, plan, budget)
     if note:  # stacklevel: the caller of hermes_ort.load
         warnings.warn(note, BudgetNotHonoured, stacklevel=3)
@@ -336,5 +412,12 @@ def open_model(model_dir: str | Path, options: LoadOptions) -> HermesModel:
     trace = Trace(enabled=o.trace)
     trace.add("", "open", t_open)
     return HermesModel(
-        manifest, plan, cost, verifier, replan=planner.plan, smallest=o.smallest, trace=trace
+        manifest,
+        plan,
+        cost,
+        verifier,
+        replan=planner.plan,
+        smallest=o.smallest,
+        smallest_for=planner.smallest_for,
+        trace=trace,
     )

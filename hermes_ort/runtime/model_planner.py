@@ -13,6 +13,7 @@ from hermes_ort.core.machine import available_memory, cgroup_memory_limit, defau
 from hermes_ort.core.manifest import Manifest
 from hermes_ort.core.units import format_bytes
 from hermes_ort.measure.profiler import baseline_now, costs_now
+from hermes_ort.planning.activation_model import PassShape
 from hermes_ort.planning.cost_model import CostModel
 from hermes_ort.planning.layer_profile import Profile
 from hermes_ort.planning.page_cache import (
@@ -25,6 +26,10 @@ from hermes_ort.planning.pipeline_planner import MAX_LOADERS, PASS_TIE, check_bu
 from hermes_ort.planning.plan import BatchRun, Plan
 from hermes_ort.planning.strategies import get_strategy
 from hermes_ort.tensors.batch import BatchShape, micro_batches, sample_shape
+from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.tensors.prefill import supports_chunked_prefill
+
+MIN_PREFILL_CHUNK = 16  # positions: below this a chunk saves little memory and costs a pass
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class ModelPlanner:
             cgroup_memory_limit(), None if available is None else available + self.baseline
         )
         self.sample = sample_shape(manifest)
+        self.decoder = decoder_signature(manifest) is not None
+        self._chunking: dict[int, bool] = {}  # rows -> the graph takes a prompt in chunks
         self._costs: dict[bool, CostModel] = {}
 
     def cost_for(self, cold: bool) -> CostModel:
@@ -80,13 +87,16 @@ class ModelPlanner:
     def min_budget(self) -> int:
         return self.cost_for(True).min_budget()
 
-    def plan(self, budget: int | None, batch: BatchShape | None = None) -> Plan:
+    def plan(
+        self, budget: int | None, batch: BatchShape | None = None, generation: bool = False
+    ) -> Plan:
         """The plan under `budget` (None with a batch: "min" at that batch) for `batch` (None:
-        the manifest's sample)."""
+        the manifest's sample). `generation`: a decoder's prefill, which needs the last
+        position's logits only and may run in chunks of positions."""
         if batch is None:
             policy = self.policy(budget)
             return self._plan_one(budget, self.cost_for(policy.drop), policy)
-        return self._plan_batch(budget, batch)
+        return self._plan_batch(budget, batch, generation)
 
     def _plan_one(self, budget: int | None, cost: CostModel, policy: PageCachePolicy) -> Plan:
         o, spec = self.options, self.spec
@@ -111,42 +121,95 @@ class ModelPlanner:
             headroom=(planned, note) if note and planned_here else None,
         )
 
-    def _plan_batch(self, budget: int | None, batch: BatchShape) -> Plan:
-        """Each candidate micro-batch (the whole batch, then halves) planned; the largest
-        predicted as fast as the fastest wins (fewer, larger runs)."""
-        scale = batch.scale(self.sample)
+    def chunking(self, rows: int) -> bool:
+        """Whether this decoder's graph takes a prompt of `rows` in chunks (tensors/prefill.py)."""
+        if not self.decoder:
+            return False
+        if rows not in self._chunking:
+            self._chunking[rows] = supports_chunked_prefill(self.model_dir, self.manifest, rows)
+        return self._chunking[rows]
 
-        def micro_scale(rows: int) -> float:
-            return batch.with_rows(rows).scale(self.sample)
+    def _candidates(self, batch: BatchShape, generation: bool) -> list[PassShape]:
+        """Ways to run the batch: each micro-batch (the whole batch, then halves) and, for a
+        decoder's prefill, each prefill chunk (the whole prompt, then halves down to
+        MIN_PREFILL_CHUNK); largest first."""
+        chunks = [batch.positions]
+        if generation and self.chunking(batch.rows):
+            while chunks[-1] > MIN_PREFILL_CHUNK:
+                chunks.append(max(MIN_PREFILL_CHUNK, (chunks[-1] + 1) // 2))
+        last = 1 if generation and self.decoder else None
+        return [
+            PassShape(batch.rows, c, m if m < batch.rows else None, batch.positions, last)
+            for c in chunks
+            for m in micro_batches(batch.rows)
+        ]
 
-        if budget is None:  # "min": the least memory this batch runs in, one row at a time
-            budget = self.cost_for(True).at_batch(scale, micro_scale(1)).min_budget()
+    def smallest_for(self, batch: BatchShape, generation: bool = False) -> int:
+        """The smallest budget that runs `batch`: one row of the smallest chunk at a time."""
+        shapes = self._candidates(batch, generation)
+        if self.spec.residency != Residency.PLANNED:
+            shapes = [s for s in shapes if s.micro_rows is None and s.positions == batch.positions]
+        return min(self.cost_for(True).at_pass(s).min_budget() for s in shapes)
+
+    def _plan_batch(self, budget: int | None, batch: BatchShape, generation: bool) -> Plan:
+        """Each candidate way to run the batch planned; the fastest whole batch (a chunked
+        prefill streams every block once per chunk) wins, the fewest, largest runs among those
+        within PASS_TIE of it."""
+        if budget is None:  # "min": the least memory this batch runs in
+            budget = self.smallest_for(batch, generation)
         policy = self.policy(budget)
         base = self.cost_for(policy.drop)
-        found: list[tuple[int, Plan]] = []
+        found: list[tuple[PassShape, float, Plan]] = []
         error: BudgetError | None = None
         planned_here = self.spec.residency == Residency.PLANNED
-        for m in micro_batches(batch.rows) if planned_here else [batch.rows]:
+        for shape in self._candidates(batch, generation):
+            if not planned_here and (shape.micro_rows or shape.positions < batch.positions):
+                continue
             try:
-                found.append(
-                    (m, self._plan_one(budget, base.at_batch(scale, micro_scale(m)), policy))
-                )
+                plan = self._plan_one(budget, base.at_pass(shape), policy)
             except BudgetError as e:
-                error = e
+                error = error or e
+                continue
+            passes = -(-batch.positions // shape.positions)
+            found.append((shape, passes * (plan.prediction.latency_s or 0.0), plan))
         if not found:
-            raise BudgetError(f"a batch of {batch.rows} x {batch.positions} positions: {error}")
-        fastest = min(p.prediction.latency_s or 0.0 for _, p in found)
-        m, plan = next(
-            (m, p) for m, p in found if (p.prediction.latency_s or 0.0) <= fastest * (1 + PASS_TIE)
-        )
-        between = format_bytes(base.at_batch(scale, 1.0).inflight_bytes)
-        how = "at once" if m == batch.rows else f"{m} row{'s' if m != 1 else ''} at a time"
-        reason = (
-            f"batch {batch.rows} x {batch.positions}: each block runs over the whole batch, "
-            f"{how}; its {between} of tensors between blocks counted in the budget"
-        )
+            need = format_bytes(self.smallest_for(batch, generation))
+            unit = (
+                "one prefill chunk of one row"
+                if generation and self.chunking(batch.rows)
+                else "one row"
+            )
+            raise BudgetError(
+                f"a batch of {batch.rows} x {batch.positions} positions needs at least {need} "
+                f"({unit} at a time), over the budget {format_bytes(budget)}"
+            )
+        fastest = min(t for _, t, _ in found)
+        shape, _, plan = next(x for x in found if x[1] <= fastest * (1 + PASS_TIE))
         return replace(
             plan,
-            batch=BatchRun(batch.rows, batch.positions, m if m < batch.rows else None),
-            reasons=(*plan.reasons, reason),
+            batch=BatchRun(
+                batch.rows,
+                batch.positions,
+                shape.micro_rows,
+                shape.positions if shape.positions < batch.positions else None,
+            ),
+            reasons=(*plan.reasons, self._batch_reason(batch, shape, base, generation)),
+        )
+
+    def _batch_reason(
+        self, batch: BatchShape, shape: PassShape, base: CostModel, generation: bool
+    ) -> str:
+        at = base.at_pass(shape)
+        m = shape.run_rows
+        how = "at once" if m == batch.rows else f"{m} row{'s' if m != 1 else ''} at a time"
+        chunked = ""
+        if shape.positions < batch.positions:
+            passes = -(-batch.positions // shape.positions)
+            chunked = f"; the prompt prefilled {shape.positions} positions a pass ({passes} passes)"
+        logits = "; logits of the last position only" if shape.logit_positions == 1 else ""
+        fits = "the largest that fits the budget" if (m < batch.rows or chunked) else "it fits"
+        return (
+            f"batch {batch.rows} x {batch.positions}: each block runs over the whole batch, {how}"
+            f"{chunked} ({fits}){logits}; activations {format_bytes(at.activation_bytes)} "
+            f"counted, of which {format_bytes(at.inflight_bytes)} tensors between blocks"
         )

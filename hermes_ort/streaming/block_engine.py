@@ -26,8 +26,19 @@ from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.loader import LiveBlock, LoadingAgents
 from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
 from hermes_ort.streaming.sessions import run_session
-from hermes_ort.tensors.batch import batch_shape, run_in_micro_batches, symbolic_first_dim
+from hermes_ort.tensors.batch import (
+    BatchShape,
+    batch_shape,
+    run_in_micro_batches,
+    symbolic_first_dim,
+)
 from hermes_ort.tensors.dataflow import Tensors
+from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.tensors.last_position import (
+    last_logits_only,
+    last_position_inputs,
+    position_wise_blocks,
+)
 
 
 @contextlib.contextmanager
@@ -120,16 +131,30 @@ class BlockEngine:
         self.loaders = LoadingAgents(verifier, max(1, plan.loaders), trace)
         self.daemon = Daemon(self.model_dir, trace)
         self.keep_cached = _keep_cached(manifest, plan)
+        self.position_wise = position_wise_blocks(manifest)  # the head's: last_logits
+        sig = decoder_signature(manifest)
+        self.logits = sig.logits if sig else None  # encoders: never cut
 
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+    def run(
+        self, feeds: dict[str, np.ndarray], last_logits: bool = False
+    ) -> tuple[dict[str, np.ndarray], RunStats]:
+        """One pass; `last_logits`: a decoder's head blocks fed the last position only, its
+        logits [rows, 1, vocab] (tensors/last_position.py)."""
         with _quick_gil_handoff():
-            return self._run(feeds)
+            outputs, stats = self._run(feeds, last_logits)
+        if last_logits and self.logits is not None:
+            outputs = last_logits_only(outputs, self.logits)  # a head that was not cut
+        return outputs, stats
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+    def _run(
+        self, feeds: dict[str, np.ndarray], last_logits: bool
+    ) -> tuple[dict[str, np.ndarray], RunStats]:
         slots = _Slots(self)
         block_stats: list[BlockStats] = []
         tensors = Tensors(self.manifest, feeds)
-        rows = batch_shape(self.manifest, feeds).rows
+        shape = batch_shape(self.manifest, feeds)
+        rows = shape.rows
+        cut = self.position_wise if last_logits else frozenset()
         block = None
         with PassMeasure() as m:
             try:
@@ -147,7 +172,8 @@ class BlockEngine:
                         lambda x, b=block, o=list(spec.outputs), w=what: run_session(
                             b.session, o, x, w
                         ),
-                        tensors.inputs_of(i),
+                        # no local: the activations go as soon as the block has run
+                        _block_inputs(tensors, i, i in cut, shape),
                         rows,
                         self.plan.batch.micro_batch or rows,
                         *(
@@ -243,6 +269,13 @@ def _keep_cached(manifest: Manifest, plan: Plan) -> list[set[str]]:
         keep.append(later | always)
         later = later | {f.path for f in spec.files}
     return keep[::-1]
+
+
+def _block_inputs(tensors: Tensors, i: int, last: bool, shape: BatchShape) -> dict:
+    """Block i's inputs; `last`: a position-wise block's at the last position only
+    ([rows, positions, hidden] -> [rows, 1, hidden]; the whole tensors stay for other readers)."""
+    inputs = tensors.inputs_of(i)
+    return last_position_inputs(inputs, shape.rows, shape.positions) if last else inputs
 
 
 def per_row(block: LiveBlock, outputs: tuple[str, ...]) -> tuple[set[str], list[bool]]:

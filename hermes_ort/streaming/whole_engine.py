@@ -1,5 +1,8 @@
 """The whole-model engine: one session of the whole-model file, opened on the first run and kept
-(the `full` and `full-mmap` baselines). Which file and how it is opened is the plan's."""
+(the `full` and `full-mmap` baselines). Which file and how it is opened is the plan's.
+
+Its one session computes every position's logits; asked for the last position's, it returns
+those alone (the same values; the memory of the whole ones is not saved)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from hermes_ort.planning.plan import Plan
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
 from hermes_ort.streaming.sessions import create_session, run_session
+from hermes_ort.tensors.kv_cache import decoder_signature
+from hermes_ort.tensors.last_position import last_logits_only
 
 
 class WholeEngine:
@@ -25,8 +30,13 @@ class WholeEngine:
         self.manifest = manifest
         self.plan = plan
         self.session = None
+        sig = decoder_signature(manifest)
+        self.logits = sig.logits if sig else None  # encoders: never cut
 
-    def run(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+    def run(
+        self, feeds: dict[str, np.ndarray], last_logits: bool = False
+    ) -> tuple[dict[str, np.ndarray], RunStats]:
+        """One pass; `last_logits`: a decoder's logits at the last position, [rows, 1, vocab]."""
         names = list(self.manifest.output_names)
         create_s = 0.0
         spec = self.plan.whole
@@ -57,7 +67,10 @@ class WholeEngine:
             max_live_sessions=1,
             blocks=(block,),
         )
-        return dict(zip(names, values, strict=True)), stats
+        outputs = dict(zip(names, values, strict=True))
+        if last_logits and self.logits is not None:
+            outputs = last_logits_only(outputs, self.logits)
+        return outputs, stats
 
     def close(self) -> None:
         self.session = None
