@@ -356,9 +356,14 @@ def test_smollm2_as_is(smollm2, transformers_model, tmp_path):
         "Q4_1": "MatMulNBits 4-bit block 32 + offsets",
         "Q8_0": "MatMulNBits 8-bit block 32",
     }
-    shared = set(m.blocks[0].files) & set(m.blocks[-1].files)  # prologue, epilogue
+    # the head over twice a layer's size: cut into vocabulary slices (--head-slices auto), each
+    # reading its rows of the table the prologue looks up, in place
+    heads = [b for b in m.blocks if b.kind == "head"]
+    assert m.head is not None and len(heads) == len(m.head.blocks) >= 2
+    shared = set(m.blocks[0].files) & set(heads[0].files)  # prologue, first head slice
     table = 49152 * 576  # Q8_0: one byte a weight
     assert [f.bytes >= table for f in shared] == [True]
+    assert sum(m.head.bytes) >= table  # the slices read the whole table between them, once
     assert m.blocks_bytes < smollm2.stat().st_size * 1.4  # scales and offsets are float32
     prompt = _prompt(out)
     want = _greedy(transformers_model, prompt)

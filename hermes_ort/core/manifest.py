@@ -22,8 +22,14 @@ of frozen dataclasses. Every path is relative to the model directory and must st
       "verification": {"reference": "pytorch", "max_abs_diff": 1e-6, "tolerance": 1e-4},
       "versions": {"onnxruntime": "...", ...},
       "quantization": null | {"mode": "int4", "method": "nbits", "block_size": 32, ...}
-                      | {"mode": "gguf", "method": "nbits", "types": {"Q4_1": "MatMulNBits ..."}}
+                      | {"mode": "gguf", "method": "nbits", "types": {"Q4_1": "MatMulNBits ..."}},
+      "head": null | {"asked": 3, "vocab_size": 1000, "input": "...", "output": "logits",
+                      "blocks": ["head_00", ...], "ranges": [[0, 336], ...], "bytes": [...]}
     }
+
+A decoder exported with --head-slices has its LM head in HEAD blocks after the epilogue (which
+then ends at the head's input), one per vocabulary range, and a last EPILOGUE block `head_concat`
+joining their outputs into `logits` (`head` says which is which; HeadSpec).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from hermes_ort.core.choices import BlockKind, values
 from hermes_ort.core.errors import ManifestError
 
 SCHEMA_VERSION = 2  # 2: `quantization` (schema 1 directories still load: unquantized)
+# `head` (--head-slices) is optional within schema 2: a reader that predates it refuses the
+# blocks of kind "head" by name
 READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 # the exporter's --quantize modes, and "gguf": a GGUF file's own blocks kept as they are
@@ -82,6 +90,25 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """A decoder's LM head cut over the vocabulary (export --head-slices): HEAD block `blocks[k]`
+    reads `input` [batch, positions, hidden] and writes the logits of token ids `ranges[k]`
+    ([start, stop)) as `<output>.<block>`; the EPILOGUE block after them concatenates those
+    along the last axis (then applies what followed the head op: a bias, a soft-cap) into
+    `output`. All of them are position-wise."""
+
+    asked: int | str  # the option given: a number of slices, or "auto"
+    vocab_size: int
+    input: str
+    output: str
+    blocks: tuple[str, ...]
+    ranges: tuple[tuple[int, int], ...]
+    # per slice: the weight bytes it reads; a tied table's slice reads only its rows of the
+    # shared file its BlockSpec lists whole
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class FullModelSpec:
     path: str
     files: tuple[FileSpec, ...]
@@ -108,6 +135,7 @@ class Manifest:
     # how the weights were quantized (hermes_ort/export/quantize.py: mode int4|int8, method
     # nbits|dynamic, block_size, accuracy_level, algorithm, embeddings, head_bits); None: fp32
     quantization: dict[str, Any] | None = None
+    head: HeadSpec | None = None  # the LM head sliced over the vocabulary; None: in the epilogue
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -245,6 +273,34 @@ def _quantization(data: Any, source: str) -> dict[str, Any] | None:
     return data
 
 
+def _head(data: Any, blocks: tuple[BlockSpec, ...], where: str) -> HeadSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object")
+    ranges = _require(data, "ranges", list, where)
+    if not all(isinstance(r, list) and [type(v) for v in r] == [int, int] for r in ranges):
+        raise ManifestError(f"{where}: ranges must be [start, stop] pairs of ints")
+    head = HeadSpec(
+        asked=_require(data, "asked", (int, str), where),
+        vocab_size=_require(data, "vocab_size", int, where),
+        input=_require(data, "input", str, where),
+        output=_require(data, "output", str, where),
+        blocks=tuple(_require(data, "blocks", list, where)),
+        ranges=tuple((start, stop) for start, stop in ranges),
+        bytes=tuple(_require(data, "bytes", list, where)),
+    )
+    stops = [0] + [stop for _, stop in head.ranges]
+    if [start for start, _ in head.ranges] != stops[:-1] or stops[-1] != head.vocab_size:
+        raise ManifestError(f"{where}: ranges {head.ranges} do not cover 0 .. {head.vocab_size}")
+    kinds = {b.name: b.kind for b in blocks}
+    if len(head.blocks) != len(head.ranges) or len(head.bytes) != len(head.ranges):
+        raise ManifestError(f"{where}: blocks, ranges and bytes differ in length")
+    if any(kinds.get(name) != BlockKind.HEAD for name in head.blocks):
+        raise ManifestError(f"{where}: blocks {list(head.blocks)} are not all head blocks")
+    return head
+
+
 def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
     """Validate a decoded manifest.json; every problem raises ManifestError naming the field."""
     if not isinstance(data, dict):
@@ -283,6 +339,7 @@ def parse_manifest(data: Any, source: str = MANIFEST_NAME) -> Manifest:
         verification=data.get("verification", {}),
         versions=data.get("versions", {}),
         quantization=_quantization(data.get("quantization"), source),
+        head=_head(data.get("head"), blocks, f"{source}: head"),
     )
     check_dataflow(manifest, source)
     return manifest

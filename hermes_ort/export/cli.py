@@ -76,6 +76,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "by default DIR holds the blocks only, the weights once",
     )
     parser.add_argument(
+        "--head-slices",
+        type=head_slices,
+        default="auto",
+        metavar="N|auto",
+        help="causal LMs: cut the LM head into N blocks, each the logits of one slice of the "
+        "vocabulary, streamed like layers (a tied head reads its rows of the embedding table in "
+        "place); auto (default) = as many as keep each slice within the largest layer block's "
+        "weights, where the head is over twice a layer's size (else it stays whole); 1 = the "
+        "head stays in the epilogue",
+    )
+    parser.add_argument(
         "--force", action="store_true", help="replace DIR if it is an existing model directory"
     )
     parser.add_argument(
@@ -163,6 +174,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def head_slices(text: str) -> int | str:
+    """--head-slices' value: "auto" or a whole number (its range is checked by the export)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of slices or auto, not {text!r}") from None
+
+
 def _quantization(args):
     if args.quantize is None:
         return None
@@ -211,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         graph=args.graph,
         full_model=args.full_model,
         dtype=args.dtype,
+        head_slices=args.head_slices,
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None

@@ -1,6 +1,7 @@
 """One export, end to end, as a pipeline of stages, each a method named for what it does:
 
-    load -> export_graph -> describe -> reference -> cut -> verify -> finish -> (manifest saved)
+    load -> export_graph -> describe -> reference -> cut -> slice_head -> verify -> finish
+    -> (manifest saved)
 
 into a temporary directory that install.py renames into place only once it is complete."""
 
@@ -50,6 +51,10 @@ class ExportOptions:
     # also keep the whole-model files the `full` / `full-mmap` baselines open (full/): by default
     # a model directory holds its blocks only (the weights once)
     full_model: bool = False
+    # a causal LM's head as HEAD blocks, each the logits of one vocabulary slice (head.py): a
+    # number of slices (1: the head stays in the epilogue), or "auto": as many as keep each
+    # slice's weights within the largest layer block's
+    head_slices: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,9 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError("--task applies to --model only (a preset names its task)")
     if opts.graph not in GRAPHS:
         raise ExportError(f"--graph {opts.graph}: choose from {', '.join(GRAPHS)}")
+    n = opts.head_slices
+    if n != "auto" and (type(n) is not int or n < 1):
+        raise ExportError(f"--head-slices must be a number >= 1 or auto, got {n!r}")
     if opts.preset is not None:
         from hermes_ort.export.presets import load_preset
 
@@ -129,6 +137,7 @@ class _Export:
         self.tmp = tmp
         onnx_export.quiet_libraries()
         source = self.load()
+        self.check_head_slices(source)
         if self.opts.quantization is not None:
             q = self.opts.quantization.for_model(decoder=source.task.startswith("text-generation"))
             self.opts = replace(self.opts, quantization=q)
@@ -161,6 +170,7 @@ class _Export:
         )
         check_dataflow(manifest, "exported manifest")
         manifest = self.quantize_whole(manifest)
+        manifest = self.slice_head(manifest)
         manifest = self.verify(manifest, reference, signature)
         manifest = self.finish(manifest, streamed)
         remove_tree(tmp / ".scratch")  # the stages empty their parts of it; the folder goes here
@@ -177,6 +187,23 @@ class _Export:
             self.opts = replace(o, quantization=self.kept)
         self.lap("load_s")
         return source
+
+    def check_head_slices(self, source: Source) -> None:
+        """A number of head slices against the model, before it is exported ("auto" leaves
+        what it cannot slice whole)."""
+        n = self.opts.head_slices
+        if n in (1, "auto"):
+            return
+        if not _causal(source.task):
+            raise ExportError(
+                f"--head-slices {n} slices a causal LM's head over its vocabulary; "
+                f"'{source.name}' is {source.task}"
+            )
+        vocab = getattr(source.model.config, "vocab_size", None)
+        if vocab is not None and n > vocab:
+            raise ExportError(
+                f"--head-slices {n} exceeds the vocabulary of '{source.name}' ({vocab} tokens)"
+            )
 
     def describe(self, source: Source) -> int:
         """The verification sample's length: --seq-len, else the default the model can hold."""
@@ -311,6 +338,18 @@ class _Export:
         self.lap("quantize_full_s")
         return manifest
 
+    def slice_head(self, manifest: Manifest) -> Manifest:
+        """The epilogue's LM head cut into HEAD blocks over the vocabulary (head.py); the
+        whole-model files keep theirs. After the GGUF and quantized paths (the head is then
+        MatMulNBits), before verification (the sliced blocks are what is checked)."""
+        if self.opts.head_slices == 1 or not _causal(manifest.task):
+            return manifest
+        from hermes_ort.export.head import slice_head
+
+        manifest = slice_head(self.tmp, manifest, self.opts.head_slices)
+        self.lap("head_s")
+        return manifest
+
     def verify(self, manifest: Manifest, reference, sig: Signature) -> Manifest:
         if reference is None:
             return manifest
@@ -355,6 +394,11 @@ class _Export:
         )
         self.lap("streamed_layers_s")
         return replace(manifest, verification={**template.verification, "streaming": note})
+
+
+def _causal(task: str) -> bool:
+    """A causal LM's task: the ones whose last block writes `logits` over a vocabulary."""
+    return task.startswith("text-generation")
 
 
 def _check_weights_dtype(opts: ExportOptions) -> None:

@@ -205,10 +205,18 @@ class CostModel:
         """Upper bounds from file sizes (every weight page may become resident); rough times.
         `warmup_pending`: this process has opened no session yet (the first one adds ONNX
         Runtime's code and buffers to the baseline)."""
-        sizes = [b.bytes for b in manifest.blocks]
-        sparse = tuple(b.kind == BlockKind.PROLOGUE for b in manifest.blocks)
+        sizes = [touched_bytes(manifest, i) for i in range(len(manifest.blocks))]
+        # table lookups, and head slices reading their rows of a shared table: pages fault in
+        # on demand (reading the shared file ahead would read the whole table)
+        sparse = tuple(
+            b.kind == BlockKind.PROLOGUE or sizes[i] < b.bytes
+            for i, b in enumerate(manifest.blocks)
+        )
         # MatMulNBits blocks run only prepacked: packed at ~0.26 GB/s of CPU (docs/design.md §2.7)
-        packed = tuple(manifest.packed_weights and not sp for sp in sparse)
+        # (a head slice reading its rows of a shared table is sparse for reading, packed to run)
+        packed = tuple(
+            manifest.packed_weights and b.kind != BlockKind.PROLOGUE for b in manifest.blocks
+        )
         if warmup_pending:
             baseline_bytes += ESTIMATE_WARMUP_BYTES
         live = tuple(s + SESSION_OVERHEAD_BYTES for s in sizes)
@@ -264,8 +272,9 @@ class CostModel:
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
         sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
         packed = tuple(
-            b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s) and not sp
-            for b, sp in zip(blocks, sparse, strict=True)
+            b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s)
+            and not (sp and spec.kind == BlockKind.PROLOGUE)  # lookups: never worth packing
+            for b, sp, spec in zip(blocks, sparse, manifest.blocks, strict=True)
         )
         now = cached or (None,) * len(blocks)
 
@@ -392,6 +401,18 @@ def _vocab_sized(manifest: Manifest, i: int) -> bool:
     """A block whose outputs are logits (a head slice, or the block that makes `logits`)."""
     block = manifest.blocks[i]
     return block.kind == BlockKind.HEAD or "logits" in block.outputs
+
+
+def touched_bytes(manifest: Manifest, i: int) -> int:
+    """The bytes block i reads when it runs: its files', but a head slice reads only its rows of
+    a shared table (`manifest.head.bytes`) beside its own small files."""
+    block, head = manifest.blocks[i], manifest.head
+    if block.kind != BlockKind.HEAD or head is None or block.name not in head.blocks:
+        return block.bytes
+    if all(block.is_own(f) for f in block.files):  # its weights in its own files: all read
+        return block.bytes
+    own = sum(f.bytes for f in block.files if block.is_own(f))
+    return min(block.bytes, own + head.bytes[head.blocks.index(block.name)])
 
 
 def _sample_of(manifest: Manifest) -> tuple[int, int]:
