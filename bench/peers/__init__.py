@@ -10,7 +10,9 @@ memory cgroup's peak, the bytes its blkio group read, whether the cap killed it.
 Decoders (a Llama-layout checkpoint): hermes-ort, llama.cpp (llama-cpp-python; GGUF f32, f16,
 q8_0, q4_0; with its load-time repacking and without), onnxruntime-genai (its builder's fp32 and
 int4 models), transformers (PyTorch eager), accelerate disk offload, AirLLM. Encoders (a BERT
-checkpoint): hermes-ort, transformers, optimum's ORTModelForFeatureExtraction.
+checkpoint): hermes-ort, transformers, optimum's ORTModelForFeatureExtraction. A real model (a
+GGUF as a package ships it, real.py): llama.cpp on the file and on its requantizations (q4_0,
+q8_0), hermes-ort on its export of the file ("gguf": the file's quantized blocks kept).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ENGINES: dict[str, Engine] = {
         Engine(
             "hermes-ort",
             "both",
-            ("fp32", "int4", "int8"),
+            ("fp32", "int4", "int8", "gguf"),
             "onnxruntime",
             "this repository",
             "per-block sessions streamed by loading agents; the planner keeps what fits the "
@@ -43,7 +45,7 @@ ENGINES: dict[str, Engine] = {
         Engine(
             "llama.cpp",
             "decoder",
-            ("f32", "f16", "q8_0", "q4_0"),
+            ("f32", "f16", "q8_0", "q4_0", "q4_1"),
             "llama_cpp",
             "make bench-peers (llama-cpp-python, built from source with the CPU's native flags)",
             "mmaps the GGUF file and lets the page cache hold what fits; repacks quantized "

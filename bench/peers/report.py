@@ -1,5 +1,6 @@
 """The peers' report from a stored run: a side-by-side table (s/token or pass time per profile),
-one detailed table per profile, and a plot of s/token against the memory cap per engine."""
+one detailed table per profile, and a plot of s/token against the memory cap per engine; for a
+real model, first its summary and the issue's targets (targets.py)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ def _by(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def _labels(doc: dict) -> list[str]:
     """The configurations in the order of the default lists (hermes-ort's first), then others."""
-    from bench.peers.run import DECODER_CONFIGS, ENCODER_CONFIGS
+    from bench.peers.run import DECODER_CONFIGS, ENCODER_CONFIGS, REAL_CONFIGS
 
     order: dict[str, int] = {}
-    for c in (*DECODER_CONFIGS, *ENCODER_CONFIGS, "hermes-ort:fp32:min", "hermes-ort:int8:min"):
+    extra = ("hermes-ort:fp32:min", "hermes-ort:int8:min")
+    for c in (*REAL_CONFIGS, *DECODER_CONFIGS, *ENCODER_CONFIGS, *extra):
         order.setdefault(c, len(order))
     found = list(dict.fromkeys(r["label"] for r in doc["records"]))
     return sorted(found, key=lambda label: order.get(label, len(order)))
@@ -52,8 +54,12 @@ def _cell(rs: list[dict], key: str) -> str:
         if killed:
             return f"**killed** ({killed}/{len(rs)})"
         error = rs[0]["error"]
-        least = re.search(r"smallest workable budget is ([0-9.]+ [kMG]?B)", error)
-        if least:  # hermes-ort refuses a budget it cannot keep, before running
+        # hermes-ort refuses a budget it cannot keep, before running (the model's smallest, or a
+        # generation's: "a batch of 1 x 32 positions needs at least ...")
+        least = re.search(
+            r"(?:smallest workable budget is|needs at least) ([0-9.]+ [kMG]?B)", error
+        )
+        if least:
             return f"refused (needs {least.group(1)})"
         return f"failed: {error[:60]}"
     value = _median(rs, key)
@@ -90,7 +96,15 @@ def side_by_side(doc: dict) -> list[str]:
         weights = _mb(rs[0].get("weights_bytes"))
         cells = [_cell(groups.get((label, p), []), key) for p in profiles]
         lines.append(f"| {label} | {weights} | {' | '.join(cells)} |")
-    return [f"Side by side ({what}; caps are shares of the fp32 checkpoint):", "", *lines]
+    return [f"Side by side ({what}; caps are shares of the {share_base(doc)[0]}):", "", *lines]
+
+
+def share_base(doc: dict) -> tuple[str, int]:
+    """What the run's share caps are shares of, and its bytes (runs stored before real models
+    had only the fp32 checkpoint's)."""
+    return doc.get("share_base", "fp32 checkpoint"), doc.get(
+        "share_base_bytes", doc.get("fp32_bytes")
+    )
 
 
 def detail(doc: dict, profile: str) -> list[str]:
@@ -106,7 +120,7 @@ def detail(doc: dict, profile: str) -> list[str]:
             "peak RSS",
             "cgroup peak",
             "read",
-            "tokens vs transformers",
+            f"tokens vs {doc.get('tokens_of', 'transformers')}",
         ]
     else:
         head = [
@@ -135,7 +149,11 @@ def detail(doc: dict, profile: str) -> list[str]:
         r = ok[0]
         if decoder:
             agree = (
-                "equal" if r.get("tokens_equal") else f"{r.get('equal_prefix')} equal, then differ"
+                "-"  # no reference tokens
+                if "tokens_equal" not in r
+                else "equal"
+                if r["tokens_equal"]
+                else f"{r.get('equal_prefix')} equal, then differ"
             )
             cells = [
                 _s(_median(ok, "time_to_first_token_s")),
@@ -165,8 +183,9 @@ def render(doc: dict) -> str:
     m = doc["machine"]
     v = doc["versions"]
     engines = sorted({r["engine"] for r in doc["records"]})
+    base, base_bytes = share_base(doc)
     out = [
-        f"# Peers: {doc['model']} ({_mb(doc['fp32_bytes'])} fp32)",
+        f"# Peers: {doc['model']} ({_mb(base_bytes)} {base})",
         "",
         f"{m['cpu']}, {m['cores']} cores, {doc['threads']} threads for every engine; "
         f"onnxruntime {v.get('onnxruntime')}, hermes-ort {v.get('git_commit', '?')}. Each "
@@ -185,6 +204,10 @@ def render(doc: dict) -> str:
             f"(warm) or {doc['new_tokens']['cold']} (cold profiles), greedy, end of sequence "
             "ignored; s/token is the median of the decode steps after the first token."
         )
+    from bench.peers.targets import OURS, summary, targets_table
+
+    if any(r["label"] == OURS for r in doc["records"]):  # a real model's run
+        out += ["", *summary(doc), "", *targets_table(doc)]
     out += [""] + side_by_side(doc)
     for profile in doc["profiles"]:
         out += detail(doc, profile)
@@ -211,6 +234,8 @@ def plot(doc: dict, path: Path) -> Path | None:
         if r["profile"].startswith("cold:") and r.get("cap_bytes"):
             caps[r["profile"]] = r["cap_bytes"]
     caps = dict(sorted(caps.items(), key=lambda kv: -kv[1]))
+    if not caps:  # no cold profile with a cap: nothing to plot
+        return None
     fig, ax = plt.subplots(figsize=(9.5, 5))
     colours = plt.get_cmap("tab20").colors
     labels = _labels(doc)

@@ -3,13 +3,20 @@
     python -m bench peers --model tinyllama-1.1b --profiles warm,cold:100%,cold:50%,cold:25%,sd:50%
     python -m bench peers --model bert-large --engines hermes-ort:fp32,transformers,optimum
     python -m bench peers --render bench/results/latest/peers/tinyllama-1.1b.json
+    python -m bench peers --model smollm2-135m --repeats 3
 
 A configuration is ENGINE:FORMAT[:VARIANT] (llama.cpp's variant `no-repack`: its load-time
 weight repacking off; hermes-ort's `full-mmap`/`full`: that strategy instead of pipeload). A
 profile is a bench device profile (`bench/matrix.py`: STORAGE[:Nc][:CAP]) whose share caps are of
 the fp32 checkpoint's bytes; cold profiles evict every engine's files first, warm ones read the
 engine's own files into the page cache. Each configuration runs in fresh processes; an engine
-that is not installed is skipped with the command that installs it."""
+that is not installed is skipped with the command that installs it.
+
+A real model (`--model smollm2-135m`, bench/peers/real.py) is a GGUF file as a package ships it:
+llama.cpp runs it as shipped and requantized by its own quantizer, hermes-ort runs its export of
+it (`hermes-ort:gguf`, the file's blocks kept); its share caps are of the GGUF file's bytes, its
+default profiles warm and 100/75/50/25% caps on the disk, eMMC and SD, and the report checks the
+issue's targets (bench/peers/targets.py) with hermes-ort's `plan --budget min` beside them."""
 
 from __future__ import annotations
 
@@ -51,6 +58,20 @@ PROFILES = ("warm", "cold:100%", "cold:50%", "cold:25%", "sd:50%")
 # engines get it; page cache beyond the plan is clean and reclaimed under the cap, not killed
 CAP_MARGIN = 0.0
 EXACT_FORMATS = ("fp32", "f32", "f16")  # their greedy tokens must equal transformers'
+# a real GGUF (real.py): the file as shipped, llama.cpp's requantizations, hermes-ort's export
+REAL_CONFIGS = (
+    "hermes-ort:gguf",
+    "llama.cpp:q4_1",
+    "llama.cpp:q4_1:no-repack",
+    "llama.cpp:q4_0",
+    "llama.cpp:q4_0:no-repack",
+    "llama.cpp:q8_0",
+    "llama.cpp:q8_0:no-repack",
+)
+REAL_PROFILES = (
+    "warm",
+    *(f"{storage}:{share}%" for storage in ("cold", "emmc", "sd") for share in (100, 75, 50, 25)),
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,25 @@ def parse_config(text: str) -> Config:
     if variant not in variants.get(engine, ("",)):
         raise ValueError(f"'{text}': {engine} has no variant '{variant}'")
     return Config(engine, fmt, variant)
+
+
+def check_model_runs(model, configs: list[Config]) -> None:
+    """ValueError for a configuration the model has no weights for: a real model runs the
+    formats made from its file, a preset every format but a GGUF's own ("gguf")."""
+    for c in configs:
+        if model.real:
+            formats = model.real.formats.get(c.engine, ())
+        else:
+            formats = tuple(f for f in ENGINES[c.engine].formats if f != "gguf")
+        if c.format not in formats:
+            runs = ", ".join(formats) or "nothing"
+            raise ValueError(f"'{c.label}': {c.engine} runs {runs} of {model.preset}")
+
+
+def default_configs(model) -> tuple[str, ...]:
+    if model.real:
+        return REAL_CONFIGS
+    return DECODER_CONFIGS if model.kind == "decoder" else ENCODER_CONFIGS
 
 
 def _tokens_for(profile, args) -> int:
@@ -122,8 +162,8 @@ def run_one(config: Config, model, profile, args, emulation, disk) -> dict[str, 
     from bench.peers.weights import prepare
 
     weights = prepare(model, config.engine, config.format)
-    fp32 = sum(p.stat().st_size for p in model.ckpt.glob("*.safetensors"))
-    cap = profile.memory_cap.resolve(fp32, 0) if profile.memory_cap else None
+    base = model.share_base_bytes  # fp32 checkpoint, or a real model's GGUF file
+    cap = profile.memory_cap.resolve(base, 0) if profile.memory_cap else None
     every = [p for p in model.root.rglob("*") if p.is_file()]  # a cold start evicts them all
     own = model.files(config.engine, config.format, config.variant)
     prepare_cache(profile.storage, own, every)
@@ -167,7 +207,8 @@ def _budget(cmd: list) -> int | None:
 
 
 def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """s/token (median of the decode steps, their spread), tokens/s, agreement with transformers."""
+    """s/token (median of the decode steps, their spread), tokens/s, agreement with the
+    reference's tokens (transformers', or a real model's llama.cpp run of the file as shipped)."""
     steps = record.get("token_s") or []
     if steps:
         record["s_per_token"] = statistics.median(steps)
@@ -176,7 +217,8 @@ def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, An
     passes = record.get("pass_s") or []
     if passes:
         record["steady_pass_s"] = statistics.median(passes)
-    new, want = record.get("new_ids"), reference.get("transformers")
+    new = record.get("new_ids")
+    want = reference.get(reference.get("tokens_of", "transformers"))
     if new is not None and isinstance(want, list):
         same = sum(a == b for a, b in zip(new, want, strict=False))
         prefix = next(
@@ -196,9 +238,20 @@ def summarise(record: dict[str, Any], reference: dict[str, Any]) -> dict[str, An
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tinyllama-1.1b", help="a preset (decoder or encoder)")
+    p.add_argument(
+        "--model",
+        default="tinyllama-1.1b",
+        help="a preset (decoder or encoder) or a real GGUF: smollm2-135m",
+    )
     p.add_argument("--engines", default=None, help="ENGINE:FORMAT[:VARIANT], comma-separated")
-    p.add_argument("--profiles", default=",".join(PROFILES))
+    p.add_argument(
+        "--profiles",
+        default=None,
+        help=(  # argparse formats help with %: a share's % doubled
+            f"comma-separated (default: {','.join(PROFILES)}; a real model's: "
+            f"{','.join(REAL_PROFILES)})"
+        ).replace("%", "%%"),
+    )
     p.add_argument("--repeats", type=int, default=1, help="fresh processes per configuration")
     p.add_argument("--new-tokens", type=int, default=8, help="decoders, warm profiles")
     p.add_argument("--cold-new-tokens", type=int, default=4, help="decoders, cold profiles")
@@ -232,9 +285,13 @@ def run(args) -> int:
     from bench.records import machine_info, versions
 
     model = PeerModel.named(args.model)
-    defaults = DECODER_CONFIGS if model.kind == "decoder" else ENCODER_CONFIGS
-    configs = [parse_config(c) for c in (args.engines.split(",") if args.engines else defaults)]
-    profiles = [parse_profile(p) for p in args.profiles.split(",")]
+    chosen = args.engines.split(",") if args.engines else default_configs(model)
+    configs = [parse_config(c) for c in chosen]
+    check_model_runs(model, configs)
+    shown = (
+        args.profiles.split(",") if args.profiles else (REAL_PROFILES if model.real else PROFILES)
+    )
+    profiles = [parse_profile(p) for p in shown]
     runnable, skipped = [], {}
     for c in configs:
         why = installed(ENGINES[c.engine])
@@ -252,6 +309,7 @@ def run(args) -> int:
     records = []
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with signals_raise():
+        smallest = smallest_budgets(model, runnable, emulation, args.timeout)
         for profile in profiles:
             for repeat in range(args.repeats):
                 for c in runnable:
@@ -264,7 +322,10 @@ def run(args) -> int:
         "created": started,
         "model": args.model,
         "model_kind": model.kind,
-        "fp32_bytes": sum(p.stat().st_size for p in model.ckpt.glob("*.safetensors")),
+        "share_base": f"GGUF file ({model.real.shipped})" if model.real else "fp32 checkpoint",
+        "share_base_bytes": model.share_base_bytes,
+        "tokens_of": reference.get("tokens_of", "transformers"),
+        "smallest_budget_bytes": smallest,
         "prompt_tokens": len(reference.get("prompt_ids", [])),
         "new_tokens": {"warm": args.new_tokens, "cold": args.cold_new_tokens},
         "threads": args.threads,
@@ -283,6 +344,21 @@ def run(args) -> int:
     stored.write_text(json.dumps(doc, indent=1) + "\n")
     print(write_report(doc, args.out, args.model))
     return 0
+
+
+def smallest_budgets(model, configs: list[Config], emulation, timeout_s: float) -> dict:
+    """A real model's hermes-ort pipeload exports: label -> `plan --budget min`'s figure (or
+    why it failed), before any run (a user's first plan measures the profile later runs use)."""
+    if not model.real:
+        return {}
+    from bench.peers.real import smallest_budget
+
+    out = {}
+    for c in configs:
+        if c.engine == "hermes-ort" and not c.variant:
+            out[c.label] = smallest_budget(model.weights(c.engine, c.format), emulation, timeout_s)
+            print(f"bench peers: {c.label} plan --budget min: {out[c.label]}", file=sys.stderr)
+    return out
 
 
 def merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +384,11 @@ def merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged["merged"] = old.get("merged", []) + [note]
     if any(label.startswith("hermes-ort") for label, _ in rerun):
         merged["cap_margin"] = new["cap_margin"]
+    if new.get("smallest_budget_bytes"):  # a real model's hermes-ort, planned again
+        merged["smallest_budget_bytes"] = {
+            **old.get("smallest_budget_bytes", {}),
+            **new["smallest_budget_bytes"],
+        }
     return merged
 
 

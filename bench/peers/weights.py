@@ -1,5 +1,5 @@
 """The same weights for every engine, prepared once under models/peers/NAME/ (each step skipped
-when its output is there):
+when its output is there). A preset's:
 
     ckpt/            the preset with seeded random weights, save_pretrained (fp32 safetensors),
                      a real tokenizer for decoders (tokenizer.py)
@@ -7,10 +7,13 @@ when its output is there):
                      tokens on the prompt (every fp32/f16 row must reproduce them)
     hermes-fp32/     hermes-ort's export of ckpt/
     gguf/F.gguf      llama.cpp: its vendored converter (f32), then llama_model_quantize (f16,
-                     q8_0, q4_0)
+                     q8_0, q4_0, q4_1)
     genai-P/         onnxruntime-genai's model builder (-p fp32 | int4 -e cpu), in .venv-genai
     airllm/          AirLLM's per-layer split of ckpt/ (it writes it on its first load)
     onnx/            optimum's export of ckpt/ (encoders: ORTModelForFeatureExtraction)
+
+A real model's (real.py: a packaged GGUF, no checkpoint): gguf/ holds the file as shipped and
+llama.cpp's requantizations of it, hermes-gguf/ hermes-ort's export of it.
 
 Every heavy step runs in a child process (the parent stays small)."""
 
@@ -34,7 +37,7 @@ ENCODER_TOKENS = 128
 LLAMA_CPP_VERSION = "0.3.36"
 PEERS_DIR = REPO / ".peers"  # the llama-cpp-python sdist (its converter), not in git
 GENAI_PYTHON = REPO / ".venv-genai" / "bin" / "python"
-QUANT_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
+QUANT_TYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}  # llama_ftype: LLAMA_FTYPE_MOSTLY_*
 
 
 def log(line: str) -> None:
@@ -43,7 +46,7 @@ def log(line: str) -> None:
 
 @dataclass(frozen=True)
 class PeerModel:
-    preset: str  # a preset of hermes_ort/presets
+    preset: str  # a preset of hermes_ort/presets, or a real model (real.REAL_MODELS)
     root: Path
 
     @classmethod
@@ -51,13 +54,24 @@ class PeerModel:
         return cls(preset, models_dir / preset)
 
     @property
+    def real(self):
+        """The real model (bench.peers.real.RealModel) this is, None for a preset."""
+        from bench.peers.real import REAL_MODELS
+
+        return REAL_MODELS.get(self.preset)
+
+    @property
     def kind(self) -> str:
+        if self.real:
+            return "decoder"
         config = json.loads((REPO / "hermes_ort" / "presets" / f"{self.preset}.json").read_text())
         return "decoder" if config["task"] == "text-generation" else "encoder"
 
     @property
     def tensorwise(self) -> bool:
         """Too large to build as a torch model here: written tensor by tensor (tensorwise.py)."""
+        if self.real:
+            return False
         config = json.loads((REPO / "hermes_ort" / "presets" / f"{self.preset}.json").read_text())
         return "tensorwise_dtype" in config
 
@@ -68,6 +82,14 @@ class PeerModel:
     @property
     def reference(self) -> Path:
         return self.root / "reference.json"
+
+    @property
+    def share_base_bytes(self) -> int:
+        """What a profile's share cap ("cold:50%") is a share of: a preset's fp32 checkpoint, a
+        real model's GGUF file as shipped."""
+        if self.real:
+            return self.weights("llama.cpp", self.real.shipped).stat().st_size
+        return sum(p.stat().st_size for p in self.ckpt.glob("*.safetensors"))
 
     def weights(self, engine: str, fmt: str) -> Path:
         """What `engine` opens for weight format `fmt`."""
@@ -270,6 +292,12 @@ def gguf(model: PeerModel, fmt: str) -> None:
     if fmt == source_fmt:
         return
     log(f"{model.preset}: GGUF {fmt} from {source_fmt} with llama_model_quantize")
+    quantize(source, out, fmt, requantize=source_fmt != "f32")
+
+
+def quantize(source: Path, out: Path, fmt: str, requantize: bool) -> None:
+    """llama.cpp's own quantizer (`llama_model_quantize`, default parameters) from `source` to
+    `fmt`, in a child; `requantize`: the source is quantized already (allow_requantize)."""
     code = (
         "import sys, json, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
         "p.ftype = int(sys.argv[3]); p.nthread = 2; p.allow_requantize = sys.argv[4] == '1'; "
@@ -277,8 +305,8 @@ def gguf(model: PeerModel, fmt: str) -> None:
         "print(json.dumps({'ok': r == 0, 'error': f'status {r}'}))"
     )
     tmp = out.with_suffix(".tmp")
-    requantize = "1" if source_fmt != "f32" else "0"
-    cmd = [sys.executable, "-c", code, str(source), str(tmp), str(QUANT_TYPES[fmt]), requantize]
+    flag = "1" if requantize else "0"
+    cmd = [sys.executable, "-c", code, str(source), str(tmp), str(QUANT_TYPES[fmt]), flag]
     _child(cmd, f"quantize {fmt}")
     os.replace(tmp, out)
 
@@ -353,6 +381,10 @@ def onnx(model: PeerModel) -> None:
 
 def prepare(model: PeerModel, engine: str, fmt: str) -> Path:
     """Everything `engine` needs to run `fmt` of `model`; the weights it opens."""
+    if model.real:
+        from bench.peers.real import prepare_real
+
+        return prepare_real(model, engine, fmt)
     checkpoint(model)
     reference(model)
     steps = {
