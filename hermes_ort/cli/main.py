@@ -97,6 +97,7 @@ def cmd_run(args) -> int:
         verify=args.verify,
         objective=objective,
         page_cache=args.page_cache,
+        paging=args.paging,
         profile=True if args.profile else None,
         trace=args.trace is not None,
     )
@@ -285,11 +286,13 @@ def cmd_plan(args) -> int:
         profile=not args.no_profile,
         objective=args.objective,
         page_cache=args.page_cache,
+        paging=args.paging,
         verify="size",  # a plan opens no file: hashing them is `run`'s (and left RSS behind)
     ) as model:
-        if args.batch is not None or args.seq_len is not None:
-            model.plan_batch(args.batch or 1, args.seq_len)
-        smallest = model.smallest_budget()  # for the shape planned
+        generation = model.decoder is not None  # a decoder's plan is generate's
+        if args.batch is not None or args.seq_len is not None or generation:
+            model.plan_batch(args.batch or 1, args.seq_len, generation=generation)
+        smallest = model.smallest_budget(generation=generation)  # for the shape planned
         everything = model.cost.peak(tuple(range(model.cost.count)), 1)
         if args.json:
             record = model.plan.to_json()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.manifest import Manifest
-from hermes_ort.core.settings import STREAMING
+from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.planning.activation_model import ActivationFit, ActivationPoint
 from hermes_ort.planning.layer_profile import BlockProfile
 from hermes_ort.streaming.daemon import destroy
@@ -51,8 +52,12 @@ def _transients(verifier: Verifier, manifest: Manifest, rows: int, positions: in
     out: list[int] = []
     for i, spec in enumerate(manifest.blocks):
         allowed = [verifier.check(f) for f in spec.files]
+        # as the engine runs it: MatMulNBits blocks prepacked (unpacked, every run dequantizes
+        # the whole weight into a transient fp32 copy the engine never makes)
+        packed = manifest.packed_weights and spec.kind != BlockKind.PROLOGUE
+        settings = PREPACKED_STREAMING if packed else STREAMING
         session = create_session(
-            Path(verifier.model_dir) / spec.path, STREAMING, f"block '{spec.name}'", allowed
+            Path(verifier.model_dir) / spec.path, settings, f"block '{spec.name}'", allowed
         )
         names, inputs = list(spec.outputs), tensors.inputs_of(i)
         # its weights' pages in; the arena shrunk after, but for the region its outputs held,

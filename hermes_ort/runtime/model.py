@@ -35,6 +35,7 @@ from hermes_ort.runtime.model_planner import ModelPlanner, PlanOptions
 from hermes_ort.runtime.tasks import ChatAndEmbed
 from hermes_ort.streaming.block_engine import BlockEngine
 from hermes_ort.streaming.integrity import Verifier
+from hermes_ort.streaming.paged_blocks import PagedBlocks
 from hermes_ort.streaming.whole_engine import WholeEngine
 from hermes_ort.tensors.batch import BatchShape, batch_shape, sample_shape
 from hermes_ort.tensors.inputs import check_inputs, sample_inputs
@@ -114,16 +115,22 @@ class HermesModel(ChatAndEmbed):
             outputs, self.stats = self._engine.run(feeds, last_logits=last_logits)
         return outputs
 
-    def plan_batch(self, rows: int, positions: int | None = None) -> Plan:
+    def plan_batch(self, rows: int, positions: int | None = None, generation: bool = False) -> Plan:
         """The plan a batch of `rows` x `positions` (default: the sample's) runs with, made now
         (as `run` does on such a batch); BudgetError if the budget cannot hold it. Without a
-        budget, or for a decoder (whose batch `generate` plans), the plan stays as it is."""
+        budget the plan stays as it is. `generation` (a decoder): the plan `generate` makes
+        for prompts of that shape (last-position logits, prefill chunks; the KV cache of the
+        prompt counted, none for new tokens)."""
         for name, value in (("rows", rows), ("positions", positions)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise OptionError(f"{name} must be a whole number of at least 1, got {value!r}")
         shape = BatchShape(rows, positions or sample_shape(self.manifest).positions)
         with self._lock:
-            self._plan_batch(shape)
+            if generation and self.decoder is not None:
+                cache = 2 * self.decoder.cache_bytes(shape.positions, shape.rows)
+                self._reserve_cache(cache, shape, generation=True)
+            else:
+                self._plan_batch(shape)
         return self.plan
 
     def _plan_batch(self, shape: BatchShape) -> None:
@@ -147,8 +154,10 @@ class HermesModel(ChatAndEmbed):
         """Run with `plan`: a new engine where its blocks' mechanism differs (resident sessions
         of the old plan go), else the same engine with the new plan (its micro-batch)."""
         if plan.mechanism.engine_key() != self.plan.mechanism.engine_key():
+            # the paged blocks' sessions stay open for the new engine (their opening is slow)
+            paged = self._engine.take_paged() if isinstance(self._engine, BlockEngine) else None
             self._engine.close()
-            self._engine = make_engine(self.manifest, plan, self.verifier, self.trace)
+            self._engine = make_engine(self.manifest, plan, self.verifier, self.trace, paged)
         else:
             self._engine.plan = plan
         self.plan = plan
@@ -255,7 +264,10 @@ class HermesModel(ChatAndEmbed):
         if (
             self._smallest
         ):  # "min": the smallest budget of the blocks (for the batch), plus this cache
-            smallest = self.smallest_budget(batch, generation)
+            if batch is None or self._smallest_for is None:
+                smallest = self.cost.min_budget()
+            else:  # the blocks' smallest for the batch (the cache is added here)
+                smallest = self._smallest_for(batch, generation)
             budget = smallest + cache_bytes
         blocks_budget = budget - cache_bytes
         planned = (self.plan.batch.rows, self.plan.batch.positions)
@@ -280,12 +292,16 @@ class HermesModel(ChatAndEmbed):
 
     def smallest_budget(self, batch: BatchShape | None = None, generation: bool = False) -> int:
         """The smallest budget that runs `batch` (None: the plan's batch, else the sample), by
-        the cost model: one row of the smallest prefill chunk at a time."""
+        the cost model: one row of the smallest prefill chunk at a time; `generation`: a
+        decoder's prompts of that shape, their KV cache included (past and present)."""
         if batch is None and self.plan.batch.rows is not None:
             batch = BatchShape(self.plan.batch.rows, self.plan.batch.positions)
         if batch is None or self._smallest_for is None:
             return self.cost.min_budget()
-        return self._smallest_for(batch, generation)
+        cache = 0
+        if generation and self.decoder is not None:
+            cache = 2 * self.decoder.cache_bytes(batch.positions, batch.rows)
+        return self._smallest_for(batch, generation) + cache
 
     def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a
@@ -366,12 +382,18 @@ def budget_note(spec, plan: Plan, budget: int | None) -> str | None:
 
 
 def make_engine(
-    manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace
+    manifest: Manifest,
+    plan: Plan,
+    verifier: Verifier,
+    trace: Trace,
+    paged: PagedBlocks | None = None,
 ) -> BlockEngine | WholeEngine:
-    """The engine the plan names."""
+    """The engine the plan names; `paged`: paged blocks a previous engine opened."""
     if plan.engine == Engine.WHOLE:
+        if paged is not None:
+            paged.close()
         return WholeEngine(manifest, plan, verifier, trace)
-    return BlockEngine(manifest, plan, verifier, trace)
+    return BlockEngine(manifest, plan, verifier, trace, paged)
 
 
 def open_model(model_dir: str | Path, options: LoadOptions) -> HermesModel:
@@ -393,7 +415,7 @@ def open_model(model_dir: str | Path, options: LoadOptions) -> HermesModel:
         manifest,
         o.strategy,
         stored,
-        PlanOptions(o.load_path, o.loaders, o.window, o.objective, o.page_cache),
+        PlanOptions(o.load_path, o.loaders, o.window, o.objective, o.page_cache, o.paging),
     )
     if o.smallest:  # the least memory that works, as the cost model predicts it
         budget = planner.min_budget()
