@@ -28,7 +28,8 @@ def _child(cmd: list[str], timeout: float) -> dict[str, Any]:
     r = run_child(cmd, timeout, env=child_env())
     if not r.ok:
         return {"error": r.error}
-    return {**r.record, "vmhwm_bytes": r.peak_rss_bytes}  # the kernel's maxrss (wait4)
+    # its own VmHWM across resets: wait4's maxrss includes the forking parent's resident set
+    return {**r.record, "vmhwm_bytes": r.record["process_peak_rss_bytes"]}
 
 
 def _one(model_dir: Path, args, rows: int, positions: int, budget) -> dict[str, Any]:

@@ -118,7 +118,15 @@ def cmd_run(args) -> dict[str, Any]:
         "read_bytes": storage_read_bytes(),
         "rss_curve": downsample(curve),
         "output_digest": digest,
+        "process_peak_rss_bytes": _process_peak(),
     }
+
+
+def _process_peak() -> int:
+    """This process's peak resident set since exec, across the engine's VmHWM resets."""
+    from hermes_ort.streaming.memory import process_peak_rss_bytes
+
+    return process_peak_rss_bytes()
 
 
 def _digest(value) -> list[float]:
@@ -184,6 +192,7 @@ def cmd_generate(args) -> dict[str, Any]:
         "baseline_bytes": baseline,  # RSS with Python, numpy and ORT imported, before the model
         "budget_bytes": plan.budget_bytes,
         "plan": {**plan.to_json(), "streamed_bytes": streamed},
+        "process_peak_rss_bytes": _process_peak(),
     }
 
 

@@ -13,6 +13,7 @@
     python -m bench facts models/bert-base
     python -m bench peers --model tinyllama-1.1b
     python -m bench quality --reference models/smol-fp32 models/smol-int4 models/smol-int8
+    python -m bench paged ~/.cache/hermes-ort/models/smollm2-135m-instruct --repeat 3
 
 `matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
 JSON (raw samples, gzip), a Markdown table and PNG plots.
@@ -43,6 +44,7 @@ COMMANDS = {
     "cluster": ("bench.cluster", "one model over 2-4 emulated boards on Ray, against one board"),
     "budget": ("bench.budget_grid", "the budget at every batch and length: rows x positions"),
     "quality": ("bench.quality", "quantized exports against fp32 on real text: perplexity, top-1"),
+    "paged": ("bench.paged_sessions", "paged blocks against resident and streamed ones: s/token"),
 }
 
 

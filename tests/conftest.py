@@ -5,6 +5,7 @@ and results do not depend on the order tests run in."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import threading
@@ -26,6 +27,20 @@ def _tree_digest(root: Path) -> str:
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def packed_cache(tmp_path_factory) -> Path:
+    """Paged blocks' saved packed copies (streaming/packed_copies.py) go to a directory of this
+    session, never the user's cache; child processes inherit it."""
+    path = tmp_path_factory.mktemp("packed")
+    previous = os.environ.get("HERMES_ORT_PACKED_CACHE")
+    os.environ["HERMES_ORT_PACKED_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("HERMES_ORT_PACKED_CACHE", None)
+    else:
+        os.environ["HERMES_ORT_PACKED_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,7 @@ def cmd_chat(args) -> int:
         args.model_dir,
         memory_budget=args.budget,
         strategy=args.strategy,
+        paging=args.paging,
         profile=True if args.profile else None,
     ) as model:
         if args.prompt is None and sys.stdin.isatty():

@@ -107,6 +107,7 @@ def cmd_generate(args) -> int:
         args.model_dir,
         memory_budget=args.budget,
         strategy=args.strategy,
+        paging=args.paging,
         profile=True if args.profile else None,
     ) as model:
         stream = None

@@ -16,6 +16,7 @@ import numpy as np
 from hermes_ort.core.choices import (
     Objective,
     PageCacheMode,
+    Paging,
     StrategyName,
     values,
 )
@@ -28,13 +29,20 @@ MODEL_DIR_HELP = "a model directory written by `hermes-ort export`"
 
 
 def add_budget_and_strategy(p) -> None:
-    """--budget and --strategy, as every command that opens a model takes them."""
+    """--budget, --strategy and --paging, as every command that opens a model takes them."""
     p.add_argument("--budget", default=None, help="memory budget, e.g. 200MB, 1.5GiB, min")
     p.add_argument(
         "--strategy",
         default="pipeload",
         choices=values(StrategyName),
         help="pipeload (default) plans within --budget; the baselines have fixed plans",
+    )
+    p.add_argument(
+        "--paging",
+        default="auto",
+        choices=values(Paging),
+        help="int4/int8 blocks' sessions kept open on saved packed copies, their pages dropped "
+        "between runs (auto: where faster and within the budget) or re-created every pass (off)",
     )
 
 

@@ -73,6 +73,14 @@ class PageCacheMode(Choice):
     DROP = "drop"
 
 
+class Paging(Choice):
+    """Whether pipeload may page its prepacked streamed blocks: keep their sessions open on saved
+    packed copies, dropping their pages after each run (streaming/paged.py)."""
+
+    AUTO = "auto"  # where the cost model finds it faster and within the budget
+    OFF = "off"  # re-create their sessions every pass
+
+
 class VerifyMode(Choice):
     """How a model's files are checked before use (streaming/integrity.py)."""
 

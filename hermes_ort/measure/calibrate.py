@@ -98,7 +98,7 @@ def measure_overhead(model_dir: Path) -> dict:
     """In this (fresh) process: run the model streamed (2 loaders, window 3, nothing resident;
     with and without daemon lag) and return the largest measured-minus-predicted peak."""
     m = _Opened(model_dir)
-    cost = m.costs()
+    cost = m.costs().without_paging()  # the profile's streamed blocks, as they were measured
     plan = plan_pipeload(cost, None, loaders=2, window=3)
     feeds = sample_inputs(m.manifest)
     overhead = -(1 << 62)

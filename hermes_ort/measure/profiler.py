@@ -4,22 +4,27 @@ holds the result).
 For each block, one at a time, in block order (real inputs flow from block to block):
 cold and warm read-ahead time, session creation with and without prepacking, first and steady run
 time, the resident bytes of a live session (anonymous and file-backed), and the transient bytes of
-a run. `costs_now` turns a profile (or, without one, the files' sizes) into the cost model the
-planner uses, as this process sees its memory and the page cache now."""
+a run; where the block streams prepacked, the same of it paged (streaming/paged.py: opening, what
+it keeps, its packed copies and their prefetch), its copy saved in the packed-copy cache.
+`costs_now` turns a profile (or, without one, the files' sizes) into the cost model the planner
+uses, as this process sees its memory and the page cache now."""
 
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from hermes_ort.core.manifest import Manifest, load_manifest
+from hermes_ort.core.choices import VerifyMode
+from hermes_ort.core.manifest import BlockSpec, Manifest, load_manifest
 from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING, SessionSettings
 from hermes_ort.measure.activation_probe import probe_activations
-from hermes_ort.planning.cost_model import CostModel
+from hermes_ort.planning.cost_model import CostModel, streams_prepacked
 from hermes_ort.planning.layer_profile import BlockProfile, Profile, fingerprint
 from hermes_ort.streaming.daemon import destroy, drop_own_files
 from hermes_ort.streaming.integrity import Verifier, check_size
@@ -32,6 +37,8 @@ from hermes_ort.streaming.memory import (
     rss_bytes,
     trim_heap,
 )
+from hermes_ort.streaming.packed_copies import PackedCopyError, default_cache_dir, save_packed
+from hermes_ort.streaming.paged import PagedSession, paging_problem
 from hermes_ort.streaming.readahead import is_cached
 from hermes_ort.streaming.sessions import create_session, run_session, warmup_pending
 from hermes_ort.tensors.dataflow import Tensors
@@ -62,9 +69,14 @@ def _timed_runs(block: LiveBlock, feeds: dict[str, np.ndarray], count: int) -> l
 
 
 def profile_block(
-    verifier: Verifier, manifest: Manifest, index: int, tensors: Tensors
+    verifier: Verifier,
+    manifest: Manifest,
+    index: int,
+    tensors: Tensors,
+    paged_cache: Path | None = None,
 ) -> BlockProfile:
-    """Measure one block; puts its outputs into `tensors`."""
+    """Measure one block; puts its outputs into `tensors`. `paged_cache`: where its packed copy
+    is saved to measure it paged, if it streams prepacked (None: not measured paged)."""
     model_dir = verifier.model_dir
     spec = manifest.blocks[index]
     paths = [check_size(model_dir, f) for f in spec.files]
@@ -108,7 +120,7 @@ def profile_block(
     run_prepack = statistics.median(_timed_runs(block, feeds, STEADY_RUNS))
     live_prepack = max(0, rss_bytes() - rss0)
     destroy(block, model_dir, False, set())
-    return BlockProfile(
+    measured = BlockProfile(
         name=spec.name,
         file_bytes=nbytes,
         cold_read_bytes=cold_read,
@@ -128,6 +140,51 @@ def profile_block(
         open_bytes=max(0, open_bytes),
         transient_bytes=transient,
         output_bytes=out_bytes,
+    )
+    if paged_cache is None or not streams_prepacked(measured, spec.kind):
+        return measured
+    return replace(measured, **profile_paged(model_dir, spec, feeds, paged_cache))
+
+
+def profile_paged(
+    model_dir: Path, spec: BlockSpec, feeds: dict[str, np.ndarray], cache: Path
+) -> dict[str, Any]:
+    """BlockProfile's paged fields of one block (none where it cannot be paged): its copy saved
+    into `cache` first (unless there), then opened as the engine opens it."""
+    try:
+        saved = save_packed(model_dir / spec.path, cache, settings=PREPACKED_STREAMING)
+    except (PackedCopyError, OSError):
+        return {}
+    trim_heap()
+    rss0, anon0 = rss_bytes(), rss_breakdown()["anon"]
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    try:
+        block = PagedSession(saved, verify=VerifyMode.SIZE, what=f"block '{spec.name}'")
+    except PackedCopyError:
+        return {}
+    open_s = time.perf_counter() - t0
+    hold = max(0, peak_rss_bytes() - rss0)
+    outputs = block.run(list(spec.outputs), feeds)  # what a run allocates for good stays
+    del outputs
+    block.drop()
+    trim_heap()
+    anon = max(0, rss_breakdown()["anon"] - anon0)
+    prefetch = []
+    for _ in range(STEADY_RUNS):
+        block.drop()
+        t0 = time.perf_counter()
+        block.prefetch()
+        prefetch.append(time.perf_counter() - t0)
+    packed = block.dense_bytes
+    block.close()
+    trim_heap()
+    return dict(
+        paged_anon_bytes=anon,
+        paged_bytes=packed,
+        paged_open_bytes=hold,
+        paged_open_s=open_s,
+        prefetch_warm_s=statistics.median(prefetch),
     )
 
 
@@ -155,9 +212,12 @@ def profile_model(
     trim_heap()
     baseline = rss_bytes()
     tensors = Tensors(manifest, feeds)
+    # paged blocks' copies are saved where the engine will open them (the first load then
+    # saves none); no cache to write: measured unpaged, and planned so
+    cache = None if paging_problem() else default_cache_dir()
     blocks = []
     for i in range(len(manifest.blocks)):
-        blocks.append(profile_block(verifier, manifest, i, tensors))
+        blocks.append(profile_block(verifier, manifest, i, tensors, cache))
         if progress:
             progress(i + 1, len(manifest.blocks), blocks[-1])
     blocks = probe_activations(verifier, manifest, seq, blocks)

@@ -7,7 +7,15 @@ Memory of a pass (the engine guarantees the shape of it: the daemon lags one blo
              [live(i) + live(previous streamed) + open(next w-2 streamed)]
 
 `live` is a session's resident bytes once it has run (its touched weight pages plus its own
-structures); `open` is a session opened ahead but not yet run (weights mmapped, not yet touched)."""
+structures); `open` is a session opened ahead but not yet run (weights mmapped, not yet touched).
+
+A paged block (streaming/paged.py) keeps its session open between passes: its anonymous
+remainder counts always, like a small kept block, and its packed copies (file-backed) take its
+window slots while prefetched or running. Paged blocks are opened one at a time before the first
+pass runs; each holds, for that moment, ORT's own packed copy beside the saved one it compares
+it with:
+
+    peak = max(the pass above + sum(paged anon), baseline + sum(paged anon) + largest opening)"""
 
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import numpy as np
 from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.manifest import Manifest, last_consumers
 from hermes_ort.planning.activation_model import ActivationModel, PassShape, fit_points
-from hermes_ort.planning.layer_profile import Profile
+from hermes_ort.planning.layer_profile import BlockProfile, Profile
+from hermes_ort.planning.paging import PagedCost, estimate_paged, measured_paged
 from hermes_ort.planning.schedule import BlockTimes, simulate
 
 SESSION_OVERHEAD_BYTES = 2 << 20  # an open session's own structures, beyond its weights
@@ -54,6 +63,31 @@ class BlockCost:
     plain_resident_times: BlockTimes  # kept but not prepacked
     prepack_transient_bytes: int = 0  # held for a moment while a prepacked session is created
     # (the mapped originals beside the packed copies), first pass
+    # paged (streaming/paged.py): its costs where it can be (None: it cannot), and whether the
+    # plan's costs page it (`CostModel.with_paged`)
+    paging: PagedCost | None = None
+    paged: bool = False
+
+    @property
+    def run_bytes(self) -> int:
+        """Streamed, while it runs (and after, until the daemon frees it)."""
+        return self.paging.packed_bytes if self.paged else self.live_bytes
+
+    @property
+    def ahead_bytes(self) -> int:
+        """Streamed, loaded ahead of its run (a paged block: prefetched)."""
+        return self.paging.packed_bytes if self.paged else self.open_bytes
+
+    @property
+    def streamed_times(self) -> BlockTimes:
+        return self.paging.times if self.paged else self.stream_times
+
+    def pages_faster(self) -> bool:
+        """Paged, a pass costs it less than re-created (a prefetch instead of a creation)."""
+        if self.paging is None:
+            return False
+        p, s = self.paging.times, self.stream_times
+        return p.load_s + p.steady_run_s < s.load_s + s.first_run_s
 
     def kept_plain(self) -> BlockCost:
         """As kept without prepacking: its mapped size and unpacked run times."""
@@ -77,6 +111,7 @@ class BlockCost:
             stream_times=runs(self.stream_times),
             resident_times=runs(self.resident_times),
             plain_resident_times=runs(self.plain_resident_times),
+            paging=replace(self.paging, times=runs(self.paging.times)) if self.paging else None,
         )
 
 
@@ -115,6 +150,35 @@ class CostModel:
                 for i, b in enumerate(self.blocks)
             ),
         )
+
+    def with_paged(self, paged: frozenset[int]) -> CostModel:
+        """The costs when the pageable blocks in `paged` are paged, the others re-created."""
+        return replace(
+            self,
+            blocks=tuple(
+                replace(b, paged=b.paging is not None and i in paged)
+                for i, b in enumerate(self.blocks)
+            ),
+        )
+
+    def without_paging(self) -> CostModel:
+        """The costs when no block may be paged (paging off, or no cache to save copies in)."""
+        return replace(
+            self, blocks=tuple(replace(b, paging=None, paged=False) for b in self.blocks)
+        )
+
+    @property
+    def paged(self) -> frozenset[int]:
+        return frozenset(i for i, b in enumerate(self.blocks) if b.paged)
+
+    def paging_choices(self) -> list[frozenset[int]]:
+        """Sets of blocks to page, most first: every block that pages faster, then without the
+        one whose opening holds the most, and so on, to none."""
+        faster = sorted(
+            (i for i, b in enumerate(self.blocks) if b.pages_faster()),
+            key=lambda i: self.blocks[i].paging.open_bytes,
+        )
+        return [frozenset(faster[:m]) for m in range(len(faster), -1, -1)]
 
     def at_batch(self, batch_scale: float, micro_scale: float) -> CostModel:
         """The costs of a batch whose activations and compute are `batch_scale` times the
@@ -161,41 +225,69 @@ class CostModel:
 
     def min_budget(self) -> int:
         """Smallest budget that can run at all: one streamed block at a time, nothing kept, and
-        the safety margin."""
-        return within_margin(self.peak((), 1, 0))
+        the safety margin. Of the ways to stream the prepacked blocks (`paging_choices`: paged,
+        all or all but those whose opening holds the most, or re-created every pass), the one
+        of the smallest peak; on a tie, the one that pages the most."""
+        return within_margin(self.min_peak()[0])
+
+    def min_peak(self) -> tuple[int, frozenset[int]]:
+        """The least peak of one streamed block at a time, and the blocks it pages."""
+        return min(
+            ((self.with_paged(s).peak((), 1, 0), s) for s in self.paging_choices()),
+            key=lambda x: x[0],
+        )
 
     def peak(self, resident: tuple[int, ...], window: int, lag: int = 1, loaders: int = 1) -> int:
         """Predicted peak RSS. While streamed block i runs, the window's other slots hold the
         previous block (if the daemon may lag) and blocks opened ahead. On the first pass each
-        loading agent may be creating a prepacked kept block: the largest transients are added."""
+        loading agent may be creating a prepacked kept block: the largest transients are added.
+        Paged blocks keep their anonymous remainder throughout, and are opened before the first
+        pass runs (`opening_peak`)."""
         keep = set(resident)
         b = self.blocks
         streamed = [i for i in range(self.count) if i not in keep]
         worst = 0
         for pos, i in enumerate(streamed):
-            cost = b[i].live_bytes
+            cost = b[i].run_bytes
             ahead = window - 1
             if lag and window >= 2 and pos > 0:
-                cost += b[streamed[pos - 1]].live_bytes
+                cost += b[streamed[pos - 1]].run_bytes
                 ahead -= 1
-            cost += sum(b[j].open_bytes for j in streamed[pos + 1 : pos + 1 + ahead])
+            cost += sum(b[j].ahead_bytes for j in streamed[pos + 1 : pos + 1 + ahead])
             worst = max(worst, cost)
         kept = int(sum(b[i].resident_bytes for i in keep) * (1 + self.kept_overhead))
+        paged = [i for i in streamed if b[i].paged]
+        anon = sum(b[i].paging.anon_bytes for i in paged)
         packed = [i for i in keep if b[i].resident_prepack]
-        packed += [i for i in streamed if b[i].stream_prepack]
+        packed += [i for i in streamed if b[i].stream_prepack and not b[i].paged]
         packing = sorted((b[i].prepack_transient_bytes for i in packed), reverse=True)[:loaders]
-        return self.baseline_bytes + kept + worst + self.activation_bytes + sum(packing)
+        running = self.baseline_bytes + kept + anon + worst + self.activation_bytes + sum(packing)
+        return max(running, self.opening_peak(paged))
+
+    def opening_peak(self, paged: list[int]) -> int:
+        """Peak RSS while the paged blocks are opened, one at a time, before the first pass (no
+        other session open, no activations): each keeps its anonymous remainder, and the one
+        being opened holds its opening bytes."""
+        if not paged:
+            return 0
+        costs = [self.blocks[i].paging for i in paged]
+        hold = max(c.open_bytes - c.anon_bytes for c in costs)
+        return self.baseline_bytes + sum(c.anon_bytes for c in costs) + max(0, hold)
 
     def latency(
         self, loaders: int, window: int, resident: tuple[int, ...], first_pass: bool, lag: int = 1
     ) -> float:
+        """A pass's latency; the first pass also opens the paged blocks, one after another."""
         keep = frozenset(resident)
         times = [
-            b.resident_times if i in keep else b.stream_times for i, b in enumerate(self.blocks)
+            b.resident_times if i in keep else b.streamed_times for i, b in enumerate(self.blocks)
         ]
         simulated = simulate(times, loaders, window, keep, first_pass, lag)
         if first_pass:
-            return simulated + self.first_pass_extra_s
+            opening = sum(
+                b.paging.open_s for i, b in enumerate(self.blocks) if b.paged and i not in keep
+            )
+            return simulated + opening + self.first_pass_extra_s
         return simulated * (self.stream_pass_scale if len(keep) < self.count else 1.0)
 
     @classmethod
@@ -243,8 +335,17 @@ class CostModel:
                     stream_times=t,
                     resident_times=t,
                     plain_resident_times=t,
+                    paging=estimate_paged(
+                        s,
+                        ESTIMATE_BANDWIDTH,
+                        ESTIMATE_COMPUTE,
+                        ESTIMATE_PACKING,
+                        SESSION_OVERHEAD_BYTES,
+                    )
+                    if pk
+                    else None,
                 )
-                for x, pk, sp, t in zip(live, packed, sparse, times, strict=True)
+                for x, s, pk, sp, t in zip(live, sizes, packed, sparse, times, strict=True)
             ),
             # in flight: a block's input and output; its own: as much again, and the reserve
             activation_bytes=4 * output_bytes(manifest) + ACTIVATION_RESERVE_BYTES,
@@ -270,11 +371,9 @@ class CostModel:
         opened no session yet (the first adds the profile's warm-up bytes and start-up time)."""
         blocks = profile.blocks
         prepack = tuple(b.run_prepack_s < b.run_s * 0.97 for b in blocks)
-        sparse = tuple(b.live_bytes < SPARSE_FRACTION * b.file_bytes for b in blocks)
+        sparse = tuple(is_sparse(b) for b in blocks)
         packed = tuple(
-            b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s)
-            and not (sp and spec.kind == BlockKind.PROLOGUE)  # lookups: never worth packing
-            for b, sp, spec in zip(blocks, sparse, manifest.blocks, strict=True)
+            streams_prepacked(b, spec.kind) for b, spec in zip(blocks, manifest.blocks, strict=True)
         )
         now = cached or (None,) * len(blocks)
 
@@ -330,6 +429,9 @@ class CostModel:
                     resident_times=rt,
                     plain_resident_times=pt,
                     prepack_transient_bytes=b.prepack_transient_bytes,
+                    paging=measured_paged(b, profile.read_bandwidth_bytes_per_s, cold)
+                    if pk
+                    else None,
                 )
                 for b, p, pk, sp, st, rt, pt in zip(
                     blocks, prepack, packed, sparse, stream, resident, plain, strict=True
@@ -347,6 +449,18 @@ class CostModel:
             first_pass_extra_s=first_extra,
             stream_pass_scale=profile.stream_pass_scale,
         )
+
+
+def is_sparse(b: BlockProfile) -> bool:
+    """A block whose run touches less than SPARSE_FRACTION of its files (table lookups)."""
+    return b.live_bytes < SPARSE_FRACTION * b.file_bytes
+
+
+def streams_prepacked(b: BlockProfile, kind: BlockKind) -> bool:
+    """Streamed, the block opens prepacked (and can be paged): measured faster created prepacked
+    and run than mapped (int4 MatMulNBits), and not a table lookup (never worth packing)."""
+    faster = b.create_prepack_s + b.run_prepack_s < 0.97 * (b.create_s + b.first_run_s)
+    return faster and not (is_sparse(b) and kind == BlockKind.PROLOGUE)
 
 
 def within_margin(peak: int) -> int:

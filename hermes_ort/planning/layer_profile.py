@@ -19,8 +19,8 @@ from hermes_ort.core.manifest import MANIFEST_NAME
 PROFILE_NAME = "profile.json"
 # 2: shared arena; 3: cold_read_bytes; 4: engine_overhead_bytes; 5: own files read sequentially;
 # 6: prologue read in small folios, kept blocks measured as kept, cold read CPU; 7: prepacking's
-# transient; 8: activations probed at several shapes (activation_model.py)
-PROFILE_SCHEMA = 8
+# transient; 8: activations probed at several shapes (activation_model.py); 9: paged blocks
+PROFILE_SCHEMA = 9
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class BlockProfile:
     # (rows, positions, predicted from the other points, measured): how well the fit predicts a
     # shape it was not made from
     activation_check: tuple[int, int, int, int] | None = None
+    # paged (streaming/paged.py), where it streams prepacked; 0: not measured (not paged)
+    paged_anon_bytes: int = 0  # anonymous bytes its open session keeps once its pages dropped
+    paged_bytes: int = 0  # its packed copies: what a prefetch maps
+    paged_open_bytes: int = 0  # peak RSS added while its paged session was opened
+    paged_open_s: float = 0.0  # opening it (its packed copy saved already)
+    prefetch_warm_s: float = 0.0  # its packed copies faulted in from the page cache
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
-"""The pipeline planner: how many loading agents, how large a window, which blocks stay resident
-and which are prepacked, under a memory budget; and the fixed plans of the baselines.
+"""The pipeline planner: how many loading agents, how large a window, which blocks stay resident,
+which are paged and which are prepacked, under a memory budget; and the fixed plans of the
+baselines.
 
-`plan_pipeload` searches loaders x window, fills the rest of the budget with resident blocks (most
-time saved per byte first), and keeps the plan with the lowest predicted latency of the objective's
-pass: a repeated pass (default) or the first (one-shot); plans within 3% of it are a tie, won by the
-faster other pass (then the lowest peak). Costs come from the cost model (cost_model.py); what each
-strategy is, from strategies.py."""
+`plan_pipeload` searches loaders x window and, for each, which prepacked streamed blocks to page
+(their sessions kept open on saved packed copies: paging.py) and which blocks to keep resident
+(most load time saved per byte first): nothing paged; the same kept blocks and the others paged
+where they fit; or the most paged first and blocks kept beside them (`_paging_variants`). It
+keeps the plan with the lowest predicted latency of the objective's pass: a repeated pass
+(default) or the first (one-shot, which pays the paged blocks' opening). Plans within 3% of the
+fastest are a tie, won by the faster other pass (then the lowest peak). Costs come from the cost
+model (cost_model.py); what each strategy is, from strategies.py."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
 from hermes_ort.core.units import format_bytes
 from hermes_ort.planning.cost_model import CostModel, room, within_margin
 from hermes_ort.planning.page_cache import PageCachePolicy
+from hermes_ort.planning.paging import PagingPolicy
 from hermes_ort.planning.plan import BlockMechanism, Mechanism, Plan, Prediction
 from hermes_ort.planning.strategies import block_loading, get_strategy, whole_model_file
 
@@ -100,38 +105,77 @@ class _Option:
     window: int
     lag: int
     resident: tuple[int, ...]
-    cost: CostModel  # with the chosen blocks prepacked
+    cost: CostModel  # with the chosen blocks paged and prepacked
     unpacked: bool  # prepacking left out for the first pass's sake
     steady: float
     first: float
     peak: int
+    unpaged: bool = False  # paging left out though some fitted (its opening slows a first pass)
+
+
+def _paging_variants(
+    cost: CostModel, space: int | None, w: int, lag: int, fill: bool
+) -> list[tuple[frozenset[int], tuple[int, ...], bool]]:
+    """(blocks paged, blocks kept, paging left out though some fit) to try at (window, lag):
+    - nothing paged, as many blocks kept as fit (most load time saved per byte first);
+    - the same blocks kept, and the most of the others that fit paged;
+    - the most that fit paged first (every block that pages faster, or all but those whose
+      opening holds the most), then as many blocks kept as fit beside them.
+    Kept blocks are chosen unprepacked (prepacking comes after, in `_shaped`)."""
+    plain = cost.with_prepack(frozenset())
+    choices = [s for s in cost.paging_choices() if s]
+
+    def fits(paged: frozenset[int], resident: tuple[int, ...] = ()) -> bool:
+        return space is None or plain.with_paged(paged).peak(resident, w, lag) <= space
+
+    def kept(paged: frozenset[int]) -> tuple[int, ...]:
+        return _fill_resident(plain.with_paged(paged), space, w, lag) if fill else ()
+
+    variants: list[tuple[frozenset[int], tuple[int, ...], bool]] = []
+    first = next((s for s in choices if fits(s)), None)
+    if first is not None:
+        variants.append((first, kept(first), False))
+    if fits(frozenset()):
+        resident = kept(frozenset())
+        rest = (s - set(resident) for s in choices)
+        beside = next((s for s in rest if s and fits(s, resident)), None)
+        if beside is not None:
+            variants.append((beside, resident, False))
+        variants.append((frozenset(), resident, bool(variants)))
+    return variants
 
 
 def _options(cost, budget, k_options, w_options, fill, objective) -> list[_Option]:
-    """Every candidate: each (loaders, window, lag) that fits, its resident and prepacked blocks."""
-    plain = cost.with_prepack(frozenset())
+    """Every candidate: each (loaders, window, lag) that fits, with its paged, resident and
+    prepacked blocks (`_paging_variants`)."""
     space = None if budget is None else room(budget)
     options = []
-    for k in k_options:
-        for w in w_options:
-            for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
-                if space is not None and cost.peak((), w, lag) > space:
-                    continue
-                # As many blocks resident as fit unprepacked (a kept block saves its load every
-                # pass), then prepack those where it speeds runs, while the budget allows.
-                resident = _fill_resident(plain, space, w, lag) if fill else ()
-                mixed = cost.with_prepack(_prepack_within(cost, plain, space, w, lag, resident, k))
-                # one-shot: prepacking is a slower session creation, paid back only on later passes
-                variants = [mixed]
-                if objective == Objective.ONE_SHOT and any(
-                    b.resident_prepack for b in mixed.blocks
-                ):
-                    variants.append(plain)
-                for c in variants:
-                    steady = c.latency(k, w, resident, first_pass=False, lag=lag)
-                    first = c.latency(k, w, resident, first_pass=True, lag=lag)
-                    peak = c.peak(resident, w, lag, k)
-                    options.append(_Option(k, w, lag, resident, c, c is plain, steady, first, peak))
+    for w in w_options:
+        for lag in (0,) if w == 1 else (1, 0):  # window 1 frees before loading anyway
+            for paged, resident, left_out in _paging_variants(cost, space, w, lag, fill):
+                c = cost.with_paged(paged)
+                for k in k_options:
+                    options += _shaped(c, space, k, w, lag, resident, objective, left_out)
+    return options
+
+
+def _shaped(c: CostModel, space, k, w, lag, resident, objective, left_out: bool) -> list[_Option]:
+    """One (loaders, window, lag, paged and kept blocks): the kept blocks prepacked where it
+    speeds runs, while the budget allows; for one-shot, also without prepacking (a slower
+    creation, paid back only on later passes)."""
+    plain = c.with_prepack(frozenset())
+    mixed = c.with_prepack(_prepack_within(c, plain, space, w, lag, resident, k))
+    variants = [mixed]
+    if objective == Objective.ONE_SHOT and any(b.resident_prepack for b in mixed.blocks):
+        variants.append(plain)
+    options = []
+    for v in variants:
+        steady = v.latency(k, w, resident, first_pass=False, lag=lag)
+        first = v.latency(k, w, resident, first_pass=True, lag=lag)
+        peak = v.peak(resident, w, lag, k)
+        options.append(
+            _Option(k, w, lag, resident, v, v is plain, steady, first, peak, unpaged=left_out)
+        )
     return options
 
 
@@ -144,14 +188,18 @@ def plan_pipeload(
     objective: Objective = Objective.REPEATED,
     page_cache: PageCachePolicy | None = None,
     headroom: tuple[int | None, str] | None = None,
+    paging: PagingPolicy | None = None,
 ) -> Plan:
-    """Choose loaders, window, resident and prepacked blocks for `pipeload` under `budget`.
-    headroom: (the budget the blocks are searched in, why) where that is below `budget` (a
-    memory cgroup charged with the page cache being read ahead: page_cache.cgroup_headroom).
-    objective "repeated": the fastest later pass (kept blocks prepacked where that speeds their
-    runs); "one-shot": the fastest first pass (each candidate also without any prepacking, whose
-    slower session creation only later passes pay back)."""
+    """Choose loaders, window, resident, paged and prepacked blocks for `pipeload` under
+    `budget`. headroom: (the budget the blocks are searched in, why) where that is below
+    `budget` (a memory cgroup charged with the page cache being read ahead:
+    page_cache.cgroup_headroom). objective "repeated": the fastest later pass (kept blocks
+    prepacked where that speeds their runs); "one-shot": the fastest first pass (each candidate
+    also without any prepacking, whose slower session creation only later passes pay back).
+    paging: whether prepacked streamed blocks may be paged (None: where the costs can)."""
     objective = Objective(objective)
+    if paging is not None and not paging.allowed:
+        cost = cost.without_paging()
     n = cost.count
     cores = cores or default_threads()
     k_options = [loaders] if loaders else list(range(1, min(cores, MAX_LOADERS, n) + 1))
@@ -181,6 +229,7 @@ def plan_pipeload(
         page_cache = PageCachePolicy(budget is not None, "")
     drop = page_cache.drop
     streamed_packed = [b.stream_prepack for b in best.cost.blocks]
+    paged = best.cost.paged - kept
     blocks = tuple(
         BlockMechanism(
             resident=i in kept,
@@ -189,6 +238,7 @@ def plan_pipeload(
             else STREAMING,
             readahead=not best.cost.blocks[i].sparse,  # sparse: pages fault in on demand
             drop_pages=drop and (i in packed if i in kept else not best.cost.blocks[i].sparse),
+            paged=i in paged,
         )
         for i in range(n)
     )
@@ -200,6 +250,7 @@ def plan_pipeload(
         budget_bytes=budget,
         prediction=Prediction(best.peak, best.steady, best.first, best.cost.source),
         reasons=_reasons(best, budget, cores, len(packed), loaders, window, objective)
+        + _paging_reasons(best, paging)
         + ((page_cache.reason,) if page_cache.reason and len(kept) < n else ())
         + ((note,) if note else ()),
     )
@@ -239,6 +290,42 @@ def _reasons(
     return tuple(why)
 
 
+def _paging_reasons(best: _Option, paging: PagingPolicy | None) -> tuple[str, ...]:
+    """What the plan pages, and why the prepacked streamed blocks it does not page are not."""
+    cost, kept = best.cost, set(best.resident)
+    streamed = [(i, b) for i, b in enumerate(cost.blocks) if i not in kept]
+    paged = [b for _, b in streamed if b.paged]
+    recreated = [b for _, b in streamed if b.stream_prepack and not b.paged]
+    why = []
+    if paged:
+        why.append(
+            f"{len(paged)} block(s) paged: sessions kept open on saved packed copies (opened "
+            f"once, before the first pass; {format_bytes(sum(b.paging.anon_bytes for b in paged))} "
+            "kept between runs), pages dropped after each run and prefetched before the next"
+        )
+    if not recreated:
+        return tuple(why)
+    head = f"{len(recreated)} prepacked block(s) re-created every pass"
+    if paging is not None and not paging.allowed:
+        why.append(paging.reason)
+    elif best.unpaged:
+        opening = sum(b.paging.open_s for b in recreated if b.paging)
+        why.append(f"{head}: paging them would slow the first pass (opening them: {_ms(opening)})")
+    elif any(b.paging for b in recreated):
+        hold = max(b.paging.open_bytes for b in recreated if b.paging)
+        why.append(
+            f"{head}: paging them does not fit the budget (each keeps its session's own "
+            f"structures, and opening one holds up to {format_bytes(hold)} once)"
+        )
+    else:
+        why.append(f"{head}: no packed copy of theirs could be measured")
+    return tuple(why)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
 def plan_strategy(
     strategy: StrategyName,
     cost: CostModel,
@@ -250,9 +337,11 @@ def plan_strategy(
     manifest: Manifest | None = None,
     page_cache: PageCachePolicy | None = None,
     headroom: tuple[int | None, str] | None = None,
+    paging: PagingPolicy | None = None,
 ) -> Plan:
     """The plan of any strategy (strategies.py): pipeload's from the search above, the baselines'
-    fixed. The whole-model strategies need the manifest (the file they open)."""
+    fixed (they page nothing). The whole-model strategies need the manifest (the file they
+    open)."""
     spec = get_strategy(strategy)
     settings, readahead = block_loading(load_path)
     n = cost.count
@@ -265,6 +354,7 @@ def plan_strategy(
             objective=objective,
             page_cache=page_cache,
             headroom=headroom,
+            paging=paging,
         )
     report = dict(strategy=spec.name, budget_bytes=budget, reasons=(spec.about,))
     if spec.engine == Engine.WHOLE:

@@ -5,8 +5,8 @@ A Plan is a Mechanism (what the engine runs) with its report (budget, prediction
 batch); the engines read the mechanism only.
 
 - engine "blocks": `loaders` loading agents open the blocks' sessions in order, at most `window`
-  streamed ones alive at once; per block, whether it stays resident, how its session is opened,
-  whether it is read ahead and whether the daemon drops its file pages after use.
+  streamed ones alive at once; per block, whether it stays resident, is paged, how its session is
+  opened, whether it is read ahead and whether the daemon drops its file pages after use.
 - engine "whole": one session of the whole-model file `whole`, opened with `whole_settings`.
 """
 
@@ -27,8 +27,12 @@ class BlockMechanism:
     settings: SessionSettings
     readahead: bool  # a loading agent reads its files into the page cache before opening it
     # the daemon drops its own files' pages: a streamed block's after its run, a resident one's
-    # after its first run (its weights then live in prepacked copies)
+    # after its first run (its weights then live in prepacked copies); a paged block's: its saved
+    # copy's, after its run
     drop_pages: bool = False
+    # streamed, its session opened once on its saved packed copies and kept (streaming/paged.py):
+    # its "load" is a prefetch of their pages, and after its run the daemon drops them
+    paged: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ class Plan:
         return tuple(i for i, b in enumerate(self.blocks) if b.resident)
 
     @property
+    def paged(self) -> tuple[int, ...]:
+        return tuple(i for i, b in enumerate(self.blocks) if b.paged)
+
+    @property
     def prepack_resident(self) -> tuple[int, ...]:
         return tuple(i for i, b in enumerate(self.blocks) if b.resident and b.settings.prepack)
 
@@ -130,9 +138,11 @@ class Plan:
             head = f"one session of '{self.whole.path}', prepack {prepack}"
         else:
             readahead = "on" if any(b.readahead for b in self.blocks) else "off"
+            paged = f", {len(self.paged)} paged" if self.paged else ""
             head = (
                 f"{self.loaders} loading agent(s), window {self.window}, "
-                f"{len(self.resident)} resident block(s), {self._packing()}, read-ahead {readahead}"
+                f"{len(self.resident)} resident block(s){paged}, {self._packing()}, "
+                f"read-ahead {readahead}"
             )
         lines = [f"strategy {self.strategy}: {head}"]
         b = self.batch
@@ -161,7 +171,7 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         """The plan as a JSON record (`hermes-ort run --json`, benchmarks): its shape, which
-        blocks are kept (and prepacked), its predictions and reasons."""
+        blocks are kept (and prepacked) and paged, its predictions and reasons."""
         return {
             "strategy": self.strategy,
             "engine": self.engine,
@@ -171,6 +181,7 @@ class Plan:
             "blocks": len(self.blocks),
             "resident": list(self.resident),
             "prepack_resident": list(self.prepack_resident),
+            "paged": list(self.paged),
             "readahead": [i for i, b in enumerate(self.blocks) if b.readahead],
             "drop_pages": [i for i, b in enumerate(self.blocks) if b.drop_pages],
             "whole": self.whole.path if self.whole else None,

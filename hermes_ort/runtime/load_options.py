@@ -10,6 +10,7 @@ from hermes_ort.core.choices import (
     LoadPath,
     Objective,
     PageCacheMode,
+    Paging,
     StrategyName,
     VerifyMode,
     choose,
@@ -31,6 +32,7 @@ class LoadOptions:
     objective: Objective = Objective.REPEATED
     page_cache: PageCacheMode = PageCacheMode.AUTO
     trace: bool = False
+    paging: Paging = Paging.AUTO
 
 
 def parse_load_options(
@@ -44,6 +46,7 @@ def parse_load_options(
     objective: str = "repeated",
     page_cache: str = "auto",
     trace: bool = False,
+    paging: str = "auto",
 ) -> LoadOptions:
     """Every option as `load` documents it, or OptionError naming the first bad one."""
     for name, value in (("loaders", loaders), ("window", window)):
@@ -64,4 +67,5 @@ def parse_load_options(
         objective=choose(Objective, objective, "objective"),
         page_cache=choose(PageCacheMode, page_cache, "page_cache"),
         trace=bool(trace),
+        paging=choose(Paging, paging, "paging"),
     )

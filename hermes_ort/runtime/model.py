@@ -79,7 +79,7 @@ class HermesModel(ChatAndEmbed):
         self._batch_plans: dict[tuple, Plan] = {}  # (budget, BatchShape) -> plan
 
     def run(
-        self, inputs: dict[str, np.ndarray], last_logits: bool = False
+        self, inputs: dict[str, np.ndarray], *, last_logits: bool = False
     ) -> dict[str, np.ndarray]:
         """One forward pass. `inputs`: name -> numpy array, as `manifest.inputs` describes; any
         batch. Returns name -> numpy array for every model output; `self.stats` describes the
@@ -173,6 +173,7 @@ class HermesModel(ChatAndEmbed):
         eos_token_id: int | Sequence[int] | None = None,
         seed: int | None = None,
         streamer: Callable[[int], Any] | None = None,
+        *,
         prefill_chunk: int | None = None,
     ) -> np.ndarray:
         """Generate up to `max_new_tokens` after the prompt `input_ids` (a list, [T] or [1, T]),

@@ -1,13 +1,14 @@
 """Planning a model as `load` does it: the cost models (with and without re-reads) on one
-process baseline, the page-cache policy of this machine's memory, the headroom a memory cgroup
-needs for the blocks being read ahead, and the plan for a batch (its micro-batch chosen)."""
+process baseline, the page-cache policy of this machine's memory, whether blocks may be paged
+(asked, and a packed-copy cache to save them in), the headroom a memory cgroup needs for the
+blocks being read ahead, and the plan for a batch (its micro-batch chosen)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hermes_ort.core.choices import Engine, LoadPath, Objective, PageCacheMode, Residency
+from hermes_ort.core.choices import Engine, LoadPath, Objective, PageCacheMode, Paging, Residency
 from hermes_ort.core.errors import BudgetError
 from hermes_ort.core.machine import available_memory, cgroup_memory_limit, default_threads
 from hermes_ort.core.manifest import Manifest
@@ -22,9 +23,11 @@ from hermes_ort.planning.page_cache import (
     cgroup_headroom,
     page_cache_policy,
 )
+from hermes_ort.planning.paging import PagingPolicy, paging_policy
 from hermes_ort.planning.pipeline_planner import MAX_LOADERS, PASS_TIE, check_budget, plan_strategy
 from hermes_ort.planning.plan import BatchRun, Plan
 from hermes_ort.planning.strategies import get_strategy
+from hermes_ort.streaming.paged import paging_problem
 from hermes_ort.tensors.batch import BatchShape, micro_batches, sample_shape
 from hermes_ort.tensors.kv_cache import decoder_signature
 from hermes_ort.tensors.prefill import supports_chunked_prefill
@@ -39,6 +42,7 @@ class PlanOptions:
     window: int | None = None
     objective: Objective = Objective.REPEATED
     page_cache: PageCacheMode = PageCacheMode.AUTO
+    paging: Paging = Paging.AUTO
 
 
 class ModelPlanner:
@@ -68,13 +72,20 @@ class ModelPlanner:
         self.decoder = decoder_signature(manifest) is not None
         self._chunking: dict[int, bool] = {}  # rows -> the graph takes a prompt in chunks
         self._costs: dict[bool, CostModel] = {}
+        self.paging = self._paging_policy()
+
+    def _paging_policy(self) -> PagingPolicy:
+        """Paging as asked, where the cache can hold saved copies (looked at only for a model
+        whose blocks run prepacked: MatMulNBits)."""
+        mode = self.options.paging
+        asked = mode != Paging.OFF and self.manifest.packed_weights
+        return paging_policy(mode, paging_problem() if asked else None)
 
     def cost_for(self, cold: bool) -> CostModel:
         """The cost model; `cold`: streamed blocks are read from storage every pass."""
         if cold not in self._costs:
-            self._costs[cold] = costs_now(
-                self.model_dir, self.manifest, self.profile, cold, self.baseline
-            )
+            cost = costs_now(self.model_dir, self.manifest, self.profile, cold, self.baseline)
+            self._costs[cold] = cost if self.paging.allowed else cost.without_paging()
         return self._costs[cold]
 
     def policy(self, budget: int | None) -> PageCachePolicy:
@@ -119,6 +130,7 @@ class ModelPlanner:
             manifest=self.manifest,
             page_cache=policy,
             headroom=(planned, note) if note and planned_here else None,
+            paging=self.paging,
         )
 
     def chunking(self, rows: int) -> bool:

@@ -3,8 +3,10 @@
 BlockEngine is the inference agent of PIPELOAD: it runs blocks in order while the loading agents
 open the sessions of the next ones (at most `window` streamed sessions alive at once) and the daemon
 destroys each executed one. Tensors are routed by name and freed after their last consumer
-(dataflow.py). What each block's session is (kept or streamed, prepacked or mapped, read ahead,
-its pages dropped after use) is the plan's (plan.py); the engine only carries it out."""
+(dataflow.py). What each block's session is (kept, paged or streamed, prepacked or mapped, read
+ahead, its pages dropped after use) is the plan's (plan.py); the engine only carries it out. A
+paged block's session is opened once, before the first pass (paged_blocks.py); its "load" is a
+prefetch of its pages and its "destruction" dropping them, in the same window slots."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from hermes_ort.streaming.daemon import Daemon, destroy
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.loader import LiveBlock, LoadingAgents
 from hermes_ort.streaming.memory import PassMeasure, rss_bytes, trim_heap
+from hermes_ort.streaming.paged_blocks import PagedBlocks
 from hermes_ort.streaming.sessions import run_session
 from hermes_ort.tensors.batch import (
     BatchShape,
@@ -79,10 +82,13 @@ class _Slots:
                     break
                 self.live += 1
                 self.max_live = max(self.max_live, self.live + len(e.resident))
-                how = e.plan.blocks[i]
-                self.futures[i] = e.loaders.submit(
-                    i, e.manifest.blocks[i], how.settings, how.readahead, how.drop_pages
-                )
+                how, spec = e.plan.blocks[i], e.manifest.blocks[i]
+                if i in e.paged.open:
+                    self.futures[i] = e.loaders.prefetch(i, spec, e.paged.open[i])
+                else:  # streamed (a paged block that could not be paged too)
+                    self.futures[i] = e.loaders.submit(
+                        i, spec, how.settings, how.readahead, how.drop_pages
+                    )
                 self.next += 1
             self.cond.notify_all()
 
@@ -121,13 +127,21 @@ class _Slots:
 
 class BlockEngine:
     def __init__(
-        self, manifest: Manifest, plan: Plan, verifier: Verifier, trace: Trace | None = None
+        self,
+        manifest: Manifest,
+        plan: Plan,
+        verifier: Verifier,
+        trace: Trace | None = None,
+        paged: PagedBlocks | None = None,
     ):
+        """`paged`: the paged blocks a previous engine of this model opened (`take_paged`)."""
         self.model_dir = verifier.model_dir
         self.manifest = manifest
         self.plan = plan
         self.trace = trace or Trace(enabled=False)
         self.resident: dict[int, LiveBlock] = {}
+        self.paged = paged or PagedBlocks(verifier, self.trace)
+        self.paged.retain(plan)
         self.loaders = LoadingAgents(verifier, max(1, plan.loaders), trace)
         self.daemon = Daemon(self.model_dir, trace)
         self.keep_cached = _keep_cached(manifest, plan)
@@ -158,6 +172,7 @@ class BlockEngine:
         block = None
         with PassMeasure() as m:
             try:
+                self.paged.open_all(self.manifest, self.plan)  # once: before the first pass
                 slots.fill()
                 for i, spec in enumerate(self.manifest.blocks):
                     how = self.plan.blocks[i]
@@ -189,6 +204,9 @@ class BlockEngine:
                     load = (0.0, 0.0) if kept else (block.readahead_s, block.create_s)
                     block_stats.append(BlockStats(spec.name, kept, wait_s, *load, run_s))
                     if kept:
+                        continue
+                    if block.paged is not None:
+                        self._drop_paged(block, how.drop_pages, slots)
                         continue
                     if how.resident:
                         self.resident[i] = block
@@ -226,6 +244,17 @@ class BlockEngine:
         )
         return tensors.outputs(), stats
 
+    def _drop_paged(self, block: LiveBlock, drop_cache: bool, slots: _Slots) -> None:
+        """An executed paged block's pages go: now, in this thread, with lag 0 (one executed
+        block in memory, never two), else on the daemon."""
+        if self.plan.lag == 0:
+            paged, block.session = block.paged, None
+            paged.drop(drop_cache)
+            slots.free_one()
+            return
+        slots.destroying()
+        self.daemon.drop_paged(block, drop_cache, slots.destroyed)
+
     def _drain(self, slots: _Slots) -> None:
         """After a run (or its failure): no load pending, every streamed session destroyed."""
         release_if_held(slots.cond)  # a hold left by Ctrl-C (core/cpython.py)
@@ -240,8 +269,17 @@ class BlockEngine:
                 block = fut.result()
             except BaseException:  # a failed load left nothing open
                 continue
+            if block.paged is not None:  # prefetched, never run: its session stays open
+                block.paged.drop()
+                block.session = None
+                continue
             destroy(block, self.model_dir, False, set())
         self.daemon.release_barrier()
+
+    def take_paged(self) -> PagedBlocks:
+        """Hand the open paged blocks to the model's next engine (this one closes without)."""
+        paged, self.paged = self.paged, PagedBlocks(self.paged.verifier, self.trace)
+        return paged
 
     def close(self) -> None:
         self.loaders.shutdown()
@@ -249,6 +287,7 @@ class BlockEngine:
         for block in self.resident.values():
             block.session = None
         self.resident.clear()
+        self.paged.close()
         trim_heap()
 
 

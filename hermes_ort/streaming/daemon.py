@@ -2,7 +2,8 @@
 
 Destroying a session unmaps its weights; glibc still keeps the freed heap until malloc_trim; the
 page cache keeps the file pages unless told to drop them. All three happen here, off the inference
-agent's critical path, and only then is the block's window slot handed back."""
+agent's critical path, and only then is the block's window slot handed back. A paged block's
+session stays open: its packed copies' pages are dropped instead (paged.py)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ class Daemon:
             t0 = time.perf_counter()
             try:
                 destroy(block, self.model_dir, drop_cache, keep_cached)
+            finally:
+                if self.trace is not None:
+                    self.trace.add(block.spec.name, "free", t0)
+                done()
+
+        return self._pool.submit(work)
+
+    def drop_paged(self, block: LiveBlock, drop_cache: bool, done: Callable[[], None]) -> Future:
+        """Queue dropping an executed paged block's pages (`drop_cache`: and its saved copy's
+        page cache) and call `done` after."""
+        paged, block.session = block.paged, None  # the PagedSession keeps the session
+
+        def work() -> None:
+            t0 = time.perf_counter()
+            try:
+                paged.drop(drop_cache)
             finally:
                 if self.trace is not None:
                     self.trace.add(block.spec.name, "free", t0)

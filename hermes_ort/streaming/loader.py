@@ -1,4 +1,5 @@
-"""Loading agents: a thread pool that opens the sessions of upcoming blocks in parallel.
+"""Loading agents: a thread pool that opens the sessions of upcoming blocks in parallel, or, for a
+paged block whose session stays open, prefetches its packed copies' pages (paged.py).
 
 ORT's session construction and file reads both release the GIL: k agents load k blocks at once."""
 
@@ -18,6 +19,8 @@ from hermes_ort.core.settings import SessionSettings
 from hermes_ort.core.trace import Trace
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.memory import drop_file_cache
+from hermes_ort.streaming.packed_copies import save_packed
+from hermes_ort.streaming.paged import PagedSession
 from hermes_ort.streaming.readahead import read_ahead
 from hermes_ort.streaming.sessions import create_session
 
@@ -29,9 +32,10 @@ class LiveBlock:
     index: int
     spec: BlockSpec
     session: ort.InferenceSession | None
-    readahead_s: float = 0.0
+    readahead_s: float = 0.0  # a paged block's: its prefetch
     create_s: float = 0.0
     bytes_read_ahead: int = 0
+    paged: PagedSession | None = None  # a paged block's session, which outlives this pass
 
 
 def drop_own_files(spec: BlockSpec, model_dir: Path) -> None:
@@ -70,16 +74,47 @@ def load_block(
         model_dir / spec.path, settings, f"block '{spec.name}'", paths, verifier
     )
     t2 = time.perf_counter()
-    names = {i.name for i in session.get_inputs()}
-    if not names <= set(spec.inputs):
+    error = _inputs_error(spec, session)
+    if error is not None:
         del session  # not kept alive by the traceback's frame
-        raise LoadError(
-            f"block '{spec.name}' ('{spec.path}') takes inputs {sorted(names - set(spec.inputs))} "
-            "that its manifest entry does not list"
-        )
+        raise error
     return LiveBlock(
         index, spec, session, readahead_s=t1 - t0, create_s=t2 - t1, bytes_read_ahead=read
     )
+
+
+def _inputs_error(spec: BlockSpec, session: ort.InferenceSession) -> LoadError | None:
+    """The error of a session taking inputs the block's manifest entry does not list (made, not
+    raised here: the raising frame must not hold the session)."""
+    names = {i.name for i in session.get_inputs()}
+    if names <= set(spec.inputs):
+        return None
+    return LoadError(
+        f"block '{spec.name}' ('{spec.path}') takes inputs {sorted(names - set(spec.inputs))} "
+        "that its manifest entry does not list"
+    )
+
+
+def open_paged_block(
+    verifier: Verifier, spec: BlockSpec, settings: SessionSettings, cache_dir: Path | None = None
+) -> PagedSession:
+    """Check a block's files as `load_block` does, save its packed copy into the cache unless it
+    is there (cache_dir None: packed_copies.default_cache_dir), open it paged and drop its
+    pages. IntegrityError/LoadError as `load_block`; PackedCopyError (or OSError: a full disk)
+    where it cannot be paged."""
+    paths = [verifier.check(f) for f in spec.files]
+    graph = verifier.model_dir / spec.path
+    verifier.check_graph(graph, paths)  # save_packed opens it with ORT: confined first
+    known = {Path(f.path).name: f.sha256 for f in spec.files if f.sha256}
+    saved = save_packed(graph, cache_dir, settings.threads, settings, known)
+    what = f"block '{spec.name}'"
+    paged = PagedSession(saved, settings.threads, verifier.mode, settings, what)
+    error = _inputs_error(spec, paged.session)
+    if error is not None:
+        paged.close()
+        raise error
+    paged.drop()
+    return paged
 
 
 class LoadingAgents:
@@ -127,6 +162,19 @@ class LoadingAgents:
         if drop_packed_pages and settings.prepack:
             drop_own_files(spec, self.verifier.model_dir)
         return block
+
+    def prefetch(self, index: int, spec: BlockSpec, paged: PagedSession) -> Future:
+        """A paged block's load: its packed copies' pages faulted in (from the page cache, or
+        storage) before its run; a Future of a LiveBlock on its open session."""
+        return self._pool.submit(self._prefetch, index, spec, paged)
+
+    def _prefetch(self, index: int, spec: BlockSpec, paged: PagedSession) -> LiveBlock:
+        t0 = time.perf_counter()
+        paged.prefetch()
+        t1 = time.perf_counter()
+        if self.trace is not None:
+            self.trace.add(spec.name, "read", t0, t1)
+        return LiveBlock(index, spec, paged.session, readahead_s=t1 - t0, paged=paged)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -44,8 +44,20 @@ def rss_breakdown() -> dict[str, int]:
     return {"anon": _status_kb("RssAnon") or 0, "file": _status_kb("RssFile") or 0}
 
 
+_peak_before_resets = 0  # the highest VmHWM any reset_peak_rss() cleared
+
+
+def process_peak_rss_bytes() -> int:
+    """This process's peak resident set since exec, across every reset_peak_rss(): what a budget
+    bounds. (A parent's wait4 maxrss is no substitute: the kernel records the forking parent's
+    resident set into the child's maxrss at exec.)"""
+    return max(_peak_before_resets, peak_rss_bytes())
+
+
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    global _peak_before_resets
+    _peak_before_resets = max(_peak_before_resets, peak_rss_bytes())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
