@@ -1,12 +1,12 @@
 """The budget holds at every batch and length (issue #27): tiny presets, a profile measured first,
 then each shape at `min` for that shape in a fresh process; the process's peak resident set (its
 own VmHWM across the engine's resets: imports, plan and passes) must not exceed the budget the
-plan ran under, and the outputs (greedy tokens) must equal the unbudgeted run's."""
+plan ran under by more than the issue's 5%, and the outputs (greedy tokens) must equal the
+unbudgeted run's."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +15,11 @@ import pytest
 
 from hermes_ort.measure.fresh_process import run_child
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
 ROWS = (1, 8, 64)
+# the issue's target: the measured peak within 5% of the budget the plan ran under (the fits of
+# a tiny model's sub-MB activations are the noisiest; real models hold with room: see
+# bench/results/latest/budget)
+TARGET = 1.05
 POSITIONS = (16, 128)  # 128: the tiny presets' longest
 
 # A child: load at a budget, run (or generate from) a rows x positions batch, print one JSON line.
@@ -55,10 +58,13 @@ def _child(model_dir: Path, mode: str, rows: int, positions: int, budget: str) -
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("torch", reason="exporting needs torch (not on the aarch64 board)")
+    from export_fixtures import export_cli
+
     out = {}
     for name in ("tiny-bert", "tiny-gpt2"):
         d = tmp_path_factory.mktemp("budget") / name
-        shutil.copytree(MODELS / name, d)
+        assert export_cli(d, "--preset", name, full_model=False) == 0
         cmd = [sys.executable, "-m", "hermes_ort", "profile", str(d)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
@@ -74,7 +80,7 @@ def test_peak_within_the_budget_at_every_shape(profiled, name, mode, rows, posit
     free, _ = _child(model_dir, mode, rows, positions, "none")
     held, peak = _child(model_dir, mode, rows, positions, "min")
     assert held["budget"] is not None
-    assert peak <= held["budget"], (
+    assert peak <= TARGET * held["budget"], (
         f"{name} {mode} {rows} x {positions}: peak {peak / 1e6:.1f} MB over the budget "
         f"{held['budget'] / 1e6:.1f} MB (micro-batch {held['micro']}, chunk {held['chunk']})"
     )
