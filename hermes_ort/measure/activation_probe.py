@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import onnxruntime as ort
-
 from hermes_ort.core.choices import BlockKind
 from hermes_ort.core.manifest import Manifest
 from hermes_ort.core.settings import PREPACKED_STREAMING, STREAMING
@@ -21,18 +19,11 @@ from hermes_ort.streaming.daemon import destroy
 from hermes_ort.streaming.integrity import Verifier
 from hermes_ort.streaming.loader import LiveBlock
 from hermes_ort.streaming.memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim_heap
-from hermes_ort.streaming.sessions import create_session
+from hermes_ort.streaming.sessions import create_session, shrinking_run_options
 from hermes_ort.tensors.dataflow import Tensors
 from hermes_ort.tensors.inputs import sample_inputs
 
 PROBE_ROWS = 4
-
-
-def shrinking_run_options() -> ort.RunOptions:
-    """Run options that return the shared arena's free chunks to the system after the run."""
-    options = ort.RunOptions()
-    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return options
 
 
 def probe_shapes(manifest: Manifest, positions: int) -> list[tuple[int, int]]:

@@ -183,9 +183,10 @@ class BlockEngine:
                     wait_s = time.perf_counter() - t_wait
                     t_run = time.perf_counter()
                     what = f"block '{spec.name}'"
+                    shrink_at = len(self.manifest.blocks) - 1 if self.plan.budget_bytes else -1
                     values = run_in_micro_batches(
-                        lambda x, b=block, o=list(spec.outputs), w=what: run_session(
-                            b.session, o, x, w
+                        lambda x, b=block, o=list(spec.outputs), w=what, k=shrink_at == i: (
+                            run_session(b.session, o, x, w, k)
                         ),
                         # no local: the activations go as soon as the block has run
                         _block_inputs(tensors, i, i in cut, shape),
