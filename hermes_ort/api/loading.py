@@ -87,36 +87,13 @@ def load(
     context manager too): `hermes_ort.runtime.model.HermesModel` on this board,
     `hermes_ort.cluster.driver.ClusterModel` over a cluster.
     """
+    rest = (strategy, loaders, window, load_path, profile, verify, objective, page_cache)
+    rest += (trace, paging)
     if cluster is None:
         if boards is not None or timeout_s is not None:
             raise OptionError("boards= and timeout_s= are a cluster's: give cluster= too")
-        options = parse_load_options(
-            memory_budget,
-            strategy,
-            loaders,
-            window,
-            load_path,
-            profile,
-            verify,
-            objective,
-            page_cache,
-            trace,
-            paging,
-        )
-        return open_model(model_dir, options)
-    given = parse_load_options(
-        None,
-        strategy,
-        loaders,
-        window,
-        load_path,
-        profile,
-        verify,
-        objective,
-        page_cache,
-        trace,
-        paging,
-    )
+        return open_model(model_dir, parse_load_options(memory_budget, *rest))
+    given = parse_load_options(None, *rest)
     defaults = LoadOptions()
     if given.strategy != defaults.strategy:
         raise OptionError(f"a cluster runs pipeload stages; strategy '{strategy}' is one board's")
