@@ -118,9 +118,9 @@ def test_loader_failure_is_raised_before_its_block_is_reached(
             assert failed.wait(30), "block 4 was never loaded"
         return real(verifier, index, spec, settings, readahead)
 
-    def run_session(session, names, feeds, what):
+    def run_session(session, names, feeds, what, shrink=False):
         ran.append(what)
-        return real_run(session, names, feeds, what)
+        return real_run(session, names, feeds, what, shrink)
 
     monkeypatch.setattr(loader_module, "load_block", slow_or_failing)
     monkeypatch.setattr(engine, "run_session", run_session)
