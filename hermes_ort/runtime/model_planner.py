@@ -185,7 +185,8 @@ class ModelPlanner:
             passes = -(-batch.positions // shape.positions)
             found.append((shape, passes * (plan.prediction.latency_s or 0.0), plan))
         if not found:
-            need = format_bytes(self.smallest_for(batch, generation))
+            smallest = self.smallest_for(batch, generation)
+            need = f"{format_bytes(smallest)} ({smallest} bytes)"  # exact, for scripts
             unit = (
                 "one prefill chunk of one row"
                 if generation and self.chunking(batch.rows)
