@@ -265,11 +265,7 @@ class HermesModel(ChatAndEmbed):
         if (
             self._smallest
         ):  # "min": the smallest budget of the blocks (for the batch), plus this cache
-            if batch is None or self._smallest_for is None:
-                smallest = self.cost.min_budget()
-            else:  # the blocks' smallest for the batch (the cache is added here)
-                smallest = self._smallest_for(batch, generation)
-            budget = smallest + cache_bytes
+            budget = self._blocks_smallest(batch, generation) + cache_bytes
         blocks_budget = budget - cache_bytes
         planned = (self.plan.batch.rows, self.plan.batch.positions)
         wanted = (batch.rows, batch.positions) if batch else (None, None)
@@ -297,12 +293,16 @@ class HermesModel(ChatAndEmbed):
         decoder's prompts of that shape, their KV cache included (past and present)."""
         if batch is None and self.plan.batch.rows is not None:
             batch = BatchShape(self.plan.batch.rows, self.plan.batch.positions)
+        cache = 0
+        if batch is not None and generation and self.decoder is not None:
+            cache = 2 * self.decoder.cache_bytes(batch.positions, batch.rows)
+        return self._blocks_smallest(batch, generation) + cache
+
+    def _blocks_smallest(self, batch: BatchShape | None, generation: bool) -> int:
+        """The blocks' smallest budget for `batch` (None: the sample's), no KV cache."""
         if batch is None or self._smallest_for is None:
             return self.cost.min_budget()
-        cache = 0
-        if generation and self.decoder is not None:
-            cache = 2 * self.decoder.cache_bytes(batch.positions, batch.rows)
-        return self._smallest_for(batch, generation) + cache
+        return self._smallest_for(batch, generation)
 
     def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
         """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a

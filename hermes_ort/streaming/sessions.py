@@ -6,6 +6,7 @@ ran waits for their spinning threads (docs/design.md §2.2)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -111,8 +112,10 @@ def create_session(
 _OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory")  # ORT's texts for a failed allocation
 
 
+@functools.cache
 def shrinking_run_options() -> ort.RunOptions:
-    """Run options that give the shared arena's free regions back to the system after the run."""
+    """Run options that give the shared arena's free regions back to the system after the run
+    (made once: read-only after)."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
