@@ -72,7 +72,7 @@ def _messages(args) -> Iterator[str]:
 def cmd_chat(args) -> int:
     import hermes_ort
     from hermes_ort.cli.generate_cmd import stats_line
-    from hermes_ort.cli.model_options import load_model, profile_first
+    from hermes_ort.cli.model_options import load_for_generation
     from hermes_ort.generation.chat import require_decoder
     from hermes_ort.generation.chat_template import load_chat_template
     from hermes_ort.tensors.kv_cache import decoder_signature
@@ -83,20 +83,12 @@ def cmd_chat(args) -> int:
     if args.max_new_tokens < 1:
         raise OptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     sampled = args.sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    if args.profile:
-        profile_first(args.model_dir)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    with load_model(
-        args.model_dir,
-        memory_budget=args.budget,
-        strategy=args.strategy,
-        paging=args.paging,
-        profile=True if args.profile else None,
-    ) as model:
+    with load_for_generation(args) as model:
         if args.prompt is None and sys.stdin.isatty():
             print(f"chat with '{args.model_dir}' ({EXIT} or Ctrl-D ends it)", file=sys.stderr)
         history: list[dict[str, str]] = []

@@ -93,7 +93,7 @@ class _TextStream:
 
 def cmd_generate(args) -> int:
     import hermes_ort
-    from hermes_ort.cli.model_options import load_model, profile_first
+    from hermes_ort.cli.model_options import load_for_generation
 
     hermes_ort.load_manifest(args.model_dir)  # a missing model is named as such, first
     ids, tokenizer = _prompt(args, args.model_dir)
@@ -101,15 +101,7 @@ def cmd_generate(args) -> int:
         raise OptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.cluster is not None:
         return cmd_generate_cluster(args, ids, tokenizer)
-    if args.profile:
-        profile_first(args.model_dir)
-    with load_model(
-        args.model_dir,
-        memory_budget=args.budget,
-        strategy=args.strategy,
-        paging=args.paging,
-        profile=True if args.profile else None,
-    ) as model:
+    with load_for_generation(args) as model:
         stream = None
         if not args.json:
             if args.prompt is not None:

@@ -114,6 +114,20 @@ def load_model(model_dir: Path, **options):
     return model
 
 
+def load_for_generation(args):
+    """`load_model` as `generate` and `chat` open a decoder: budget, strategy, paging, and the
+    profile when --profile asked for one (measured first, in a fresh process)."""
+    if args.profile:
+        profile_first(args.model_dir)
+    return load_model(
+        args.model_dir,
+        memory_budget=args.budget,
+        strategy=args.strategy,
+        paging=args.paging,
+        profile=True if args.profile else None,
+    )
+
+
 def profile_first(model_dir: Path) -> None:
     """Measure this machine's layer profile in a fresh process when none stored matches, then
     plan from the stored one: measured in this process, the profiler's sessions would raise the
