@@ -22,6 +22,7 @@ LAYERS = (
     "runtime",
     "cluster",
     "api",
+    "serve",
     "cli",
 )
 RANK = {folder: rank for rank, names in enumerate(LAYERS) for folder in names.split()}

@@ -326,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hermes_ort.cli.chat_cmd import add_chat
     from hermes_ort.cli.embed_cmd import add_embed
     from hermes_ort.cli.generate_cmd import add_generate
+    from hermes_ort.cli.serve_cmd import add_serve
 
     parser = argparse.ArgumentParser(prog="hermes-ort", description=__doc__)
     parser.add_argument(
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate,
         add_chat,
         add_embed,
+        add_serve,
         _add_profile,
         _add_plan,
         add_info,

@@ -107,6 +107,14 @@ class PoolingMode(Choice):
     LAST_TOKEN = "lasttoken"  # the last real token
 
 
+class CacheLayout(Choice):
+    """Where a decoder's graph puts a row's new position in its present, so where a batch of
+    rows of different lengths keeps its padding (tensors/batch_cache.py)."""
+
+    CONCAT = "concat"  # after the whole past (optimum's graphs): rows left-padded
+    SEQLENS = "seqlens"  # after the row's own length (GroupQueryAttention): rows right-padded
+
+
 C = TypeVar("C", bound=Choice)
 
 

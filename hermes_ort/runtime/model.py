@@ -304,11 +304,16 @@ class HermesModel(ChatAndEmbed):
             return self.cost.min_budget()
         return self._smallest_for(batch, generation)
 
-    def reserve_cache(self, cache_bytes: int, batch: BatchShape | None = None) -> None:
+    def reserve_cache(
+        self, cache_bytes: int, batch: BatchShape | None = None, generation: bool = False
+    ) -> None:
         """Plan the blocks in the budget minus `cache_bytes` of KV cache kept elsewhere (a
-        stage's caches of the generations in flight: cluster/stage_runner.py), for `batch`."""
+        stage's caches of the generations in flight: cluster/stage_runner.py; the server's
+        pool: serve/served_model.py), for `batch` (`generation`: prompts of that shape, in
+        chunks if the plan needs them, `plan.batch.prefill_chunk`). Passes then run with
+        that plan, whatever their shape, until the next reservation."""
         with self._lock:
-            self._reserve_cache(cache_bytes, batch)
+            self._reserve_cache(cache_bytes, batch, generation)
 
     def take_trace(self) -> dict:
         """Chrome trace-event JSON (Perfetto, chrome://tracing) of everything since `load()` or
