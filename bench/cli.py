@@ -14,6 +14,8 @@
     python -m bench peers --model tinyllama-1.1b
     python -m bench quality --reference models/smol-fp32 models/smol-int4 models/smol-int8
     python -m bench paged ~/.cache/hermes-ort/models/smollm2-135m-instruct --repeat 3
+    python -m bench serve --model smollm2-135m --cap auto --clients 1,2,4,8
+    python -m bench serve --load
 
 `matrix`: models x strategies x budgets x device profiles, each configuration in fresh processes;
 JSON (raw samples, gzip), a Markdown table and PNG plots.
@@ -45,6 +47,7 @@ COMMANDS = {
     "budget": ("bench.budget_grid", "the budget at every batch and length: rows x positions"),
     "quality": ("bench.quality", "quantized exports against fp32 on real text: perplexity, top-1"),
     "paged": ("bench.paged_sessions", "paged blocks against resident and streamed ones: s/token"),
+    "serve": ("bench.serving.run", "OpenAI-compatible servers under a cap: 1-8 clients, load"),
 }
 
 

@@ -93,7 +93,8 @@ def make_app(served: ServedModel, options: ServeOptions) -> Starlette:
         decoder()
         text = served.text
         ids = text.chat_ids(req.messages)
-        generation = TextGeneration(served.scheduler, text, ids, req.params, text.chat_eos)
+        eos = () if req.params.ignore_eos else text.chat_eos
+        generation = TextGeneration(served.scheduler, text, ids, req.params, eos)
         return await respond(request, generation, ReplyShape(served.name, chat=True), req.params)
 
     async def completions(request: Request) -> Response:
@@ -102,7 +103,8 @@ def make_app(served: ServedModel, options: ServeOptions) -> Starlette:
         decoder()
         text = served.text
         ids = text.completion_ids(req.prompt)
-        generation = TextGeneration(served.scheduler, text, ids, req.params, text.eos)
+        eos = () if req.params.ignore_eos else text.eos
+        generation = TextGeneration(served.scheduler, text, ids, req.params, eos)
         return await respond(request, generation, ReplyShape(served.name, chat=False), req.params)
 
     async def embeddings(request: Request) -> Response:

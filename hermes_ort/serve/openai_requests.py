@@ -64,6 +64,7 @@ class TextParams:
     stop: tuple[str, ...]  # up to 4 non-empty strings
     stream: bool
     include_usage: bool  # stream_options.include_usage (only with stream)
+    ignore_eos: bool = False  # generate max_tokens whatever the model ends with (vLLM's)
 
     @property
     def greedy(self) -> bool:
@@ -133,7 +134,17 @@ IGNORED_CHAT = {
     "parallel_tool_calls": bool,
 }
 IGNORED = {"user": str}
-TEXT_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"}
+# ignore_eos: not OpenAI's; vLLM's and llama.cpp's server's extension (a benchmark's fixed length)
+TEXT_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "ignore_eos",
+}
 CHAT_FIELDS = TEXT_FIELDS | {"messages", "max_completion_tokens", "stream_options"}
 COMPLETION_FIELDS = TEXT_FIELDS | {"prompt", "stream_options"}
 EMBEDDING_FIELDS = {"model", "input", "encoding_format"}
@@ -325,6 +336,7 @@ def _text_params(body: dict, max_tokens: int | None) -> TextParams:
         stop=_stop(body),
         stream=stream,
         include_usage=_stream_options(body, stream),
+        ignore_eos=_bool(body, "ignore_eos"),
     )
 
 

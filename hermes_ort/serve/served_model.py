@@ -77,10 +77,15 @@ def open_served(options: ServeOptions, log=print) -> ServedModel:
     except BaseException:
         model.close()
         raise
-    pool_text = "no budget: not limited" if pool is None else format_bytes(pool)
+    budget = model.plan.budget_bytes
+    split = (
+        "no budget (KV cache not limited)"
+        if budget is None
+        else f"budget {format_bytes(budget)}: KV cache pool {format_bytes(pool)}, blocks the rest"
+    )
     log(
-        f"serving '{name}': up to {max_batch} requests at once, {context} positions each, "
-        f"KV cache pool {pool_text}; {model.plan.describe().splitlines()[0]}"
+        f"serving '{name}': up to {max_batch} requests at once, {context} positions each; "
+        f"{split}; {model.plan.describe().splitlines()[0]}"
     )
     return ServedModel(name, model, text, scheduler, context, int(time.time()))
 
