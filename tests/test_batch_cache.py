@@ -163,7 +163,7 @@ def test_rows_joining_and_leaving_get_their_tokens_alone(decoder):
                 finished[i] = tokens
         if running:
             chosen = greedy.step(cache, [tokens[-1] for _, tokens in running])
-            for (_, tokens), token in zip(running, chosen):
+            for (_, tokens), token in zip(running, chosen, strict=True):
                 tokens.append(token)
     assert finished == dict(enumerate(alone))
     assert cache.rows == 0 and cache.nbytes == 0

@@ -89,22 +89,22 @@ def make_app(served: ServedModel, options: ServeOptions) -> Starlette:
 
     async def chat(request: Request) -> Response:
         authorize(request)
-        req = chat_request(await read_json(request), limits)
         decoder()
+        req = chat_request(await read_json(request), limits)
         text = served.text
         ids = text.chat_ids(req.messages)
         eos = () if req.params.ignore_eos else text.chat_eos
-        generation = TextGeneration(served.scheduler, text, ids, req.params, eos)
+        generation = TextGeneration(served.scheduler, text, ids, req.params, eos, "messages")
         return await respond(request, generation, ReplyShape(served.name, chat=True), req.params)
 
     async def completions(request: Request) -> Response:
         authorize(request)
-        req = completion_request(await read_json(request), limits)
         decoder()
+        req = completion_request(await read_json(request), limits)
         text = served.text
         ids = text.completion_ids(req.prompt)
         eos = () if req.params.ignore_eos else text.eos
-        generation = TextGeneration(served.scheduler, text, ids, req.params, eos)
+        generation = TextGeneration(served.scheduler, text, ids, req.params, eos, "prompt")
         return await respond(request, generation, ReplyShape(served.name, chat=False), req.params)
 
     async def embeddings(request: Request) -> Response:
@@ -191,7 +191,9 @@ async def http_error(request: Request, e: Exception) -> Response:
     """Starlette's own (no such route, a method it does not take) in OpenAI's shape."""
     message = f"{e.detail}: {request.method} {request.url.path}"
     code = "not_found" if e.status_code == 404 else None
-    return error_response(ApiError(e.status_code, message, code=code))
+    response = error_response(ApiError(e.status_code, message, code=code))
+    response.headers.update(e.headers or {})  # 405's Allow
+    return response
 
 
 async def server_error(request: Request, e: Exception) -> Response:

@@ -118,6 +118,7 @@ class Scheduler:
         self.per_token = cache.sig.cache_bytes(1, 1)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []  # row r of the cache is _running[r]
+        self._admitting = 0  # taken from the queue, being prefilled
         self._cond = threading.Condition()
         self._closing = False
         self._counts = {"tokens": 0, "prompt": 0, "passes": 0, "read": 0}
@@ -149,7 +150,10 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise ApiError(503, "the server is shutting down", type="server_error")
-            if len(self._waiting) >= self.options.max_queue:
+            # rows free now take requests at once; the queue is what waits beyond them
+            busy = len(self._running) + self._admitting
+            free = max(0, self.options.max_batch - busy)
+            if len(self._waiting) >= free + self.options.max_queue:
                 raise overloaded(retry_after_s=self._retry_after_s())
             self._waiting.append(seq)
             self._cond.notify()
@@ -205,6 +209,7 @@ class Scheduler:
                 if self._closing and not self._running and not self._waiting:
                     return
                 admitted = self._admit()
+                self._admitting = len(admitted)
             try:
                 for seq in admitted:
                     self._prefill(seq)
@@ -215,6 +220,9 @@ class Scheduler:
             except Exception as e:  # the model failed: every request in flight ends with it
                 self.on_error(e)
                 self._fail_all(admitted)
+            finally:
+                with self._cond:
+                    self._admitting = 0
 
     def _drop_cancelled_waiting(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
@@ -254,9 +262,10 @@ class Scheduler:
         if done:
             self._end(seq, seq.finish)
             return
-        self.cache.add(past)
         with self._cond:
+            self.cache.add(past)
             self._running.append(seq)
+            self._admitting -= 1
 
     def _decode(self) -> None:
         """One pass: every running row's next token."""

@@ -45,7 +45,7 @@ def serve(options: ServeOptions) -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=int(options.shutdown_timeout_s),
+            timeout_graceful_shutdown=options.shutdown_timeout_s,
         )
         server = uvicorn.Server(config)
         terminated: list[int] = []

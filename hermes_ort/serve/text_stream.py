@@ -69,9 +69,9 @@ class TextModel:
         return self.tokenizer.encode(prompt)
 
 
-def new_tokens(prompt: list[int], params: TextParams, context: int) -> int:
+def new_tokens(prompt: list[int], params: TextParams, context: int, field: str) -> int:
     """The tokens a request may add: max_tokens, or what the context leaves; 400 when the
-    prompt and max_tokens do not fit the context."""
+    prompt (its request's `field`) and max_tokens do not fit the context."""
     room = context - len(prompt)
     asked = params.max_tokens
     if room < 1 or (asked is not None and asked > room):
@@ -79,7 +79,7 @@ def new_tokens(prompt: list[int], params: TextParams, context: int) -> int:
         raise bad_request(
             f"this request has {len(prompt)} prompt tokens{wanted}, more than the server's "
             f"context of {context} positions (--ctx)",
-            param="messages" if asked is None or room < 1 else "max_tokens",
+            param=field if asked is None or room < 1 else "max_tokens",
             code="context_length_exceeded",
         )
     return asked if asked is not None else room
@@ -103,7 +103,9 @@ class TextGeneration:
         prompt: list[int],
         params: TextParams,
         eos: tuple[int, ...],
+        field: str,
     ) -> None:
+        """`field`: where the request holds its prompt ("messages", "prompt"), for errors."""
         self.scheduler, self.text, self.params = scheduler, text, params
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
@@ -115,7 +117,7 @@ class TextGeneration:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
                 loop.call_soon_threadsafe(self._queue.put_nowait, (token, finish))
 
-        max_new = new_tokens(prompt, params, text.context)
+        max_new = new_tokens(prompt, params, text.context, field)
         self.sequence = Sequence(prompt, max_new, sampling_of(params), eos, sink)
 
     def start(self) -> None:
