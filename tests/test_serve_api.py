@@ -556,6 +556,9 @@ def test_sigterm_cuts_a_long_request_at_the_shutdown_timeout(tiny_exports, serve
     assert exit_s < 1 + 5, server.stderr()
     texts = [e for e in events if e != "[DONE]" and e["choices"] and e["choices"][0]["text"]]
     assert len(texts) < asked  # cut, not finished
+    # cancelled before uvicorn's timeout: the reply ends as at max_tokens, the stream properly
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert "Traceback" not in server.stderr()
 
 
 def test_metrics_name_the_servers_state(tiny_fp32):

@@ -164,6 +164,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="streamed requests (time to first token)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests end early")
     p.add_argument("--api-key", default=None, help="run the servers with this key")
+    p.add_argument(
+        "--llama-no-repack",
+        action="store_true",
+        help="llama-server --no-repack: q4_0 kept mmapped, not repacked into the heap (a cap "
+        "below the model's size kills it otherwise)",
+    )
     p.add_argument("--load", action="store_true", help="the load test: hermes only, 8 x 20")
     p.add_argument("--timeout", type=float, default=600, help="seconds per request")
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds to start a server")
@@ -186,6 +192,7 @@ def run_point(kind, weights: Path, cap: Cap, clients: int, args, emulation, log:
         threads=args.threads,
         budget_bytes=budget_for(cap, args.cap_margin) if kind == ServerKind.HERMES else None,
         api_key=args.api_key,
+        no_repack=args.llama_no_repack,
     )
     out: dict[str, Any] = {"kind": kind.value, "cap": cap.text, "clients": clients}
     with Server(spec, emulation, cap.bytes, log, args.ready_timeout) as server:
@@ -367,6 +374,7 @@ def measure(args) -> dict[str, Any]:
         "threads": args.threads,
         "stream": args.stream,
         "ignore_eos": not args.no_ignore_eos,
+        "llama_no_repack": args.llama_no_repack,
         "prompts": list(PROMPTS),
         "servers": [k.value for k in kinds],
         "skipped": skipped,

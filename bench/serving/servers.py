@@ -64,6 +64,7 @@ class ServerSpec:
     budget_bytes: int | None = None  # hermes only
     host: str = "127.0.0.1"
     api_key: str | None = None
+    no_repack: bool = False  # llama-server: weights kept mmapped as the file has them
 
     @property
     def base_url(self) -> str:
@@ -88,6 +89,9 @@ def server_command(spec: ServerSpec, python: str = sys.executable) -> list[str]:
         # every prompt computed in full (no reuse of a slot's cached prompt, no host-RAM cache of
         # slots); no fitting of unset options to the free memory (the options here are all set)
         cmd += ["--no-cache-prompt", "--cache-ram", "0", "--fit", "off"]
+        # its default repacks q4_0 into anonymous memory (the whole model, more than a cap of
+        # half of it): --no-repack keeps the file's layout, mmapped, so the cap can page it
+        cmd += ["--no-repack"] if spec.no_repack else []
         return cmd + common_key
     cmd = [python, "-m", "llama_cpp.server", "--model", str(spec.weights), "--host", spec.host]
     cmd += ["--port", str(spec.port), "--n_ctx", str(spec.ctx)]

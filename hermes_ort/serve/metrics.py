@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from hermes_ort.serve.served_model import ServedModel
+from hermes_ort.streaming.memory import process_peak_rss_bytes
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,6 +43,11 @@ class ServerMetrics:
             "hermes_resident_bytes",
             "The server's resident set",
             value=self.process.memory_info().rss,
+        )
+        yield GaugeMetricFamily(
+            "hermes_peak_resident_bytes",
+            "The server's highest resident set since it started (what the budget bounds)",
+            value=process_peak_rss_bytes(),
         )
         plan = self.served.model.plan
         if plan.budget_bytes is not None:

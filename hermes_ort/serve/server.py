@@ -1,15 +1,19 @@
 """Running the app: the model opened first (so /health answers only once it can serve), then
 uvicorn on the address asked. SIGTERM (or Ctrl-C) stops taking connections; requests in flight
-get `shutdown_timeout_s` to finish, then are cancelled; the decoding thread stops, the model
-closes, and SIGTERM's exit status is 0."""
+get `shutdown_timeout_s` to finish, then are cancelled (their replies ended as at max_tokens);
+the decoding thread stops, the model closes, and SIGTERM's exit status is 0."""
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
+import time
 
 from hermes_ort.core.errors import OptionError
 from hermes_ort.serve.serve_options import ServeOptions
+
+DRAIN_MARGIN_S = 1.0  # before the shutdown timeout, what requests in flight are cancelled
 
 
 def _serving_stack():
@@ -34,6 +38,9 @@ def serve(options: ServeOptions) -> int:
 
     from hermes_ort.serve.app import make_app
     from hermes_ort.serve.served_model import open_served
+    from hermes_ort.streaming.memory import map_large_allocations
+
+    map_large_allocations()  # the batch's KV arrays, made every step, given back when freed
 
     served = open_served(options, log)
     try:
@@ -48,6 +55,7 @@ def serve(options: ServeOptions) -> int:
             timeout_graceful_shutdown=options.shutdown_timeout_s,
         )
         server = uvicorn.Server(config)
+        threading.Thread(target=_drain, args=(server, served, options), daemon=True).start()
         terminated: list[int] = []
         # uvicorn raises the signal it stopped on again once it has stopped: SIGTERM then
         # comes here (a clean exit), not to the default handler (killed, status 143)
@@ -63,6 +71,18 @@ def serve(options: ServeOptions) -> int:
         raise OptionError(f"could not listen on {options.host}:{options.port} (in use?)")
     log("stopped")
     return 0
+
+
+def _drain(server, served, options: ServeOptions) -> None:
+    """Once the server is stopping: requests still decoding when its timeout is nearly over are
+    cancelled, so their replies end properly (finish_reason "length", a stream's [DONE])
+    before uvicorn cuts the connections."""
+    while not server.should_exit:
+        time.sleep(0.1)
+    timeout = options.shutdown_timeout_s
+    time.sleep(max(0.0, timeout - min(DRAIN_MARGIN_S, timeout / 2)))
+    if served.scheduler is not None:
+        served.scheduler.close()
 
 
 def _url_host(host: str) -> str:

@@ -91,6 +91,21 @@ def trim_heap() -> None:
         _libc.malloc_trim(0)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+ARRAY_MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def map_large_allocations() -> bool:
+    """Have glibc map every allocation over ARRAY_MMAP_THRESHOLD_BYTES on its own and unmap it
+    when freed. Its default threshold rises to the size of the largest block freed (up to 32 MB),
+    after which arrays made and freed every step (a running batch's KV cache: hermes_ort/serve/)
+    come from the heap, whose freed pages stay resident between them (docs/design.md §2.9).
+    False where the C library has no mallopt (musl)."""
+    if _libc is None or not hasattr(_libc, "mallopt"):
+        return False
+    return bool(_libc.mallopt(M_MMAP_THRESHOLD, ARRAY_MMAP_THRESHOLD_BYTES))
+
+
 def drop_file_cache(path: str) -> None:
     """Ask the kernel to drop a file's clean pages from the page cache (best effort)."""
     if not hasattr(os, "posix_fadvise"):
