@@ -91,21 +91,24 @@ def make_app(served: ServedModel, options: ServeOptions) -> Starlette:
         authorize(request)
         decoder()
         req = chat_request(await read_json(request), limits)
-        text = served.text
-        ids = text.chat_ids(req.messages)
-        eos = () if req.params.ignore_eos else text.chat_eos
-        generation = TextGeneration(served.scheduler, text, ids, req.params, eos, "messages")
-        return await respond(request, generation, ReplyShape(served.name, chat=True), req.params)
+        ids = served.text.chat_ids(req.messages)
+        return await reply(request, ids, req.params, served.text.chat_eos, chat=True)
 
     async def completions(request: Request) -> Response:
         authorize(request)
         decoder()
         req = completion_request(await read_json(request), limits)
-        text = served.text
-        ids = text.completion_ids(req.prompt)
-        eos = () if req.params.ignore_eos else text.eos
-        generation = TextGeneration(served.scheduler, text, ids, req.params, eos, "prompt")
-        return await respond(request, generation, ReplyShape(served.name, chat=False), req.params)
+        ids = served.text.completion_ids(req.prompt)
+        return await reply(request, ids, req.params, served.text.eos, chat=False)
+
+    async def reply(
+        request: Request, ids: list[int], params: TextParams, eos: tuple[int, ...], chat: bool
+    ) -> Response:
+        """The generation of a checked request's prompt `ids`, answered as chat or text."""
+        stops = () if params.ignore_eos else eos
+        field = "messages" if chat else "prompt"
+        generation = TextGeneration(served.scheduler, served.text, ids, params, stops, field)
+        return await respond(request, generation, ReplyShape(served.name, chat=chat), params)
 
     async def embeddings(request: Request) -> Response:
         authorize(request)
