@@ -78,6 +78,11 @@ class HermesModel(ChatAndEmbed):
         self._closed = False
         self._batch_plans: dict[tuple, Plan] = {}  # (budget, BatchShape) -> plan
 
+    @property
+    def smallest(self) -> bool:
+        """Loaded with memory_budget="min": each shape runs in the least budget that holds it."""
+        return self._smallest
+
     def run(
         self, inputs: dict[str, np.ndarray], *, last_logits: bool = False
     ) -> dict[str, np.ndarray]:

@@ -176,10 +176,7 @@ async def stream_events(
 
 
 def _token_count(served: ServedModel, texts: list[str]) -> int:
-    from hermes_ort.generation.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(served.model.model_dir)
-    return sum(len(tokenizer.encode(t)) for t in texts)
+    return sum(len(served.tokenizer.encode(t)) for t in texts)
 
 
 def error_response(e: ApiError) -> Response:

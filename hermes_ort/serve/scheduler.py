@@ -295,12 +295,13 @@ class Scheduler:
     def _leave_finished(self) -> None:
         """Rows whose request finished or was cancelled leave the batch (their cache freed)."""
         with self._cond:
-            for r in reversed(range(len(self._running))):
-                seq = self._running[r]
-                if seq.finish is None and not seq.cancelled:
-                    continue
-                del self._running[r]
-                self.cache.remove(r)
+            done = [s.finish is not None or s.cancelled for s in self._running]
+            if not any(done):
+                return
+            self.cache.remove(*(r for r, d in enumerate(done) if d))
+            ended = [s for s, d in zip(self._running, done, strict=True) if d]
+            self._running = [s for s, d in zip(self._running, done, strict=True) if not d]
+            for seq in ended:
                 self._end(seq, seq.finish or Finish.CANCELLED)
 
     def _fail_all(self, admitted: list[Sequence]) -> None:

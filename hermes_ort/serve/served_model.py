@@ -18,6 +18,7 @@ from pathlib import Path
 from hermes_ort.api.loading import load
 from hermes_ort.core.errors import BudgetError, OptionError
 from hermes_ort.core.units import format_bytes
+from hermes_ort.generation.tokenizer import TextTokenizer, load_tokenizer
 from hermes_ort.runtime.model import HermesModel
 from hermes_ort.serve.scheduler import Scheduler, SchedulerOptions
 from hermes_ort.serve.serve_options import ServeOptions
@@ -39,6 +40,7 @@ class ServedModel:
     scheduler: Scheduler | None
     context: int
     created: int  # when it was opened (unix seconds), for /v1/models
+    tokenizer: TextTokenizer | None = None  # an encoder's, loaded once (embeddings' usage)
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -53,8 +55,13 @@ def open_served(options: ServeOptions, log=print) -> ServedModel:
     name = o.name or model.manifest.name or Path(o.model_dir).name
     sig = model.decoder
     if sig is None:
+        try:
+            tokenizer = load_tokenizer(model.model_dir)  # embed needs it too: named at start
+        except BaseException:
+            model.close()
+            raise
         log(f"serving '{name}': an encoder, for /v1/embeddings")
-        return ServedModel(name, model, None, None, 0, int(time.time()))
+        return ServedModel(name, model, None, None, 0, int(time.time()), tokenizer)
     try:
         context = serving_context(sig, o.ctx)
         text = TextModel.of(model.model_dir, context)
@@ -120,8 +127,7 @@ def kv_pool(
         return asked
     prompt = BatchShape(1, context)
     worst = 2 * sig.cache_bytes(context, max(max_batch, 2))
-    smallest = options.budget == "min"  # the blocks at their smallest, the pool added
-    if smallest:
+    if model.smallest:  # the blocks at their smallest, the pool added
         pool = asked if asked is not None else worst
     else:
         blocks = model.smallest_budget(prompt, generation=True) - 2 * sig.cache_bytes(context)

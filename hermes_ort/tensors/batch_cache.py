@@ -73,13 +73,17 @@ class BatchCache:
         self._ballast()
         return self.rows - 1
 
-    def remove(self, index: int) -> None:
-        """Row `index` leaves (the rows after it move up one); the width shrinks to the rows
-        left, so a long row gone frees its positions."""
-        del self.lengths[index]
-        keep = [r for r in range(self.rows + 1) if r != index]
-        self.arrays = {name: a[keep] for name, a in self.arrays.items()}
-        self._trim()
+    def remove(self, *indices: int) -> None:
+        """Rows `indices` leave (the rows after them move up); the width shrinks to the rows
+        left, so a long row gone frees its positions. One copy of the cache however many leave
+        (rows of the same max_tokens end at the same step)."""
+        gone = set(indices)
+        keep = [r for r in range(self.rows) if r not in gone]
+        self.lengths = [self.lengths[r] for r in keep]
+        cut = self._used_columns()
+        self.arrays = {
+            name: (a if cut is None else a[:, :, cut])[keep] for name, a in self.arrays.items()
+        }
         self._ballast()
 
     def clear(self) -> None:
@@ -134,14 +138,19 @@ class BatchCache:
         side = (pad, 0) if self.layout == CacheLayout.CONCAT else (0, pad)
         return np.pad(a, ((0, 0), (0, 0), side, (0, 0)))
 
-    def _trim(self) -> None:
-        """Drop the columns no row uses (padding only), so the width is the longest row's."""
+    def _used_columns(self) -> slice | None:
+        """The columns some row uses (its real positions), None if every column is."""
         longest = max(self.lengths, default=0)
         extra = self.width - longest
         if extra <= 0:
-            return
-        cut = slice(extra, None) if self.layout == CacheLayout.CONCAT else slice(0, longest)
-        self.arrays = {n: np.ascontiguousarray(a[:, :, cut]) for n, a in self.arrays.items()}
+            return None
+        return slice(extra, None) if self.layout == CacheLayout.CONCAT else slice(0, longest)
+
+    def _trim(self) -> None:
+        """Drop the columns no row uses (padding only), so the width is the longest row's."""
+        cut = self._used_columns()
+        if cut is not None:
+            self.arrays = {n: np.ascontiguousarray(a[:, :, cut]) for n, a in self.arrays.items()}
 
 
 def cache_layout(uses_group_query_attention: bool) -> CacheLayout:
